@@ -1,0 +1,126 @@
+"""Cog predictor: the published SyncDiffusion wrapper's inputs, mapped onto `SyncDiffusionPipeline`.
+
+`cog build` reads the `Input(...)` fields below without running this file, so every default,
+bound and description is a literal (tests/test_predict.py keeps it so).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+
+from cog import BaseRunner, Input, Path
+
+from syncdiffusion import SyncDiffusionPipeline
+from syncdiffusion.weights import default_weights_dir, download_weights, missing_parts
+
+
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        """Make sure the weights are on disk (download once), then load them with no network."""
+        weights_dir = default_weights_dir()
+        if missing_parts(weights_dir):
+            download_weights(weights_dir)
+        self.pipe = SyncDiffusionPipeline.from_pretrained(weights_dir)
+        self.outputs = Path(tempfile.mkdtemp(prefix="syncdiffusion-"))
+
+    def run(
+        self,
+        prompt: str = Input(description="What the panorama shows."),
+        negative_prompt: str = Input(description="What the panorama should not show.", default=""),
+        width: int = Input(
+            description="Width in pixels: a multiple of 8 * stride (128 at the default stride).",
+            default=2048,
+            ge=512,
+            le=3072,
+        ),
+        height: int = Input(
+            description="Height in pixels: a multiple of 8 * stride (128 at the default stride). "
+            "Make it larger than the width for a vertical panorama.",
+            default=512,
+            ge=512,
+            le=3072,
+        ),
+        guidance_scale: float = Input(
+            description="Classifier-free guidance: how closely to follow the prompt.",
+            default=7.5,
+            ge=0,
+            le=20,
+        ),
+        sync_weight: float = Input(
+            description="Strength of the SyncDiffusion gradient step that pulls every window "
+            "towards the anchor window; 0 gives plain MultiDiffusion.",
+            default=20.0,
+            ge=0,
+            le=30,
+        ),
+        sync_decay_rate: float = Input(
+            description="The sync weight is multiplied by this at every denoising step.",
+            default=0.99,
+            ge=0,
+            le=1,
+        ),
+        sync_freq: int = Input(
+            description="Run the sync gradient step every this many denoising steps.",
+            default=1,
+            ge=1,
+        ),
+        sync_threshold: int = Input(
+            description="Run the sync gradient step only in the first this many denoising steps.",
+            default=5,
+            ge=0,
+            le=50,
+        ),
+        num_inference_steps: int = Input(
+            description="Number of DDIM denoising steps.", default=50, ge=1, le=200
+        ),
+        stride: int = Input(
+            description="Offset between neighbouring 512 px windows, in latent pixels (8 image "
+            "pixels each): a multiple of 8 below 64. Smaller is smoother and slower.",
+            default=16,
+            ge=8,
+            le=56,
+        ),
+        seed: int = Input(
+            description="Random seed: the same seed gives the same panorama.", default=2, ge=0
+        ),
+        loop_closure: bool = Input(
+            description="Make a 360-degree panorama whose right edge continues into its left "
+            "edge (height 512 only).",
+            default=False,
+        ),
+    ) -> Path:
+        """Make one panorama PNG."""
+        print(f"Using seed: {seed}")
+        started = time.monotonic()
+
+        def progress(state: dict) -> None:
+            step, steps = state["step"] + 1, state["steps"]
+            elapsed = time.monotonic() - started
+            eta = elapsed / step * (steps - step)
+            sync = " sync" if state["sync"] else ""
+            print(f"step {step}/{steps}{sync}  elapsed {elapsed:.1f}s  eta {eta:.1f}s")
+
+        image = self.pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            guidance_scale=guidance_scale,
+            sync_weight=sync_weight,
+            sync_decay_rate=sync_decay_rate,
+            sync_freq=sync_freq,
+            sync_threshold=sync_threshold,
+            num_inference_steps=num_inference_steps,
+            stride=stride,
+            seed=seed,
+            loop_closure=loop_closure,
+            callback=progress,
+        )
+        # One output folder, emptied per prediction: a long-running server keeps one file at most.
+        shutil.rmtree(self.outputs, ignore_errors=True)
+        self.outputs.mkdir(parents=True)
+        path = self.outputs / "panorama.png"
+        image.save(path)
+        return Path(path)

@@ -1,0 +1,250 @@
+"""Time the fast pipeline against the oracle (the published algorithm, literally) and record it.
+
+    python scripts/benchmark.py                      # tiny model, CPU: 1024x512, 6 steps
+    python scripts/benchmark.py --arch sd2           # SD2-base's real architecture, random weights
+
+Runs the oracle and the fast path on the same inputs and seed in one process, alternating,
+then the fast path alone at several widths (time per window), prints a table and appends it,
+with the machine, date and settings, to BENCHMARKS.md. On a GPU the oracle runs as published
+(fp32 weights under CUDA autocast) and the fast path in fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from make_tiny_weights import make_tiny_weights  # noqa: E402
+
+from syncdiffusion import SyncDiffusionPipeline, __version__  # noqa: E402
+from syncdiffusion.oracle import oracle_panorama  # noqa: E402
+from syncdiffusion.windows import panorama_windows  # noqa: E402
+
+SD2_CONFIGS = ROOT / "benchmarks" / "sd2-base"
+
+
+class PeakMemory:
+    """Peak memory of a block: `torch.cuda.max_memory_allocated` on GPU, sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
+    """SD2-base's architecture (configs in benchmarks/sd2-base) with random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from syncdiffusion.pipeline import load_lpips
+
+    tiny = Path(tempfile.mkdtemp()) / "tiny"
+    make_tiny_weights(tiny)  # for its tokenizer, scheduler config and VGG16-shaped trunk
+    sd = tiny / "stable-diffusion-2-base"
+    configs = {
+        name: json.loads((SD2_CONFIGS / f"{name}.json").read_text())
+        for name in ("unet", "vae", "text_encoder")
+    }
+    torch.manual_seed(0)
+    with torch.device(device):
+        pipe = SyncDiffusionPipeline(
+            unet=UNet2DConditionModel.from_config(configs["unet"]).to(dtype),
+            vae=AutoencoderKL.from_config(configs["vae"]).to(dtype),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"),
+            scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler"),
+            perceptual=load_lpips(tiny / "lpips" / "vgg16-397923af.pth").to(dtype),
+        )
+    return pipe.to(device)
+
+
+def timed(fn, device: torch.device):
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return result, seconds, memory.peak
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return f"{cpu}, {psutil.cpu_count()} CPUs{gpu}; torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=("tiny", "sd2"), default="tiny")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--width", type=int, default=None, help="default: 1024 tiny, 2048 sd2")
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=None, help="default: 6 tiny, 50 sd2")
+    parser.add_argument("--sync-threshold", type=int, default=None, help="default: 3 tiny, 5 sd2")
+    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="oracle/fast pairs")
+    parser.add_argument("--scaling-widths", default="1024,2048,4096")
+    parser.add_argument(
+        "--scaling-steps",
+        type=int,
+        default=None,
+        help="steps for the width sweep (default: 2 on CPU, --steps on GPU)",
+    )
+    parser.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sd2 = args.arch == "sd2"
+    width = args.width or (2048 if sd2 else 1024)
+    steps = args.steps or (50 if sd2 else 6)
+    threshold = args.sync_threshold if args.sync_threshold is not None else (5 if sd2 else 3)
+    inputs = dict(
+        prompt="a photo of a mountain range at twilight",
+        width=width,
+        height=args.height,
+        num_inference_steps=steps,
+        sync_threshold=threshold,
+        stride=args.stride,
+        seed=args.seed,
+    )
+
+    # The published wrapper keeps fp32 weights (autocast on CUDA); the product runs fp16 on GPU.
+    fast_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if sd2:
+        fast = sd2_pipeline(device, fast_dtype)
+        oracle = sd2_pipeline(device, torch.float32) if fast_dtype != torch.float32 else fast
+    else:
+        weights = Path(tempfile.mkdtemp()) / "tiny"
+        make_tiny_weights(weights)
+        fast = SyncDiffusionPipeline.from_pretrained(weights, device=device, dtype=fast_dtype)
+        oracle = (
+            SyncDiffusionPipeline.from_pretrained(weights, device=device, dtype=torch.float32)
+            if fast_dtype != torch.float32
+            else fast
+        )
+
+    n_windows = len(panorama_windows(args.height // 8, width // 8, args.stride))
+    rows, oracle_times, fast_times, oracle_peaks, fast_peaks = [], [], [], [], []
+    for _ in range(args.repeats):
+        (o_image, o_latent), seconds, peak = timed(
+            lambda: oracle_panorama(oracle, **inputs), device
+        )
+        oracle_times.append(seconds)
+        oracle_peaks.append(peak)
+        f_latent, seconds, peak = timed(lambda: fast(**inputs, output_type="latent"), device)
+        fast_times.append(seconds)
+        fast_peaks.append(peak)
+        print(f"oracle {oracle_times[-1]:.1f}s  fast {fast_times[-1]:.1f}s", flush=True)
+    f_image = fast.decode(f_latent)
+    latent_diff = (f_latent.float() - o_latent.float()).abs().max().item()
+    pixel_diff = int(np.abs(np.asarray(f_image, dtype=int) - np.asarray(o_image, dtype=int)).max())
+    oracle_s, fast_s = min(oracle_times), min(fast_times)
+    rows.append(
+        f"| oracle (published) | {width}x{args.height} | {n_windows} | {oracle_s:.2f} | "
+        f"1.00x | {max(oracle_peaks) / 2**30:.2f} GiB | | |"
+    )
+    rows.append(
+        f"| fast | {width}x{args.height} | {n_windows} | {fast_s:.2f} | "
+        f"{oracle_s / fast_s:.2f}x | {max(fast_peaks) / 2**30:.2f} GiB | "
+        f"{latent_diff:.2e} | {pixel_diff}/255 |"
+    )
+
+    scaling_steps = args.scaling_steps or (steps if device.type == "cuda" else 2)
+    scaling = dict(
+        inputs, num_inference_steps=scaling_steps, sync_threshold=min(threshold, scaling_steps)
+    )
+    sweep = []
+    for w in (int(x) for x in args.scaling_widths.split(",") if x):
+        n = len(panorama_windows(args.height // 8, w // 8, args.stride))
+        _, seconds, peak = timed(
+            lambda w=w: fast(**dict(scaling, width=w), output_type="latent"), device
+        )
+        sweep.append(
+            f"| fast | {w}x{args.height} | {n} | {seconds:.2f} | "
+            f"{seconds / n:.3f} | {peak / 2**30:.2f} GiB |"
+        )
+        print(sweep[-1], flush=True)
+
+    settings = (
+        f"arch {args.arch}, {device.type} fp{torch.finfo(fast_dtype).bits} (oracle fp32), "
+        f"{width}x{args.height}, {steps} steps, sync_threshold {threshold}, "
+        f"stride {args.stride}, seed {args.seed}, best of {args.repeats} alternating runs"
+    )
+    report = "\n".join(
+        [
+            f"### {datetime.date.today().isoformat()} · {args.arch} · {device.type}",
+            "",
+            f"- Machine: {machine(device)}",
+            f"- Settings: {settings}; syncdiffusion {__version__}",
+            "- Command: `python scripts/benchmark.py " + " ".join(sys.argv[1:]) + "`",
+            "",
+            "| path | size | windows | seconds | speed-up | peak memory | max latent diff "
+            "| max pixel diff |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            f"Width sweep ({scaling_steps} steps, sync_threshold {scaling['sync_threshold']}): "
+            "time per window should stay flat.",
+            "",
+            "| path | size | windows | seconds | seconds per window | peak memory |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *sweep,
+            "",
+        ]
+    )
+    print(report)
+    if not args.no_record:
+        with args.record.open("a") as f:
+            f.write("\n" + report)
+        print(f"appended to {args.record}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+# Sourced by scripts/test and scripts/demo: make (once) and enter the project's virtual environment.
+# PYTHON picks the interpreter (default python3.11); VENV the folder (default .venv).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "${PYTHON:-python3.11}" -m venv "$VENV"
+fi
+# Install only when the requirements changed since the last install.
+stamp="$VENV/.requirements.sha256"
+want="$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r requirements-dev.txt
+  echo "$want" > "$stamp"
+fi
+# coglet starts its worker with a bare `python`: the environment's bin must lead PATH.
+export PATH="$PWD/$VENV/bin:$PATH"

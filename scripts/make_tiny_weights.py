@@ -1,0 +1,245 @@
+"""Write a tiny, randomly initialised SD2-shaped model in the real weights layout.
+
+Usage: python scripts/make_tiny_weights.py OUT
+
+The result has exactly the layout `python scripts/download_weights.py` produces (see
+weights/README.md), so tests and CPU smoke runs exercise the same loading code as production,
+in seconds and without network. The output is deterministic (seeded) but meaningless: images
+made with it are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from syncdiffusion.weights import SD_DIRNAME, VGG16_RELPATH  # noqa: E402
+
+# SD2-base's scheduler config, verbatim, so the tiny model is sampled with the real schedule.
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+# SD2 was trained with OpenCLIP, which pads with id 0; in CLIP's byte-level vocabulary that is "!".
+PAD_TOKEN = "!"
+MODEL_MAX_LENGTH = 77
+# A few real CLIP merges, so tokenising goes through BPE merging as with the real vocabulary.
+MERGES = [("t", "h"), ("i", "n"), ("a", "n"), ("th", "e</w>")]
+
+TEXT_HIDDEN_SIZE = 32
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    return dict(zip(printable + others, chars, strict=True))
+
+
+def tokenizer_vocab() -> dict[str, int]:
+    """CLIP's vocabulary order: bytes, bytes + "</w>", merge results, then the two specials."""
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in MERGES]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def _special(content: str) -> dict[str, object]:
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }
+
+
+def write_tokenizer(out: Path) -> int:
+    """Write SD2-base's tokenizer files (vocab, merges, two configs); return the vocab size."""
+    # Written by hand: transformers 5's save_pretrained would write tokenizer.json instead of
+    # the vocab.json + merges.txt that SD2-base ships, and skip the conversion real weights need.
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = tokenizer_vocab()
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES)
+    (out / "merges.txt").write_text(merges, encoding="utf-8")
+    special_tokens = {
+        "bos_token": _special(BOS_TOKEN),
+        "eos_token": _special(EOS_TOKEN),
+        "pad_token": PAD_TOKEN,
+        "unk_token": _special(EOS_TOKEN),
+    }
+    (out / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n")
+    config = {
+        "add_prefix_space": False,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "tokenizer_class": "CLIPTokenizer",
+        # tokenizer_config.json spells added tokens with a "__type" tag, as SD2-base's does.
+        **{
+            key: {"__type": "AddedToken", **value} if isinstance(value, dict) else value
+            for key, value in special_tokens.items()
+        },
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return len(vocab)
+
+
+def _vgg16_features() -> dict[str, torch.Tensor]:
+    """torchvision's VGG16 `features.*` tensors with torchvision's own initialisation."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    # Only the convolutional trunk: building all of vgg16() would initialise 120M unused
+    # classifier parameters and cost seconds.
+    features = make_layers(cfgs["D"])
+    for module in features.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+    return {f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' progress bar for a one-file save, restoring the caller's setting."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def make_tiny_weights(out: Path) -> Path:
+    """Write the tiny model into `out` (created if needed) and return `out`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    sd_dir = out / SD_DIRNAME
+    sd_dir.mkdir(parents=True, exist_ok=True)
+
+    vocab_size = write_tokenizer(sd_dir / "tokenizer")
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        # As in SD2's config, diffusers reads this as the number of heads per level; several
+        # heads keep head splitting exercised.
+        attention_head_dim=(2, 4),
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    unet.save_pretrained(sd_dir / "unet", safe_serialization=True)
+
+    torch.manual_seed(0)
+    # Four levels (three downsamples) give SD's 8x latent factor. The first level runs at full
+    # 512x512 resolution and dominates the cost of the many decodes in tests, hence 4 channels.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 8, 8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    vae.save_pretrained(sd_dir / "vae", safe_serialization=True)
+
+    torch.manual_seed(0)
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act="gelu",
+        # SD2's config keeps CLIP's legacy ids; eos_token_id 2 makes transformers pool at the
+        # highest id, which is <|endoftext|> in this vocabulary as in the real one.
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    with _quiet_transformers():
+        CLIPTextModel(text_config).save_pretrained(sd_dir / "text_encoder")
+
+    # Written verbatim: DDIMScheduler.save_pretrained would add keys SD2-base's file lacks.
+    (sd_dir / "scheduler").mkdir(exist_ok=True)
+    (sd_dir / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SCHEDULER_CONFIG, indent=2) + "\n"
+    )
+    (sd_dir / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+
+    torch.manual_seed(0)
+    vgg_path = out / VGG16_RELPATH
+    vgg_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_vgg16_features(), vgg_path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="folder to write the tiny weights into")
+    args = parser.parse_args(argv)
+    make_tiny_weights(args.out)
+    print(f"Wrote a tiny random model to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""`SyncDiffusionPipeline`: SD2-base, LPIPS and the sampler, loaded once and called per panorama."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import lpips
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .batching import auto_view_batch_size
+from .checks import InputError, check_inputs
+from .decoding import decode, to_pil
+from .sampling import Callback, guided_eps, sample_panorama
+from .sync import SyncSchedule
+from .weights import (
+    SD_DIRNAME,
+    VGG16_RELPATH,
+    check_weights,
+    default_weights_dir,
+    load_vgg16_features,
+    sd_variant,
+)
+from .windows import panorama_windows
+
+logger = logging.getLogger(__name__)
+
+
+def load_lpips(vgg16_path: Path) -> lpips.LPIPS:
+    """LPIPS v0.1 on VGG16, its trunk read from `vgg16_path` rather than downloaded."""
+    with warnings.catch_warnings():
+        # lpips asks torchvision for an untrained VGG16 the pre-0.13 way; the warning is noise.
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    features = load_vgg16_features(vgg16_path)
+    # lpips keeps VGG's `features[k]` as `slice{s}.{k}`: map the torchvision names onto it.
+    slice_of = {
+        int(k): name for name, part in model.net.named_children() for k, _ in part.named_children()
+    }
+    model.net.load_state_dict(
+        {
+            f"{slice_of[int(key.split('.')[1])]}.{key.split('.', 1)[1]}": value
+            for key, value in features.items()
+            if int(key.split(".")[1]) in slice_of
+        }
+    )
+    return model.eval().requires_grad_(False)
+
+
+class SyncDiffusionPipeline:
+    """Coherent panoramas from Stable Diffusion 2.0-base with SyncDiffusion (Lee et al. 2023)."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDIMScheduler,
+        perceptual: lpips.LPIPS,
+    ) -> None:
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.scheduler_config, self.perceptual = (
+            tokenizer,
+            scheduler.config,
+            perceptual,
+        )
+        for model in (unet, vae, text_encoder, perceptual):
+            model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SyncDiffusionPipeline:
+        """Load from a weights folder (default `$SYNCDIFFUSION_WEIGHTS` or `weights/`), no network.
+
+        CUDA when available, else the CPU; fp16 on CUDA, fp32 on the CPU unless `dtype` says.
+        """
+        weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
+        check_weights(weights_dir)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        sd = weights_dir / SD_DIRNAME
+        kwargs = {"local_files_only": True, "torch_dtype": dtype, "variant": sd_variant(sd)}
+        pipe = cls(
+            unet=UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kwargs),
+            vae=AutoencoderKL.from_pretrained(sd, subfolder="vae", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(
+                sd, subfolder="tokenizer", local_files_only=True
+            ),
+            scheduler=DDIMScheduler.from_pretrained(
+                sd, subfolder="scheduler", local_files_only=True
+            ),
+            perceptual=load_lpips(weights_dir / VGG16_RELPATH).to(dtype),
+        )
+        return pipe.to(device)
+
+    def to(self, device: str | torch.device) -> SyncDiffusionPipeline:
+        """Move every network to `device`."""
+        for model in (self.unet, self.vae, self.text_encoder, self.perceptual):
+            model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks are."""
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The networks' floating-point type."""
+        return self.unet.dtype
+
+    def new_scheduler(self) -> DDIMScheduler:
+        """A fresh DDIM scheduler, so no call sees another's state."""
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> torch.Tensor:
+        """Text embeddings `[negative, prompt]`, (2, 77, D); over-long text is cut to 77 tokens."""
+        max_length = self.tokenizer.model_max_length
+        ids = []
+        for name, text in (("negative_prompt", negative_prompt), ("prompt", prompt)):
+            tokens = self.tokenizer(
+                text,
+                padding="max_length",
+                max_length=max_length,
+                truncation=True,
+                return_overflowing_tokens=False,
+                return_tensors="pt",
+            ).input_ids
+            n_tokens = len(self.tokenizer(text).input_ids)
+            if n_tokens > max_length:
+                logger.warning(
+                    "%s is %d tokens long; the text encoder reads the first %d",
+                    name,
+                    n_tokens,
+                    max_length,
+                )
+            ids.append(tokens)
+        with torch.no_grad():
+            return self.text_encoder(torch.cat(ids).to(self.device))[0]
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """A panorama latent (1, 4, H/8, W/8) to its 8-bit RGB picture."""
+        with torch.no_grad():
+            return to_pil(decode(self.vae, latents.to(self.device))[0])
+
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        width: int = 2048,
+        height: int = 512,
+        guidance_scale: float = 7.5,
+        sync_weight: float = 20.0,
+        sync_decay_rate: float = 0.99,
+        sync_freq: int = 1,
+        sync_threshold: int = 5,
+        num_inference_steps: int = 50,
+        stride: int = 16,
+        seed: int = 2,
+        loop_closure: bool = False,
+        *,
+        view_batch_size: int | None = None,
+        output_type: Literal["pil", "latent"] = "pil",
+        callback: Callback | None = None,
+    ) -> Image.Image | torch.Tensor:
+        """One panorama: a PIL image, or with `output_type="latent"` its (1, 4, H/8, W/8) latent.
+
+        `callback` gets a dict after every denoising step (step, steps, t, sync, latent).
+        """
+        # 1. Check every input.
+        check_inputs(
+            prompt,
+            negative_prompt,
+            width,
+            height,
+            guidance_scale,
+            sync_weight,
+            sync_decay_rate,
+            sync_freq,
+            sync_threshold,
+            num_inference_steps,
+            stride,
+            seed,
+            loop_closure,
+        )
+        if output_type not in ("pil", "latent"):
+            raise InputError(f"output_type must be 'pil' or 'latent'; got {output_type!r}")
+        if view_batch_size is not None and (
+            isinstance(view_batch_size, bool)
+            or not isinstance(view_batch_size, int)
+            or view_batch_size < 1
+        ):
+            raise InputError(
+                f"view_batch_size must be a positive integer or None; got {view_batch_size!r}"
+            )
+
+        # 2. Encode the prompt.
+        text_embeddings = self.encode_prompt(prompt, negative_prompt)
+
+        # 3. The initial noise: drawn on the CPU in fp32 as published, from a private generator.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latent = torch.randn(
+            (1, self.unet.config.in_channels, height // 8, width // 8), generator=generator
+        ).to(self.device)
+
+        # 4. The views.
+        windows = panorama_windows(height // 8, width // 8, stride, loop_closure)
+        if view_batch_size is None:
+            view_batch_size = auto_view_batch_size(len(windows), self.vae, self.device, self.dtype)
+
+        # 5. Denoise.
+        scheduler = self.new_scheduler()
+        scheduler.set_timesteps(num_inference_steps)
+        with torch.no_grad():
+            latent = sample_panorama(
+                latent,
+                windows,
+                eps=partial(
+                    guided_eps,
+                    self.unet,
+                    text_embeddings=text_embeddings,
+                    guidance_scale=guidance_scale,
+                ),
+                scheduler=scheduler,
+                decode=partial(decode, self.vae),
+                perceptual=self.perceptual,
+                sync=SyncSchedule(sync_weight, sync_decay_rate, sync_freq, sync_threshold),
+                view_batch_size=view_batch_size,
+                callback=callback,
+            )
+
+        # 6. Decode.
+        if output_type == "latent":
+            return latent
+        return self.decode(latent)

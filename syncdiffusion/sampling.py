@@ -1,0 +1,123 @@
+"""The joint-diffusion sampling loop: every view denoised in batches, synced at the first steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lpips
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from .batching import run_in_chunks
+from .sync import SyncSchedule, lpips_features, sync_gradient
+from .windows import Window, anchor_index, gather, scatter_add
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+def guided_eps(
+    unet: UNet2DConditionModel,
+    views: torch.Tensor,
+    t: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guided eps of views (n, 4, 64, 64); `text_embeddings`: [negative, prompt]."""
+    n = views.shape[0]
+    uncond, cond = text_embeddings.chunk(2)
+    embeddings = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
+    eps = unet(torch.cat([views, views]).to(unet.dtype), t, encoder_hidden_states=embeddings).sample
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def denoise_views(
+    views: torch.Tensor,
+    step: int,
+    t: torch.Tensor,
+    *,
+    anchor: int,
+    eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler: DDIMScheduler,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    perceptual: lpips.LPIPS,
+    sync: SyncSchedule,
+    view_batch_size: int,
+) -> tuple[torch.Tensor, int]:
+    """One DDIM step of every view (n, 4, 64, 64), after the sync gradient step when it is due.
+
+    Returns the denoised views and the chunk size that fitted.
+    """
+    denoised = torch.empty_like(views)
+
+    def denoise(chunk: list[int], x: torch.Tensor) -> None:
+        with torch.no_grad():
+            denoised[chunk] = scheduler.step(eps(x, t), t, x).prev_sample.to(views.dtype)
+
+    if not sync.active(step):
+        batch = run_in_chunks(
+            lambda chunk: denoise(chunk, views[chunk]), range(len(views)), view_batch_size
+        )
+        return denoised, batch
+
+    with torch.no_grad():
+        x_anchor = views[anchor : anchor + 1]
+        anchor_step = scheduler.step(eps(x_anchor, t), t, x_anchor)
+        # The anchor is never moved, so this eps is also the one of its denoising step.
+        denoised[anchor] = anchor_step.prev_sample[0].to(views.dtype)
+        anchor_image = decode(anchor_step.pred_original_sample)
+        anchor_features = lpips_features(perceptual, anchor_image * 2 - 1)
+    weight = sync.weight_at(step)
+
+    def predict_x0(x: torch.Tensor) -> torch.Tensor:
+        return scheduler.step(eps(x, t), t, x).pred_original_sample
+
+    def sync_and_denoise(chunk: list[int]) -> None:
+        x = views[chunk]
+        grad = sync_gradient(x, predict_x0, decode, perceptual, anchor_features)
+        denoise(chunk, x - weight * grad.to(x.dtype))
+
+    others = [k for k in range(len(views)) if k != anchor]
+    return denoised, run_in_chunks(sync_and_denoise, others, view_batch_size)
+
+
+def sample_panorama(
+    latent: torch.Tensor,
+    windows: list[Window],
+    *,
+    eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler: DDIMScheduler,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    perceptual: lpips.LPIPS,
+    sync: SyncSchedule,
+    view_batch_size: int,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Denoise a panorama latent (1, 4, H', W') over `scheduler.timesteps` (SyncDiffusion, Alg. 1).
+
+    `eps(views, t)` is the guided noise prediction and `decode` the VAE decode to [0, 1];
+    views go through them `view_batch_size` at a time.
+    """
+    anchor = anchor_index(windows)
+    steps = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        denoised, view_batch_size = denoise_views(
+            gather(latent, windows),
+            i,
+            t,
+            anchor=anchor,
+            eps=eps,
+            scheduler=scheduler,
+            decode=decode,
+            perceptual=perceptual,
+            sync=sync,
+            view_batch_size=view_batch_size,
+        )
+        value = torch.zeros_like(latent)
+        count = torch.zeros_like(latent)
+        scatter_add(value, count, windows, denoised)
+        latent = torch.where(count > 0, value / count, value)
+        if callback is not None:
+            callback({"step": i, "steps": steps, "t": t, "sync": sync.active(i), "latent": latent})
+    return latent

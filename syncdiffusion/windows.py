@@ -1,0 +1,80 @@
+"""Window geometry: where a panorama's 64x64-latent views lie, and moving latents in and out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+WINDOW = 64
+"""Side of one view in latent pixels: SD2-base's 512 px training size over the VAE factor 8."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A view `latent[..., h0:h1, w0:w1]`; when `w1 <= w0` it wraps around the width (360°)."""
+
+    h0: int
+    h1: int
+    w0: int
+    w1: int
+
+    @property
+    def wraps(self) -> bool:
+        """Whether the view crosses the panorama's right edge back to its left edge."""
+        return self.w1 <= self.w0
+
+
+def panorama_windows(
+    latent_height: int, latent_width: int, stride: int, loop_closure: bool = False
+) -> list[Window]:
+    """The published views: a row-major grid at `stride`, then, with loop closure, the wrap views.
+
+    The wrap views are offsets `k * stride` past the right edge for `k = 1 .. WINDOW // stride - 2`;
+    the published wrapper stops one short of the last offset, and so do we.
+    """
+    n_rows = (latent_height - WINDOW) // stride + 1
+    n_cols = (latent_width - WINDOW) // stride + 1
+    windows = []
+    for i in range(n_rows * n_cols):
+        h0 = (i // n_cols) * stride
+        w0 = (i % n_cols) * stride
+        windows.append(Window(h0, h0 + WINDOW, w0, w0 + WINDOW))
+    if loop_closure:
+        for k in range(1, WINDOW // stride - 1):
+            windows.append(Window(0, WINDOW, latent_width - WINDOW + k * stride, k * stride))
+    return windows
+
+
+def anchor_index(windows: list[Window]) -> int:
+    """The anchor is the middle view, wrap views counted."""
+    return len(windows) // 2
+
+
+def gather(latent: torch.Tensor, windows: list[Window]) -> torch.Tensor:
+    """Stack the views of a `(1, C, H, W)` latent into `(len(windows), C, WINDOW, WINDOW)`."""
+    views = []
+    for w in windows:
+        rows = latent[:, :, w.h0 : w.h1]
+        if w.wraps:
+            views.append(torch.cat([rows[..., w.w0 :], rows[..., : w.w1]], dim=-1))
+        else:
+            views.append(rows[..., w.w0 : w.w1])
+    return torch.cat(views)
+
+
+def scatter_add(
+    value: torch.Tensor, count: torch.Tensor, windows: list[Window], views: torch.Tensor
+) -> None:
+    """Add `views` (n, C, WINDOW, WINDOW) into `value`, and 1 into `count`, over each window."""
+    for w, view in zip(windows, views, strict=True):
+        view = view.unsqueeze(0)
+        if w.wraps:
+            split = value.shape[-1] - w.w0
+            value[:, :, w.h0 : w.h1, w.w0 :] += view[..., :split]
+            value[:, :, w.h0 : w.h1, : w.w1] += view[..., split:]
+            count[:, :, w.h0 : w.h1, w.w0 :] += 1
+            count[:, :, w.h0 : w.h1, : w.w1] += 1
+        else:
+            value[:, :, w.h0 : w.h1, w.w0 : w.w1] += view
+            count[:, :, w.h0 : w.h1, w.w0 : w.w1] += 1

@@ -1,0 +1,90 @@
+"""Input checks: every rule of the published wrapper, each refusal naming input, value and rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncdiffusion.checks import InputError, check_inputs
+
+GOOD = dict(
+    prompt="a beach",
+    negative_prompt="",
+    width=2048,
+    height=512,
+    guidance_scale=7.5,
+    sync_weight=20.0,
+    sync_decay_rate=0.99,
+    sync_freq=1,
+    sync_threshold=5,
+    num_inference_steps=50,
+    stride=16,
+    seed=2,
+    loop_closure=False,
+)
+
+ACCEPTED = [
+    {},
+    {"prompt": ""},
+    {"prompt": "   "},
+    {"width": 512, "height": 3072},
+    {"width": 3072, "height": 512},
+    {"guidance_scale": 0},
+    {"guidance_scale": 20},
+    {"sync_weight": 0.0},
+    {"sync_weight": 30},
+    {"sync_decay_rate": 0},
+    {"sync_decay_rate": 1},
+    {"sync_freq": 1000},
+    {"sync_threshold": 0},
+    {"sync_threshold": 50},
+    {"num_inference_steps": 1},
+    {"num_inference_steps": 200},
+    {"stride": 8, "width": 1024},
+    {"stride": 56, "width": 448 * 5, "height": 448 * 2},
+    {"seed": 0},
+    {"seed": 2**64 - 1},
+    {"loop_closure": True},
+]
+
+REFUSED = [
+    ({"prompt": None}, "prompt must be a string; got None"),
+    ({"negative_prompt": 3}, "negative_prompt must be a string; got 3"),
+    ({"width": 384}, "width must be a multiple of 128 (8 * stride) from 512 to 3072; got 384"),
+    ({"width": 3200}, "width must be a multiple of 128"),
+    ({"width": 2000}, "got 2000"),
+    ({"height": 600}, "height must be a multiple of 128"),
+    ({"width": 2048.0}, "width must be an integer number of pixels; got 2048.0"),
+    ({"guidance_scale": -0.1}, "guidance_scale must be a number from 0 to 20; got -0.1"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a number from 0 to 20; got nan"),
+    ({"sync_weight": 30.5}, "sync_weight must be a number from 0 to 30; got 30.5"),
+    ({"sync_decay_rate": 1.5}, "sync_decay_rate must be a number from 0 to 1; got 1.5"),
+    ({"sync_freq": 0}, "sync_freq must be an integer >= 1; got 0"),
+    ({"sync_threshold": 51}, "sync_threshold must be an integer from 0 to 50; got 51"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be an integer from 1 to 200; got 0"),
+    ({"num_inference_steps": True}, "num_inference_steps must be an integer from 1 to 200"),
+    ({"stride": 12}, "stride must be a multiple of 8 from 8 to 56"),
+    ({"stride": 64}, "stride must be a multiple of 8 from 8 to 56"),
+    ({"stride": 0}, "got 0"),
+    ({"seed": -1}, "seed must be an integer from 0 to 18446744073709551615; got -1"),
+    ({"seed": 2**64}, "seed must be an integer from 0"),
+    ({"loop_closure": "yes"}, "loop_closure must be true or false; got 'yes'"),
+    ({"loop_closure": True, "height": 1024}, "loop_closure needs height 512"),
+]
+
+
+@pytest.mark.parametrize("change", ACCEPTED, ids=str)
+def test_accepted(change):
+    check_inputs(**{**GOOD, **change})
+
+
+@pytest.mark.parametrize("change, message", REFUSED, ids=[str(c) for c, _ in REFUSED])
+def test_refused_with_a_message_naming_input_value_and_rule(change, message):
+    with pytest.raises(InputError) as error:
+        check_inputs(**{**GOOD, **change})
+    assert message in str(error.value)
+
+
+def test_every_bad_input_is_named_at_once():
+    with pytest.raises(InputError) as error:
+        check_inputs(**{**GOOD, "width": 100, "seed": -5, "sync_freq": 0})
+    assert all(name in str(error.value) for name in ("width", "seed", "sync_freq"))

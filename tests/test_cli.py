@@ -1,0 +1,89 @@
+"""The command line, as a user runs it: `python -m syncdiffusion ...`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "syncdiffusion", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_writes_the_panorama(tiny_weights, tmp_path):
+    out = tmp_path / "pano.png"
+    result = run_cli(
+        "--prompt",
+        "a forest",
+        "--weights",
+        str(tiny_weights),
+        "--output",
+        str(out),
+        "--width",
+        "768",
+        "--num-inference-steps",
+        "2",
+        "--sync-threshold",
+        "1",
+        "--seed",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as image:
+        assert image.size == (768, 512)
+    assert "2/2" in result.stderr  # the progress bar
+
+
+def test_cli_names_the_bad_input(tiny_weights, tmp_path):
+    result = run_cli(
+        "--prompt",
+        "a forest",
+        "--weights",
+        str(tiny_weights),
+        "--output",
+        str(tmp_path / "x.png"),
+        "--stride",
+        "12",
+    )
+    assert result.returncode == 2
+    assert "stride must be a multiple of 8 from 8 to 56" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_names_the_missing_weights(tmp_path):
+    result = run_cli("--prompt", "a forest", "--weights", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "download_weights.py" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_input_is_an_option():
+    help_text = run_cli("--help").stdout
+    for flag in (
+        "--prompt",
+        "--negative-prompt",
+        "--width",
+        "--height",
+        "--guidance-scale",
+        "--sync-weight",
+        "--sync-decay-rate",
+        "--sync-freq",
+        "--sync-threshold",
+        "--num-inference-steps",
+        "--stride",
+        "--seed",
+        "--loop-closure",
+        "--weights",
+    ):
+        assert flag in help_text

@@ -1,0 +1,77 @@
+"""The fast pipeline against the oracle, the literal re-statement of the published wrapper.
+
+On the CPU in fp32 they must agree to float rounding: latents to 5e-4, pixels to 2/255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from syncdiffusion.oracle import oracle_panorama
+
+SMALL = dict(
+    prompt="a snowy mountain range at dawn",
+    negative_prompt="blurry",
+    num_inference_steps=3,
+    sync_threshold=2,
+    seed=7,
+)
+
+CASES = {
+    "horizontal": dict(width=768, height=512),
+    "vertical": dict(width=512, height=768),
+    "loop_closure": dict(width=768, height=512, loop_closure=True),
+    "sync_freq_2": dict(width=768, height=512, sync_freq=2, sync_threshold=3),
+    "no_sync": dict(width=1024, height=512, sync_threshold=0, num_inference_steps=4),
+    "grid_stride_32": dict(width=768, height=768, stride=32, sync_threshold=1),
+}
+
+
+def _assert_same_panorama(pipe, inputs, view_batch_size=None):
+    expected_image, expected_latent = oracle_panorama(pipe, **inputs)
+    latent = pipe(**inputs, output_type="latent", view_batch_size=view_batch_size)
+    assert latent.shape == expected_latent.shape
+    assert torch.allclose(latent, expected_latent, atol=5e-4, rtol=0), (
+        (latent - expected_latent).abs().max()
+    )
+    image = pipe.decode(latent)
+    assert image.size == expected_image.size == (inputs["width"], inputs["height"])
+    difference = np.abs(np.asarray(image, dtype=int) - np.asarray(expected_image, dtype=int))
+    assert difference.max() <= 2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pipeline_equals_oracle(pipe, case):
+    _assert_same_panorama(pipe, {**SMALL, **CASES[case]})
+
+
+def test_chunk_size_does_not_change_the_panorama(pipe):
+    inputs = {**SMALL, "width": 768, "height": 512, "sync_threshold": 1, "num_inference_steps": 2}
+    one = pipe(**inputs, output_type="latent", view_batch_size=1)
+    two = pipe(**inputs, output_type="latent", view_batch_size=2)
+    assert torch.allclose(one, two, atol=5e-4, rtol=0)
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(pipe):
+    inputs = {
+        **SMALL,
+        "width": 640,
+        "height": 512,
+        "stride": 8,
+        "sync_threshold": 0,
+        "num_inference_steps": 2,
+    }
+    first, second = pipe(**inputs), pipe(**inputs)
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    other = pipe(**{**inputs, "seed": 8})
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+def test_a_call_leaves_torch_global_rng_alone(pipe):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    pipe(**{**SMALL, "width": 512, "height": 512, "sync_threshold": 0, "num_inference_steps": 1})
+    assert torch.equal(torch.rand(3), expected)
