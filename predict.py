@@ -6,23 +6,39 @@ bound and description is a literal (tests/test_predict.py keeps it so).
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import sys
 import tempfile
 import time
 
 from cog import BaseRunner, Input, Path
 
-from syncdiffusion import SyncDiffusionPipeline
+from syncdiffusion import SyncDiffusionPipeline, WeightsError
 from syncdiffusion.weights import default_weights_dir, download_weights, missing_parts
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
         """Make sure the weights are on disk (download once), then load them with no network."""
+        # The library's notices (a prompt cut to 77 tokens) belong in the prediction's logs.
+        notices = logging.getLogger("syncdiffusion")
+        if not notices.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            notices.addHandler(handler)
+            notices.setLevel(logging.INFO)
+            notices.propagate = False
         weights_dir = default_weights_dir()
-        if missing_parts(weights_dir):
-            download_weights(weights_dir)
-        self.pipe = SyncDiffusionPipeline.from_pretrained(weights_dir)
+        try:
+            # HF_HUB_OFFLINE=1, as for huggingface_hub itself: never download, only check.
+            if missing_parts(weights_dir) and os.environ.get("HF_HUB_OFFLINE") != "1":
+                download_weights(weights_dir)
+            self.pipe = SyncDiffusionPipeline.from_pretrained(weights_dir)
+        except WeightsError as error:
+            # One clear message (path and fix) as the setup error, not a trace through loaders.
+            raise WeightsError(str(error)) from None
         self.outputs = Path(tempfile.mkdtemp(prefix="syncdiffusion-"))
 
     def run(

@@ -169,8 +169,8 @@ def make_tiny_weights(out: Path) -> Path:
         sample_size=64,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
         # As in SD2's config, diffusers reads this as the number of heads per level; several

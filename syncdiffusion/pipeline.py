@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .batching import auto_view_batch_size
+from .batching import auto_view_batch_size, free_memory
 from .checks import InputError, check_inputs
 from .decoding import decode, to_pil
 from .sampling import Callback, guided_eps, sample_panorama
@@ -135,7 +135,6 @@ class SyncDiffusionPipeline:
                 padding="max_length",
                 max_length=max_length,
                 truncation=True,
-                return_overflowing_tokens=False,
                 return_tensors="pt",
             ).input_ids
             n_tokens = len(self.tokenizer(text).input_ids)
@@ -223,23 +222,33 @@ class SyncDiffusionPipeline:
         # 5. Denoise.
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(num_inference_steps)
-        with torch.no_grad():
-            latent = sample_panorama(
-                latent,
-                windows,
-                eps=partial(
-                    guided_eps,
-                    self.unet,
-                    text_embeddings=text_embeddings,
-                    guidance_scale=guidance_scale,
-                ),
-                scheduler=scheduler,
-                decode=partial(decode, self.vae),
-                perceptual=self.perceptual,
-                sync=SyncSchedule(sync_weight, sync_decay_rate, sync_freq, sync_threshold),
-                view_batch_size=view_batch_size,
-                callback=callback,
-            )
+        try:
+            with torch.no_grad():
+                latent = sample_panorama(
+                    latent,
+                    windows,
+                    eps=partial(
+                        guided_eps,
+                        self.unet,
+                        text_embeddings=text_embeddings,
+                        guidance_scale=guidance_scale,
+                    ),
+                    scheduler=scheduler,
+                    decode=partial(decode, self.vae),
+                    perceptual=self.perceptual,
+                    sync=SyncSchedule(sync_weight, sync_decay_rate, sync_freq, sync_threshold),
+                    view_batch_size=view_batch_size,
+                    callback=callback,
+                )
+        except torch.OutOfMemoryError:
+            # Even one window at a time did not fit: say so plainly, and leave the GPU clean
+            # for the next request.
+            torch.cuda.empty_cache()
+            raise MemoryError(
+                f"out of {self.device.type} memory even with one window at a time "
+                f"({free_memory(self.device) / 2**30:.1f} GiB free after clean-up); "
+                "the GPU is too small for this model or is shared with other work"
+            ) from None
 
         # 6. Decode.
         if output_type == "latent":

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+# The scripts (tiny model, Cog server harness) are tools the tests use as a user would.
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A weights folder holding the tiny SD2-shaped model and a random VGG16 trunk."""
+    from make_tiny_weights import make_tiny_weights
+
     out = tmp_path_factory.mktemp("weights")
-    _load_script("make_tiny_weights").make_tiny_weights(out)
+    make_tiny_weights(out)
     return out
 
 

@@ -15,12 +15,12 @@ SMALL = dict(
     prompt="a snowy mountain range at dawn",
     negative_prompt="blurry",
     num_inference_steps=3,
-    sync_threshold=2,
+    sync_threshold=1,
     seed=7,
 )
 
 CASES = {
-    "horizontal": dict(width=768, height=512),
+    "horizontal": dict(width=768, height=512, sync_threshold=2),
     "vertical": dict(width=512, height=768),
     "loop_closure": dict(width=768, height=512, loop_closure=True),
     "sync_freq_2": dict(width=768, height=512, sync_freq=2, sync_threshold=3),

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import os
-import socket
-import subprocess
-import sys
+import re
+import shutil
+import threading
 import time
-from pathlib import Path
 
 import pytest
-import requests
-from PIL import Image
+from cog_server import CogServer, decode_png, new_prediction_id
+from soak import soak, verdict
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "prompt": "a desert canyon",
     "width": 768,
@@ -28,91 +23,143 @@ SMALL = {
 pytestmark = pytest.mark.server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_weights, tmp_path_factory):
-    """`python -m cog.server.http` from the project root, serving predict.py on the tiny model."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "SYNCDIFFUSION_WEIGHTS": str(tiny_weights),
-        "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
-        "PORT": str(port),
-        # coglet starts its worker with a bare `python`: this environment's must come first.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, "the server exited during setup"
-            try:
-                health = requests.get(f"{url}/health-check", timeout=5).json()
-            except requests.ConnectionError:
-                health = {}
-            if health.get("status") == "READY":
-                break
-            assert health.get("status") != "SETUP_FAILED", health
-            assert time.monotonic() < deadline, "the server was not READY in time"
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.seek(0)
-        print(log.read()[-5000:])
-        log.close()
-
-
-def predict(url: str, inputs: dict) -> dict:
-    response = requests.post(f"{url}/predictions", json={"input": inputs}, timeout=600)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def decode_png(data_url: str) -> Image.Image:
-    prefix = "data:image/png;base64,"
-    assert data_url.startswith(prefix), data_url[:50]
-    return Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :])))
+def server(tiny_weights):
+    with CogServer(tiny_weights) as server:
+        assert server.health()["status"] == "READY", server.logs()
+        yield server
 
 
 def test_health_check_is_ready_and_setup_logs_are_clean(server):
-    health = requests.get(f"{server}/health-check", timeout=5).json()
-    assert health["status"] == "READY"
-    logs = health["setup"]["logs"]
+    logs = server.health()["setup"]["logs"]
     assert "deprecated" not in logs.lower()
     assert "LPIPS" not in logs
+    assert "accelerate" not in logs
 
 
 def test_prediction_returns_a_png_of_the_asked_size(server):
-    result = predict(server, SMALL)
+    result = server.predict(SMALL)
     assert result["status"] == "succeeded", result
     image = decode_png(result["output"])
     assert image.format == "PNG"
     assert image.size == (768, 512)
     assert "Using seed: 5" in result["logs"]
+    assert "step 2/2" in result["logs"]
 
 
 def test_bad_input_fails_naming_it_and_the_server_carries_on(server):
-    result = predict(server, {**SMALL, "width": 700})
+    result = server.predict({**SMALL, "width": 700})
     assert result["status"] == "failed"
     assert "width must be a multiple of 128" in result["error"]
     assert "700" in result["error"]
-    assert requests.get(f"{server}/health-check", timeout=5).json()["status"] == "READY"
-    assert predict(server, SMALL)["status"] == "succeeded"
+    assert server.health()["status"] == "READY"
+    assert server.predict(SMALL)["status"] == "succeeded"
+
+
+BAD_INPUTS = [
+    ({"width": 700}, "width must be a multiple of 128", "700"),
+    ({"width": 5000}, "width must be a multiple of", "5000"),
+    ({"height": 384}, "height must be a multiple of", "384"),
+    ({"width": "wide"}, "width must be an integer", "'wide'"),
+    ({"guidance_scale": 25}, "guidance_scale must be a number from 0 to 20", "25"),
+    ({"guidance_scale": "high"}, "guidance_scale must be a number", "'high'"),
+    ({"sync_weight": -1}, "sync_weight must be a number from 0 to 30", "-1"),
+    ({"sync_decay_rate": 1.5}, "sync_decay_rate must be a number from 0 to 1", "1.5"),
+    ({"sync_freq": 0}, "sync_freq must be an integer >= 1", "0"),
+    ({"sync_threshold": 51}, "sync_threshold must be an integer from 0 to 50", "51"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be an integer from 1 to 200", "0"),
+    ({"num_inference_steps": 201}, "num_inference_steps must be an integer from 1", "201"),
+    ({"stride": 12}, "stride must be a multiple of 8 from 8 to 56", "12"),
+    ({"stride": 64}, "stride must be a multiple of 8 from 8 to 56", "64"),
+    ({"seed": -1}, "seed must be an integer from 0 to 18446744073709551615", "-1"),
+    # JSON numbers past 2**63 reach the model as floats.
+    ({"seed": 2**64}, "seed must be an integer from 0", "1.8446744073709552e+19"),
+    ({"seed": 1.5}, "seed must be an integer", "1.5"),
+    ({"loop_closure": "yes"}, "loop_closure must be true or false", "'yes'"),
+    ({"prompt": 5}, "prompt must be a string", "5"),
+    ({"colour": "red"}, "colour", ""),
+]
+
+
+def test_every_bad_input_fails_by_name_and_the_server_stays_ready(server):
+    for change, message, value in BAD_INPUTS:
+        result = server.predict({**SMALL, **change})
+        assert result["status"] == "failed", change
+        assert message in result["error"] and value in result["error"], (change, result["error"])
+        assert "Traceback" not in result["error"]
+    assert server.health()["status"] == "READY"
+    assert server.predict(SMALL)["status"] == "succeeded"
+
+
+def test_empty_and_overlong_prompts_are_accepted(server):
+    for prompt in ("", "   "):
+        assert server.predict({**SMALL, "prompt": prompt})["status"] == "succeeded"
+    result = server.predict({**SMALL, "prompt": "a very long prompt " * 40})
+    assert result["status"] == "succeeded", result
+    assert re.search(
+        r"^prompt is \d+ tokens long; the text encoder reads the first 77$",
+        result["logs"],
+        re.MULTILINE,
+    ), result["logs"]
+
+
+def test_the_same_request_gives_the_same_pixels_whatever_ran_between(server):
+    first = decode_png(server.predict(SMALL)["output"]).tobytes()
+    server.predict({**SMALL, "seed": 99, "width": 512, "guidance_scale": 3.0})
+    server.predict({**SMALL, "width": 700})  # a failure in between changes nothing either
+    assert decode_png(server.predict(SMALL)["output"]).tobytes() == first
+
+
+def test_cancel_ends_a_long_prediction_and_the_next_is_as_fresh(server):
+    reference = decode_png(server.predict(SMALL)["output"]).tobytes()
+    rss_before = server.worker_rss()
+    long = {**SMALL, "num_inference_steps": 200, "sync_threshold": 0}
+    prediction_id, result = new_prediction_id(), {}
+    runner = threading.Thread(
+        target=lambda: result.update(server.predict(long, prediction_id=prediction_id))
+    )
+    runner.start()
+    time.sleep(8)  # well into the denoising loop (about 0.3 s a step here)
+    cancelled_at = time.monotonic()
+    assert server.cancel(prediction_id).status_code == 200
+    runner.join(120)
+    assert not runner.is_alive(), "the cancelled prediction did not end"
+    assert result["status"] == "canceled", result
+    # Cancellation lands between two Python-level calls, well within one denoising step; the
+    # bound is loose so that a loaded machine cannot fail it.
+    assert time.monotonic() - cancelled_at < 10
+    assert server.health()["status"] == "READY"
+    assert server.worker_rss() <= rss_before * 1.10
+    assert decode_png(server.predict(SMALL)["output"]).tobytes() == reference
+
+
+def test_five_in_a_row_hold_memory_steady(server):
+    runs = soak(server, 5, SMALL)
+    growth, _ = verdict(runs)  # time drift is for scripts/soak.py to judge, not a test
+    assert growth <= 0.10, runs
+
+
+def _truncate_unet(weights):
+    unet = next((weights / "stable-diffusion-2-base" / "unet").glob("*.safetensors"))
+    unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+    return unet
+
+
+@pytest.mark.parametrize(
+    "breakage, named",
+    [
+        (lambda w: shutil.rmtree(w / "stable-diffusion-2-base" / "vae"), "vae"),
+        (_truncate_unet, "truncated"),
+    ],
+)
+def test_broken_weights_fail_setup_with_one_clear_message(tiny_weights, tmp_path, breakage, named):
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights)
+    breakage(weights)
+    with CogServer(weights, HF_HUB_OFFLINE="1") as server:
+        health = server.health()
+    assert health["status"] == "SETUP_FAILED"
+    logs = health["setup"]["logs"]
+    assert str(weights) in logs and named in logs
+    assert "python scripts/download_weights.py" in logs
+    assert "Traceback" not in logs and "Traceback" not in server.logs()

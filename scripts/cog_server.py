@@ -1,0 +1,150 @@
+"""Run the model behind the real Cog HTTP server (coglet) and talk to it, as Replicate would.
+
+Used by the server tests and scripts/soak.py. From the project root:
+
+    with CogServer(weights_dir) as server:
+        result = server.predict({"prompt": "a beach", "width": 1024})
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def decode_png(data_url: str) -> Image.Image:
+    """The image in a `data:image/png;base64,...` output."""
+    prefix = "data:image/png;base64,"
+    if not data_url.startswith(prefix):
+        raise ValueError(f"not a PNG data URL: {data_url[:40]!r}")
+    return Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :])))
+
+
+class CogServer:
+    """`python -m cog.server.http` serving predict.py from the project root on loopback."""
+
+    def __init__(self, weights_dir: Path, setup_timeout: float = 300, **env: str) -> None:
+        self.weights_dir, self.setup_timeout, self.extra_env = weights_dir, setup_timeout, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(tempfile.mkdtemp(prefix="cog-server-")) / "server.log"
+
+    def __enter__(self) -> CogServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the server and wait until its setup has finished (READY or SETUP_FAILED)."""
+        env = {
+            **os.environ,
+            "SYNCDIFFUSION_WEIGHTS": str(self.weights_dir),
+            "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+            "PORT": str(self.port),
+            # coglet starts its worker with a bare `python`: this environment's must come first.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **self.extra_env,
+        }
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + self.setup_timeout
+        while self.health().get("status") not in ("READY", "SETUP_FAILED"):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the Cog server exited during setup:\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Cog server was not ready in time:\n{self.logs()}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Stop the server and its worker."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+    def logs(self) -> str:
+        """What the server process printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> dict[str, Any]:
+        """GET /health-check, or {} while the server does not answer yet."""
+        try:
+            return requests.get(f"{self.url}/health-check", timeout=10).json()
+        except requests.ConnectionError:
+            return {}
+
+    def predict(
+        self, inputs: dict[str, Any], prediction_id: str | None = None, timeout: float = 900
+    ) -> dict[str, Any]:
+        """Run one prediction and wait for its result (PUT /predictions/{id} when `id` is given)."""
+        body = {"input": inputs}
+        deadline = time.monotonic() + 30
+        while True:
+            if prediction_id is None:
+                response = requests.post(f"{self.url}/predictions", json=body, timeout=timeout)
+            else:
+                response = requests.put(
+                    f"{self.url}/predictions/{prediction_id}",
+                    json={**body, "id": prediction_id},
+                    timeout=timeout,
+                )
+            # 409: the one slot is not yet released by the previous prediction; ask again.
+            if response.status_code != 409 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        response.raise_for_status()
+        return response.json()
+
+    def cancel(self, prediction_id: str) -> requests.Response:
+        """POST /predictions/{id}/cancel."""
+        return requests.post(f"{self.url}/predictions/{prediction_id}/cancel", timeout=10)
+
+    def worker(self) -> psutil.Process:
+        """The worker subprocess that holds the model (the server's Python child)."""
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        workers = [c for c in children if "python" in c.name().lower()]
+        if not workers:
+            raise RuntimeError("the Cog server has no worker process")
+        return max(workers, key=lambda c: c.memory_info().rss)
+
+    def worker_rss(self) -> int:
+        """Resident memory of the worker, in bytes."""
+        return self.worker().memory_info().rss
+
+
+def new_prediction_id() -> str:
+    """An id for PUT /predictions/{id}, so that the prediction can be cancelled by it."""
+    return f"pred-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,107 @@
+"""Soak: many predictions in a row through the real Cog server; memory and time must not creep.
+
+    python scripts/soak.py                    # 20 predictions on the tiny model, recorded
+    python scripts/soak.py --count 5 --no-record
+
+Prints the worker's RSS and the seconds of every prediction, checks that the RSS after the
+last is within 10% of after the second and that the later predictions are no slower than
+the early ones, and appends the figures to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cog_server import CogServer, decode_png
+from make_tiny_weights import make_tiny_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUTS = {
+    "prompt": "a lighthouse on a cliff",
+    "width": 768,
+    "height": 512,
+    "num_inference_steps": 3,
+    "sync_threshold": 1,
+    "seed": 9,
+}
+
+
+def soak(server: CogServer, count: int, inputs: dict = INPUTS) -> list[tuple[float, int]]:
+    """(seconds, worker RSS after) of `count` identical predictions; each must succeed."""
+    runs, first_png = [], None
+    for i in range(count):
+        start = time.perf_counter()
+        result = server.predict({**inputs})
+        seconds = time.perf_counter() - start
+        if result["status"] != "succeeded":
+            raise RuntimeError(f"prediction {i + 1} {result['status']}: {result.get('error')}")
+        png = decode_png(result["output"]).tobytes()
+        if first_png is not None and png != first_png:
+            raise RuntimeError(f"prediction {i + 1} differs from the first")
+        first_png = first_png or png
+        runs.append((seconds, server.worker_rss()))
+        print(
+            f"{i + 1:3d}  {seconds:7.2f} s  worker RSS {runs[-1][1] / 2**20:8.1f} MiB", flush=True
+        )
+    return runs
+
+
+def verdict(runs: list[tuple[float, int]]) -> tuple[float, float]:
+    """RSS growth from the 2nd to the last prediction, and the late/early time ratio."""
+    growth = runs[-1][1] / runs[1][1] - 1
+    times = [s for s, _ in runs[1:]]  # the first warms caches
+    half = len(times) // 2
+    drift = statistics.median(times[half:]) / statistics.median(times[:half])
+    return growth, drift
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights folder (default: a fresh tiny random model)",
+    )
+    parser.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    if args.count < 4:
+        parser.error("--count must be at least 4")
+
+    weights = args.weights or make_tiny_weights(Path(tempfile.mkdtemp()) / "tiny")
+    with CogServer(weights) as server:
+        runs = soak(server, args.count)
+    growth, drift = verdict(runs)
+    ok = growth <= 0.10 and drift <= 1.10
+    report = "\n".join(
+        [
+            f"### {datetime.date.today().isoformat()} · soak · {args.count} predictions",
+            "",
+            f"- Settings: {INPUTS}, through `python -m cog.server.http`",
+            "- Command: `python scripts/soak.py " + " ".join(sys.argv[1:]) + "`",
+            f"- Worker RSS after 2nd: {runs[1][1] / 2**20:.0f} MiB; after last: "
+            f"{runs[-1][1] / 2**20:.0f} MiB ({growth:+.1%}; limit +10%)",
+            f"- Seconds per prediction: first {runs[0][0]:.2f}, median "
+            f"{statistics.median(s for s, _ in runs):.2f}, last {runs[-1][0]:.2f}; "
+            f"late/early median {drift:.2f} (limit 1.10)",
+            f"- Verdict: {'pass' if ok else 'FAIL'}",
+            "",
+        ]
+    )
+    print(report)
+    if not args.no_record:
+        with args.record.open("a") as f:
+            f.write("\n" + report)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
