@@ -25,24 +25,34 @@ class Window:
         return self.w1 <= self.w0
 
 
+def _offsets(length: int, stride: int, cover_edge: bool) -> list[int]:
+    """Window starts along one side: every `stride`, plus one flush with the end if asked."""
+    offsets = list(range(0, length - WINDOW + 1, stride))
+    if cover_edge and offsets[-1] != length - WINDOW:
+        offsets.append(length - WINDOW)
+    return offsets
+
+
 def panorama_windows(
     latent_height: int, latent_width: int, stride: int, loop_closure: bool = False
 ) -> list[Window]:
-    """The published views: a row-major grid at `stride`, then, with loop closure, the wrap views.
+    """The views: a row-major grid at `stride`, then, with loop closure, each row's wrap views.
 
-    The wrap views are offsets `k * stride` past the right edge for `k = 1 .. WINDOW // stride - 2`;
-    the published wrapper stops one short of the last offset, and so do we.
+    Sizes the published wrapper takes (both sides multiples of `stride`) get exactly its
+    grid. Other sizes get one more row or column flush with the bottom or right edge where the
+    grid stops short, so every latent pixel is in a view. The wrap views of a row are offsets
+    `k * stride` past its right edge for `k = 1 .. WINDOW // stride - 2`; the published wrapper
+    stops one short of the last offset, and so do we.
     """
-    n_rows = (latent_height - WINDOW) // stride + 1
-    n_cols = (latent_width - WINDOW) // stride + 1
-    windows = []
-    for i in range(n_rows * n_cols):
-        h0 = (i // n_cols) * stride
-        w0 = (i % n_cols) * stride
-        windows.append(Window(h0, h0 + WINDOW, w0, w0 + WINDOW))
+    cover_edges = bool(latent_height % stride or latent_width % stride)
+    rows = _offsets(latent_height, stride, cover_edges)
+    cols = _offsets(latent_width, stride, cover_edges)
+    windows = [Window(h0, h0 + WINDOW, w0, w0 + WINDOW) for h0 in rows for w0 in cols]
     if loop_closure:
-        for k in range(1, WINDOW // stride - 1):
-            windows.append(Window(0, WINDOW, latent_width - WINDOW + k * stride, k * stride))
+        for h0 in rows:
+            for k in range(1, WINDOW // stride - 1):
+                w0 = latent_width - WINDOW + k * stride
+                windows.append(Window(h0, h0 + WINDOW, w0, k * stride))
     return windows
 
 

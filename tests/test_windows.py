@@ -71,3 +71,43 @@ def test_scatter_of_gathered_views_averages_back_to_the_latent(loop_closure):
     # Every column is covered; wrap views add to both edges.
     expected_edge = 1 + (2 if loop_closure else 0)
     assert count[0, 0, 0, 0].item() == expected_edge
+
+
+@pytest.mark.parametrize(
+    "height, width, stride",
+    [(512, 2048, 16), (576, 2112, 24), (3072, 3072, 8), (896, 2688, 56), (768, 1536, 32)],
+)
+def test_published_sizes_keep_exactly_the_published_grid(height, width, stride):
+    n_rows = (height // 8 - 64) // stride + 1
+    n_cols = (width // 8 - 64) // stride + 1
+    expected = [
+        Window(r * stride, r * stride + 64, c * stride, c * stride + 64)
+        for r in range(n_rows)
+        for c in range(n_cols)
+    ]
+    assert panorama_windows(height // 8, width // 8, stride) == expected
+
+
+@pytest.mark.parametrize(
+    "height, width, stride",
+    [(520, 1000, 16), (512, 4096, 56), (4096, 600, 8), (1032, 2056, 24), (512, 512, 48)],
+)
+@pytest.mark.parametrize("loop_closure", [False, True])
+def test_any_size_covers_every_latent_pixel(height, width, stride, loop_closure):
+    h, w = height // 8, width // 8
+    windows = panorama_windows(h, w, stride, loop_closure)
+    latent = torch.randn(1, 1, h, w)
+    value, count = torch.zeros_like(latent), torch.zeros_like(latent)
+    scatter_add(value, count, windows, gather(latent, windows))
+    assert count.min() >= 1
+    assert torch.allclose(value / count, latent)
+    grid = [win for win in windows if not win.wraps]
+    assert max(win.h1 for win in grid) == h and max(win.w1 for win in grid) == w
+
+
+def test_loop_closure_wraps_every_row():
+    windows = panorama_windows(1024 // 8, 2048 // 8, 16, loop_closure=True)
+    wraps = [w for w in windows if w.wraps]
+    rows = sorted({w.h0 for w in windows if not w.wraps})
+    assert sorted({w.h0 for w in wraps}) == rows
+    assert len(wraps) == len(rows) * (64 // 16 - 2)
