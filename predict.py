@@ -13,9 +13,12 @@ import sys
 import tempfile
 import time
 
+import torch
 from cog import BaseRunner, Input, Path
 
 from syncdiffusion import SyncDiffusionPipeline, WeightsError
+from syncdiffusion.checks import check_output
+from syncdiffusion.files import save_image
 from syncdiffusion.weights import default_weights_dir, download_weights, missing_parts
 
 
@@ -46,17 +49,16 @@ class Predictor(BaseRunner):
         prompt: str = Input(description="What the panorama shows."),
         negative_prompt: str = Input(description="What the panorama should not show.", default=""),
         width: int = Input(
-            description="Width in pixels: a multiple of 8 * stride (128 at the default stride).",
+            description="Width in pixels, a multiple of 8. Wider than high: a horizontal panorama.",
             default=2048,
             ge=512,
-            le=3072,
+            le=4096,
         ),
         height: int = Input(
-            description="Height in pixels: a multiple of 8 * stride (128 at the default stride). "
-            "Make it larger than the width for a vertical panorama.",
+            description="Height in pixels, a multiple of 8. Higher than wide: a vertical panorama.",
             default=512,
             ge=512,
-            le=3072,
+            le=4096,
         ),
         guidance_scale: float = Input(
             description="Classifier-free guidance: how closely to follow the prompt.",
@@ -102,12 +104,24 @@ class Predictor(BaseRunner):
             description="Random seed: the same seed gives the same panorama.", default=2, ge=0
         ),
         loop_closure: bool = Input(
-            description="Make a 360-degree panorama whose right edge continues into its left "
-            "edge (height 512 only).",
+            description="Make a 360-degree panorama whose right edge continues seamlessly into "
+            "its left edge.",
             default=False,
         ),
+        output_format: str = Input(
+            description="File format of the panorama. Every input is saved in the file.",
+            default="png",
+            choices=["png", "webp", "jpg"],
+        ),
+        output_quality: int = Input(
+            description="Quality of webp and jpg files, from 1 to 100 (png is lossless).",
+            default=80,
+            ge=1,
+            le=100,
+        ),
     ) -> Path:
-        """Make one panorama PNG."""
+        """Make one panorama file."""
+        check_output(output_format, output_quality)
         print(f"Using seed: {seed}")
         started = time.monotonic()
 
@@ -118,25 +132,32 @@ class Predictor(BaseRunner):
             sync = " sync" if state["sync"] else ""
             print(f"step {step}/{steps}{sync}  elapsed {elapsed:.1f}s  eta {eta:.1f}s")
 
-        image = self.pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            guidance_scale=guidance_scale,
-            sync_weight=sync_weight,
-            sync_decay_rate=sync_decay_rate,
-            sync_freq=sync_freq,
-            sync_threshold=sync_threshold,
-            num_inference_steps=num_inference_steps,
-            stride=stride,
-            seed=seed,
-            loop_closure=loop_closure,
-            callback=progress,
-        )
+        try:
+            image = self.pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                guidance_scale=guidance_scale,
+                sync_weight=sync_weight,
+                sync_decay_rate=sync_decay_rate,
+                sync_freq=sync_freq,
+                sync_threshold=sync_threshold,
+                num_inference_steps=num_inference_steps,
+                stride=stride,
+                seed=seed,
+                loop_closure=loop_closure,
+                callback=progress,
+            )
+        except BaseException:
+            # Cancelled, failed or out of memory: hand the cached GPU blocks back at once, so
+            # the worker is where it was before this prediction.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
         # One output folder, emptied per prediction: a long-running server keeps one file at most.
         shutil.rmtree(self.outputs, ignore_errors=True)
         self.outputs.mkdir(parents=True)
-        path = self.outputs / "panorama.png"
-        image.save(path)
+        path = self.outputs / f"panorama.{output_format}"
+        save_image(image, path, image.info["parameters"], output_format, output_quality)
         return Path(path)

@@ -1,4 +1,5 @@
-"""Command line: `python -m syncdiffusion --prompt "..." --output pano.png [--weights DIR]`."""
+"""Command line: `python -m syncdiffusion --prompt "..." --output pano.png [--weights DIR]`,
+or `python -m syncdiffusion --from-png pano.png` to make a saved panorama again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import InputError, SyncDiffusionPipeline, WeightsError
+from .checks import check_output
+from .files import model_identity, read_parameters, save_image
 
 # The panorama inputs, as the pipeline (and the Cog model) names them; defaults come from there.
 INPUTS = (
@@ -29,18 +32,21 @@ INPUTS = (
 )
 
 
+SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every pipeline input as `--input-name`, with the pipeline's own default."""
     parser = argparse.ArgumentParser(
         prog="python -m syncdiffusion",
-        description="Make a coherent panorama PNG with SyncDiffusion on Stable Diffusion 2.0-base.",
+        description="Make a coherent panorama with SyncDiffusion on Stable Diffusion 2.0-base.",
     )
     defaults = inspect.signature(SyncDiffusionPipeline.__call__).parameters
     for name in INPUTS:
         flag = "--" + name.replace("_", "-")
         default = defaults[name].default
         if name == "prompt":
-            parser.add_argument(flag, required=True, help="what the panorama shows")
+            parser.add_argument(flag, help="what the panorama shows (required without --from-png)")
         elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help="360-degree panorama")
         else:
@@ -48,10 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
                 flag, type=type(default), default=default, help=f"default: {default!r}"
             )
     parser.add_argument(
+        "--from-png",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="take every input from a panorama this tool made (options given here override)",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=Path("panorama.png"),
-        help="PNG file to write (default: panorama.png)",
+        help="file to write: .png, .webp or .jpg (default: panorama.png)",
+    )
+    parser.add_argument(
+        "--output-quality", type=int, default=80, help="webp and jpg quality, 1-100 (default: 80)"
     )
     parser.add_argument(
         "--weights",
@@ -69,11 +85,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the inputs saved in `--from-png FILE` as defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_png is not None:
+        try:
+            saved = read_parameters(args.from_png)
+        except (OSError, ValueError) as error:
+            parser.error(f"--from-png: {error}")
+        parser.set_defaults(**{name: saved[name] for name in INPUTS if name in saved})
+        args = parser.parse_args(argv)
+        args.saved_model = saved.get("model")
+    if args.prompt is None:
+        parser.error("--prompt is required (or --from-png FILE)")
+    if args.output.suffix.lower() not in SUFFIX_FORMATS:
+        parser.error(f"--output must end in .png, .webp or .jpg; got {str(args.output)!r}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    output_format = SUFFIX_FORMATS[args.output.suffix.lower()]
     try:
+        check_output(output_format, args.output_quality)
         pipe = SyncDiffusionPipeline.from_pretrained(args.weights, device=args.device)
+        saved_model = getattr(args, "saved_model", None)
+        if saved_model and saved_model != model_identity(pipe.unet.config):
+            print(
+                f"warning: {args.from_png} was made by another model ({saved_model}); "
+                "the panorama will differ",
+                file=sys.stderr,
+            )
         with tqdm(total=args.num_inference_steps, unit="step") as bar:
 
             def progress(state: dict) -> None:
@@ -88,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, WeightsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    image.save(args.output)
+    save_image(image, args.output, image.info["parameters"], output_format, args.output_quality)
     print(f"wrote {args.output} ({image.width}x{image.height})")
     return 0
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .windows import WINDOW
+from .windows import WINDOW, panorama_windows
 
-MIN_SIDE, MAX_SIDE = 512, 3072
+MIN_SIDE, MAX_SIDE = 512, 4096
 GUIDANCE_SCALE_RANGE = (0.0, 20.0)
 SYNC_WEIGHT_RANGE = (0.0, 30.0)
 SYNC_DECAY_RATE_RANGE = (0.0, 1.0)
@@ -15,7 +15,12 @@ SYNC_THRESHOLD_RANGE = (0, 50)
 NUM_INFERENCE_STEPS_RANGE = (1, 200)
 STRIDE_RANGE = (8, 56)
 SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
-LOOP_CLOSURE_HEIGHT = 512
+# The most work one request may ask for, in window-steps (windows x denoising steps): the
+# published wrapper's largest request (3072x3072, stride 8, 200 steps). Larger sizes are
+# welcome at a coarser stride or with fewer steps.
+MAX_WINDOW_STEPS = 41 * 41 * 200
+OUTPUT_FORMATS = ("png", "webp", "jpg")
+OUTPUT_QUALITY_RANGE = (1, 100)
 
 
 class InputError(ValueError):
@@ -43,15 +48,9 @@ def _number_in(name: str, value: Any, low: float, high: float) -> str | None:
     return None
 
 
-def _side(name: str, value: Any, stride: Any) -> str | None:
-    if not _is_int(value):
-        return f"{name} must be an integer number of pixels; got {value!r}"
-    multiple = 8 * stride if _is_int(stride) and stride > 0 else 8
-    if not MIN_SIDE <= value <= MAX_SIDE or value % multiple:
-        return (
-            f"{name} must be a multiple of {multiple} (8 * stride) from {MIN_SIDE} to "
-            f"{MAX_SIDE}; got {value!r}"
-        )
+def _side(name: str, value: Any) -> str | None:
+    if not _is_int(value) or value % 8 or not MIN_SIDE <= value <= MAX_SIDE:
+        return f"{name} must be a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}; got {value!r}"
     return None
 
 
@@ -70,7 +69,7 @@ def check_inputs(
     seed: Any,
     loop_closure: Any,
 ) -> None:
-    """Raise `InputError` naming every input that breaks the published rules."""
+    """Raise `InputError` naming every input that breaks a rule, and the rule."""
     errors = []
     for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if not isinstance(value, str):
@@ -83,8 +82,8 @@ def check_inputs(
         )
     errors += [
         stride_error,
-        _side("width", width, stride),
-        _side("height", height, stride),
+        _side("width", width),
+        _side("height", height),
         _number_in("guidance_scale", guidance_scale, *GUIDANCE_SCALE_RANGE),
         _number_in("sync_weight", sync_weight, *SYNC_WEIGHT_RANGE),
         _number_in("sync_decay_rate", sync_decay_rate, *SYNC_DECAY_RATE_RANGE),
@@ -95,11 +94,27 @@ def check_inputs(
     ]
     if not isinstance(loop_closure, bool):
         errors.append(f"loop_closure must be true or false; got {loop_closure!r}")
-    elif loop_closure and height != LOOP_CLOSURE_HEIGHT:
-        errors.append(
-            f"loop_closure needs height {LOOP_CLOSURE_HEIGHT} (one row of windows); "
-            f"got height {height!r}"
+    errors = [e for e in errors if e]
+    if errors:
+        raise InputError("; ".join(errors))
+    n_windows = len(panorama_windows(height // 8, width // 8, stride, loop_closure))
+    if n_windows * num_inference_steps > MAX_WINDOW_STEPS:
+        raise InputError(
+            f"a {width}x{height} panorama at stride {stride} is {n_windows} windows, times "
+            f"num_inference_steps {num_inference_steps} = {n_windows * num_inference_steps} "
+            f"window-steps; the limit is {MAX_WINDOW_STEPS}: use a larger stride, fewer steps "
+            "or a smaller size"
         )
+
+
+def check_output(output_format: Any, output_quality: Any) -> None:
+    """Raise `InputError` unless the file format and quality are ones we write."""
+    errors = []
+    if output_format not in OUTPUT_FORMATS:
+        errors.append(
+            f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}"
+        )
+    errors.append(_int_in("output_quality", output_quality, *OUTPUT_QUALITY_RANGE))
     errors = [e for e in errors if e]
     if errors:
         raise InputError("; ".join(errors))

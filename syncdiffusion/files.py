@@ -9,8 +9,9 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-OUTPUT_FORMATS = ("png", "webp", "jpg")
-PARAMETERS_KEY = "syncdiffusion"  # PNG text chunk holding all parameters as JSON
+from .checks import OUTPUT_FORMATS
+
+PARAMETERS_KEY = "syncdiffusion-parameters"  # PNG text chunk: all parameters as JSON
 _EXIF_IMAGE_DESCRIPTION = 0x010E  # where WebP and JPEG files carry the same JSON
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -11,12 +13,16 @@ from typing import Literal
 import lpips
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
+from . import __version__
 from .batching import auto_view_batch_size, free_memory
 from .checks import InputError, check_inputs
-from .decoding import decode, to_pil
+from .decoding import decode, decode_panorama, to_pil
+from .files import model_identity
 from .sampling import Callback, guided_eps, sample_panorama
 from .sync import SyncSchedule
 from .weights import (
@@ -51,6 +57,22 @@ def load_lpips(vgg16_path: Path) -> lpips.LPIPS:
         }
     )
     return model.eval().requires_grad_(False)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Loading from a local folder is quick: its per-file progress bars would only clutter logs."""
+    diffusers_bars = diffusers_logging.is_progress_bar_enabled()
+    transformers_bars = transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if diffusers_bars:
+            diffusers_logging.enable_progress_bar()
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
 
 
 class SyncDiffusionPipeline:
@@ -91,18 +113,19 @@ class SyncDiffusionPipeline:
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         sd = weights_dir / SD_DIRNAME
         kwargs = {"local_files_only": True, "torch_dtype": dtype, "variant": sd_variant(sd)}
-        pipe = cls(
-            unet=UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kwargs),
-            vae=AutoencoderKL.from_pretrained(sd, subfolder="vae", **kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(
-                sd, subfolder="tokenizer", local_files_only=True
-            ),
-            scheduler=DDIMScheduler.from_pretrained(
-                sd, subfolder="scheduler", local_files_only=True
-            ),
-            perceptual=load_lpips(weights_dir / VGG16_RELPATH).to(dtype),
-        )
+        with _no_progress_bars():
+            pipe = cls(
+                unet=UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kwargs),
+                vae=AutoencoderKL.from_pretrained(sd, subfolder="vae", **kwargs),
+                text_encoder=CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kwargs),
+                tokenizer=CLIPTokenizer.from_pretrained(
+                    sd, subfolder="tokenizer", local_files_only=True
+                ),
+                scheduler=DDIMScheduler.from_pretrained(
+                    sd, subfolder="scheduler", local_files_only=True
+                ),
+                perceptual=load_lpips(weights_dir / VGG16_RELPATH).to(dtype),
+            )
         return pipe.to(device)
 
     def to(self, device: str | torch.device) -> SyncDiffusionPipeline:
@@ -149,10 +172,14 @@ class SyncDiffusionPipeline:
         with torch.no_grad():
             return self.text_encoder(torch.cat(ids).to(self.device))[0]
 
-    def decode(self, latents: torch.Tensor) -> Image.Image:
-        """A panorama latent (1, 4, H/8, W/8) to its 8-bit RGB picture."""
+    def decode(self, latents: torch.Tensor, loop_closure: bool = False) -> Image.Image:
+        """A panorama latent (1, 4, H/8, W/8) to its 8-bit RGB picture.
+
+        With `loop_closure` the width is decoded as a circle, so the picture's left and right
+        edges meet without a seam in a 360-degree viewer.
+        """
         with torch.no_grad():
-            return to_pil(decode(self.vae, latents.to(self.device))[0])
+            return to_pil(decode_panorama(self.vae, latents.to(self.device), loop_closure)[0])
 
     def __call__(
         self,
@@ -176,7 +203,8 @@ class SyncDiffusionPipeline:
     ) -> Image.Image | torch.Tensor:
         """One panorama: a PIL image, or with `output_type="latent"` its (1, 4, H/8, W/8) latent.
 
-        `callback` gets a dict after every denoising step (step, steps, t, sync, latent).
+        `callback` gets a dict after every denoising step (step, steps, t, sync, latent). The
+        image's `info["parameters"]` holds every input, the model's identity and the version.
         """
         # 1. Check every input.
         check_inputs(
@@ -250,7 +278,25 @@ class SyncDiffusionPipeline:
                 "the GPU is too small for this model or is shared with other work"
             ) from None
 
-        # 6. Decode.
+        # 6. Decode, and keep what made the picture with it.
         if output_type == "latent":
             return latent
-        return self.decode(latent)
+        image = self.decode(latent, loop_closure)
+        image.info["parameters"] = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "width": width,
+            "height": height,
+            "guidance_scale": guidance_scale,
+            "sync_weight": sync_weight,
+            "sync_decay_rate": sync_decay_rate,
+            "sync_freq": sync_freq,
+            "sync_threshold": sync_threshold,
+            "num_inference_steps": num_inference_steps,
+            "stride": stride,
+            "seed": seed,
+            "loop_closure": loop_closure,
+            "model": model_identity(self.unet.config),
+            "syncdiffusion": __version__,
+        }
+        return image

@@ -31,12 +31,18 @@ def test_run_in_chunks_gives_up_only_at_one_window():
 
 
 def test_auto_view_batch_size_follows_free_memory(pipe, monkeypatch):
-    per_window = window_bytes(pipe.vae, torch.float32)
+    per_window = window_bytes(pipe.vae, torch.float16)
+    gpu = torch.device("cuda")
     monkeypatch.setattr(batching, "free_memory", lambda device: 10 * per_window)
-    assert auto_view_batch_size(100, pipe.vae, pipe.device, torch.float32) == 7
-    assert auto_view_batch_size(3, pipe.vae, pipe.device, torch.float32) == 3
+    assert auto_view_batch_size(100, pipe.vae, gpu, torch.float16) == 7
+    assert auto_view_batch_size(3, pipe.vae, gpu, torch.float16) == 3
     monkeypatch.setattr(batching, "free_memory", lambda device: 0)
-    assert auto_view_batch_size(100, pipe.vae, pipe.device, torch.float32) == 1
+    assert auto_view_batch_size(100, pipe.vae, gpu, torch.float16) == 1
+
+
+def test_cpu_chunks_stay_small_whatever_the_memory(pipe, monkeypatch):
+    monkeypatch.setattr(batching, "free_memory", lambda device: 2**50)
+    assert auto_view_batch_size(100, pipe.vae, torch.device("cpu"), torch.float32) == 2
 
 
 def test_fp16_windows_cost_half_of_fp32(pipe):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from syncdiffusion.checks import InputError, check_inputs
+from syncdiffusion.checks import InputError, check_inputs, check_output
 
 GOOD = dict(
     prompt="a beach",
@@ -28,6 +30,10 @@ ACCEPTED = [
     {"prompt": "   "},
     {"width": 512, "height": 3072},
     {"width": 3072, "height": 512},
+    {"width": 4096, "height": 520},
+    {"width": 2000, "height": 1000},  # any multiple of 8 now, whatever the stride
+    {"width": 4096, "height": 4096, "stride": 56},
+    {"loop_closure": True, "height": 1024},  # 360-degree panoramas of any height
     {"guidance_scale": 0},
     {"guidance_scale": 20},
     {"sync_weight": 0.0},
@@ -49,11 +55,11 @@ ACCEPTED = [
 REFUSED = [
     ({"prompt": None}, "prompt must be a string; got None"),
     ({"negative_prompt": 3}, "negative_prompt must be a string; got 3"),
-    ({"width": 384}, "width must be a multiple of 128 (8 * stride) from 512 to 3072; got 384"),
-    ({"width": 3200}, "width must be a multiple of 128"),
-    ({"width": 2000}, "got 2000"),
-    ({"height": 600}, "height must be a multiple of 128"),
-    ({"width": 2048.0}, "width must be an integer number of pixels; got 2048.0"),
+    ({"width": 384}, "width must be a multiple of 8 from 512 to 4096; got 384"),
+    ({"width": 4104}, "width must be a multiple of 8 from 512 to 4096; got 4104"),
+    ({"width": 2001}, "got 2001"),
+    ({"height": 602}, "height must be a multiple of 8 from 512 to 4096; got 602"),
+    ({"width": 2048.0}, "width must be a multiple of 8 from 512 to 4096; got 2048.0"),
     ({"guidance_scale": -0.1}, "guidance_scale must be a number from 0 to 20; got -0.1"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a number from 0 to 20; got nan"),
     ({"sync_weight": 30.5}, "sync_weight must be a number from 0 to 30; got 30.5"),
@@ -68,7 +74,11 @@ REFUSED = [
     ({"seed": -1}, "seed must be an integer from 0 to 18446744073709551615; got -1"),
     ({"seed": 2**64}, "seed must be an integer from 0"),
     ({"loop_closure": "yes"}, "loop_closure must be true or false; got 'yes'"),
-    ({"loop_closure": True, "height": 1024}, "loop_closure needs height 512"),
+    (
+        {"width": 4096, "height": 4096, "stride": 8, "num_inference_steps": 200},
+        "a 4096x4096 panorama at stride 8 is 3249 windows, times num_inference_steps 200 = "
+        "649800 window-steps; the limit is 336200",
+    ),
 ]
 
 
@@ -82,6 +92,20 @@ def test_refused_with_a_message_naming_input_value_and_rule(change, message):
     with pytest.raises(InputError) as error:
         check_inputs(**{**GOOD, **change})
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "output_format, output_quality, message",
+    [
+        ("gif", 80, "output_format must be one of png, webp, jpg; got 'gif'"),
+        ("jpg", 0, "output_quality must be an integer from 1 to 100; got 0"),
+        ("webp", 101, "output_quality must be an integer from 1 to 100; got 101"),
+    ],
+)
+def test_output_checks(output_format, output_quality, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_output(output_format, output_quality)
+    check_output("png", 80)
 
 
 def test_every_bad_input_is_named_at_once():

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from syncdiffusion.files import read_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,6 +45,43 @@ def test_cli_writes_the_panorama(tiny_weights, tmp_path):
     with Image.open(out) as image:
         assert image.size == (768, 512)
     assert "2/2" in result.stderr  # the progress bar
+
+
+def test_from_png_makes_the_same_panorama_again(tiny_weights, tmp_path):
+    first, again = tmp_path / "first.png", tmp_path / "again.webp"
+    common = ("--weights", str(tiny_weights))
+    made = run_cli(
+        "--prompt",
+        "a cove",
+        "--width",
+        "520",
+        "--height",
+        "512",
+        "--stride",
+        "24",
+        "--num-inference-steps",
+        "2",
+        "--sync-threshold",
+        "1",
+        "--seed",
+        "31",
+        "--loop-closure",
+        "--output",
+        str(first),
+        *common,
+    )
+    assert made.returncode == 0, made.stderr
+    remade = run_cli(
+        "--from-png", str(first), "--output", str(again), "--output-quality", "100", *common
+    )
+    assert remade.returncode == 0, remade.stderr
+    assert read_parameters(again) == read_parameters(first)
+    with Image.open(first) as a:
+        reference = a.convert("RGB").tobytes()
+    third = tmp_path / "third.png"
+    assert run_cli("--from-png", str(first), "--output", str(third), *common).returncode == 0
+    with Image.open(third) as b:
+        assert b.convert("RGB").tobytes() == reference
 
 
 def test_cli_names_the_bad_input(tiny_weights, tmp_path):

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from syncdiffusion import InputError, SyncDiffusionPipeline, checks
+from syncdiffusion import InputError, SyncDiffusionPipeline, __version__, checks
+from syncdiffusion.files import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
-    # name: (type, default, ge, le) as the published wrapper has them (ALGORITHM.md).
+    # name: (type, default, ge, le) as the published wrapper has them (ALGORITHM.md), but for
+    # the sides, which go up to 4096 (any multiple of 8), and the two output inputs at the end.
     "prompt": ("str", None, None, None),
     "negative_prompt": ("str", "", None, None),
-    "width": ("int", 2048, 512, 3072),
-    "height": ("int", 512, 512, 3072),
+    "width": ("int", 2048, 512, 4096),
+    "height": ("int", 512, 512, 4096),
     "guidance_scale": ("float", 7.5, 0, 20),
     "sync_weight": ("float", 20.0, 0, 30),
     "sync_decay_rate": ("float", 0.99, 0, 1),
@@ -27,6 +30,8 @@ PUBLISHED = {
     "stride": ("int", 16, 8, 56),
     "seed": ("int", 2, 0, None),
     "loop_closure": ("bool", False, None, None),
+    "output_format": ("str", "png", None, None),
+    "output_quality": ("int", 80, 1, 100),
 }
 
 
@@ -82,9 +87,12 @@ def test_inputs_are_the_published_ones():
 def test_pipeline_and_checks_agree_with_the_schema():
     signature = inspect.signature(SyncDiffusionPipeline.__call__).parameters
     for name, (_, default, _, _) in PUBLISHED.items():
-        if name != "prompt":
+        if name not in ("prompt", "output_format", "output_quality"):
             assert signature[name].default == default, name
-    assert (checks.MIN_SIDE, checks.MAX_SIDE) == (512, 3072)
+    assert (checks.MIN_SIDE, checks.MAX_SIDE) == (512, 4096)
+    choices = ast.literal_eval(_predict_inputs()["output_format"][1]["choices"])
+    assert tuple(choices) == checks.OUTPUT_FORMATS
+    assert checks.OUTPUT_QUALITY_RANGE == (1, 100)
     assert checks.GUIDANCE_SCALE_RANGE == (0, 20)
     assert checks.SYNC_WEIGHT_RANGE == (0, 30)
     assert checks.SYNC_DECAY_RATE_RANGE == (0, 1)
@@ -109,45 +117,76 @@ def monkeypatch_module():
         yield mp
 
 
+DEFAULTS = {name: default for name, (_, default, _, _) in PUBLISHED.items()}
+
+
+def run(predictor, **inputs):
+    """Call the predictor in process as Cog would: every input given, defaults filled in."""
+    return predictor.run(**{**DEFAULTS, **inputs})
+
+
 def test_predict_returns_a_png_of_the_asked_size(predictor, capsys):
-    out = predictor.run(
+    out = run(
+        predictor,
         prompt="a mountain lake",
-        negative_prompt="",
         width=768,
-        height=512,
-        guidance_scale=7.5,
-        sync_weight=20.0,
-        sync_decay_rate=0.99,
-        sync_freq=1,
         sync_threshold=1,
         num_inference_steps=2,
-        stride=16,
         seed=3,
-        loop_closure=False,
     )
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.size == (768, 512)
     logs = capsys.readouterr().out
     assert "Using seed: 3" in logs
-    assert "step 2/2" in logs
+    assert re.search(r"^step 1/2 sync  elapsed \d+\.\ds  eta \d+\.\ds$", logs, re.MULTILINE)
+    assert "step 2/2  elapsed" in logs
     assert "LPIPS" not in logs
+    assert read_parameters(out) | {"model": None} == {
+        **{k: v for k, v in DEFAULTS.items() if k not in ("output_format", "output_quality")},
+        "prompt": "a mountain lake",
+        "width": 768,
+        "sync_threshold": 1,
+        "num_inference_steps": 2,
+        "seed": 3,
+        "model": None,
+        "syncdiffusion": __version__,
+    }
+
+
+def test_predict_writes_webp_and_jpg_and_any_size_loops(predictor):
+    out = run(
+        predictor,
+        prompt="a dune",
+        width=1000,
+        height=520,
+        loop_closure=True,
+        sync_threshold=0,
+        num_inference_steps=1,
+        output_format="webp",
+        output_quality=70,
+    )
+    assert out.suffix == ".webp"
+    with Image.open(out) as image:
+        assert (image.format, image.size) == ("WEBP", (1000, 520))
+    assert read_parameters(out)["loop_closure"] is True
+    out = run(
+        predictor,
+        prompt="a dune",
+        width=512,
+        height=512,
+        sync_threshold=0,
+        num_inference_steps=1,
+        output_format="jpg",
+    )
+    with Image.open(out) as image:
+        assert image.format == "JPEG"
 
 
 def test_predict_refuses_a_bad_input_by_name(predictor):
-    with pytest.raises(InputError, match=r"width must be a multiple of 128.*got 700"):
-        predictor.run(
-            prompt="x",
-            negative_prompt="",
-            width=700,
-            height=512,
-            guidance_scale=7.5,
-            sync_weight=20.0,
-            sync_decay_rate=0.99,
-            sync_freq=1,
-            sync_threshold=5,
-            num_inference_steps=2,
-            stride=16,
-            seed=2,
-            loop_closure=False,
-        )
+    with pytest.raises(
+        InputError, match=r"width must be a multiple of 8 from 512 to 4096; got 700"
+    ):
+        run(predictor, prompt="x", width=700)
+    with pytest.raises(InputError, match=r"output_format must be one of png, webp, jpg; got 'gif'"):
+        run(predictor, prompt="x", output_format="gif")

@@ -50,17 +50,22 @@ def test_prediction_returns_a_png_of_the_asked_size(server):
 def test_bad_input_fails_naming_it_and_the_server_carries_on(server):
     result = server.predict({**SMALL, "width": 700})
     assert result["status"] == "failed"
-    assert "width must be a multiple of 128" in result["error"]
+    assert "width must be a multiple of 8 from 512 to 4096" in result["error"]
     assert "700" in result["error"]
     assert server.health()["status"] == "READY"
     assert server.predict(SMALL)["status"] == "succeeded"
 
 
 BAD_INPUTS = [
-    ({"width": 700}, "width must be a multiple of 128", "700"),
-    ({"width": 5000}, "width must be a multiple of", "5000"),
-    ({"height": 384}, "height must be a multiple of", "384"),
-    ({"width": "wide"}, "width must be an integer", "'wide'"),
+    ({"width": 700}, "width must be a multiple of 8 from 512 to 4096", "700"),
+    ({"width": 5000}, "width must be a multiple of 8 from 512 to 4096", "5000"),
+    ({"height": 384}, "height must be a multiple of 8 from 512 to 4096", "384"),
+    ({"width": "wide"}, "width must be a multiple of 8", "'wide'"),
+    (
+        {"width": 4096, "height": 4096, "stride": 8, "num_inference_steps": 200},
+        "window-steps; the limit is 336200",
+        "4096x4096",
+    ),
     ({"guidance_scale": 25}, "guidance_scale must be a number from 0 to 20", "25"),
     ({"guidance_scale": "high"}, "guidance_scale must be a number", "'high'"),
     ({"sync_weight": -1}, "sync_weight must be a number from 0 to 30", "-1"),
@@ -77,6 +82,8 @@ BAD_INPUTS = [
     ({"seed": 1.5}, "seed must be an integer", "1.5"),
     ({"loop_closure": "yes"}, "loop_closure must be true or false", "'yes'"),
     ({"prompt": 5}, "prompt must be a string", "5"),
+    ({"output_format": "gif"}, "output_format must be one of png, webp, jpg", "'gif'"),
+    ({"output_quality": 0}, "output_quality must be an integer from 1 to 100", "0"),
     ({"colour": "red"}, "colour", ""),
 ]
 
