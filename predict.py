@@ -6,6 +6,8 @@ bound and description is a literal (tests/test_predict.py keeps it so).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import shutil
@@ -20,6 +22,22 @@ from syncdiffusion import SyncDiffusionPipeline, WeightsError
 from syncdiffusion.checks import check_output
 from syncdiffusion.files import save_image
 from syncdiffusion.weights import default_weights_dir, download_weights, missing_parts
+
+try:
+    _libc = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: nothing to trim
+    _libc = None
+
+
+def return_memory() -> None:
+    """Give what a prediction freed back to the system: cached CUDA blocks, and the heap glibc
+    holds on to (without the trim the worker's RSS grew from 1.8 to 3.5 GiB over the first ten
+    predictions of scripts/soak.py)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
 class Predictor(BaseRunner):
@@ -149,12 +167,9 @@ class Predictor(BaseRunner):
                 loop_closure=loop_closure,
                 callback=progress,
             )
-        except BaseException:
-            # Cancelled, failed or out of memory: hand the cached GPU blocks back at once, so
-            # the worker is where it was before this prediction.
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise
+        finally:
+            # Succeeded, failed or cancelled: the worker goes back to where it was before.
+            return_memory()
         # One output folder, emptied per prediction: a long-running server keeps one file at most.
         shutil.rmtree(self.outputs, ignore_errors=True)
         self.outputs.mkdir(parents=True)

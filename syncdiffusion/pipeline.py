@@ -160,7 +160,7 @@ class SyncDiffusionPipeline:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
-            n_tokens = len(self.tokenizer(text).input_ids)
+            n_tokens = self._count_tokens(text)
             if n_tokens > max_length:
                 logger.warning(
                     "%s is %d tokens long; the text encoder reads the first %d",
@@ -171,6 +171,17 @@ class SyncDiffusionPipeline:
             ids.append(tokens)
         with torch.no_grad():
             return self.text_encoder(torch.cat(ids).to(self.device))[0]
+
+    def _count_tokens(self, text: str) -> int:
+        """Tokens in `text`, BOS and EOS included, however long (for the truncation notice)."""
+        # Counting a long text makes transformers warn that it is too long for the model; our
+        # own notice says what happens instead, so the logs carry one line, not two.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            return len(self.tokenizer(text, truncation=False).input_ids)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
 
     def decode(self, latents: torch.Tensor, loop_closure: bool = False) -> Image.Image:
         """A panorama latent (1, 4, H/8, W/8) to its 8-bit RGB picture.
