@@ -2,69 +2,122 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import gc
+from collections.abc import Callable, Iterable, Sequence
 
 import psutil
 import torch
-from diffusers import AutoencoderKL
+from accelerate.utils.memory import should_reduce_batch_size
 
-# Saved activations per pixel of a 512x512 window for one sync-gradient pass, in tensor elements:
-# the VAE decoder's (about 30 per channel of each level, weighted by that level's area) plus
-# LPIPS-VGG16's (about 450). An estimate, checked against SD2-base on a GPU (BENCHMARKS.md);
-# a GPU chunk that still does not fit is halved and retried.
-_DECODER_ELEMENTS_PER_CHANNEL = 30
-_VGG_ELEMENTS = 450
-_WINDOW_PIXELS = 512 * 512
-# Share of the free memory the chunks may fill: the rest is left to the allocator's slack.
+# Share of the free memory the chunks may fill: the rest is left to what the estimate leaves
+# out (the backward pass's gradient buffers, cuDNN/cuBLAS workspaces) and the allocator's slack.
 _MEMORY_SHARE = 0.7
 # On the CPU every network call already uses all cores, and chunks past two windows ran no
 # faster per window (LPIPS-VGG16 forward and backward at 512x512: 3.6 s a window alone or in
 # twos, 3.7-4.1 s in fours, on two cores): larger chunks would only cost memory.
 _CPU_MAX_CHUNK = 2
+# accelerate's list of out-of-memory messages lacks the allocation failures that cuBLAS and
+# cuDNN report as plain RuntimeErrors when they cannot get a workspace.
+_LIBRARY_OUT_OF_MEMORY = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
-def window_bytes(vae: AutoencoderKL, dtype: torch.dtype) -> int:
-    """Estimated peak memory of one window's sync gradient, through the decoder and LPIPS."""
-    # Level i of the VAE runs at 1/2**i of the window's side, so 1/4**i of its pixels.
-    decoder = sum(c / 4**i for i, c in enumerate(vae.config.block_out_channels))
-    elements = _DECODER_ELEMENTS_PER_CHANNEL * decoder + _VGG_ELEMENTS
-    return int(elements * _WINDOW_PIXELS * torch.finfo(dtype).bits // 8)
+def saved_bytes(forward: Callable[[], torch.Tensor], parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors that autograd keeps for the backward pass of `forward()`.
+
+    Counted with autograd's saved-tensor hooks, each storage once, the networks' parameters
+    (resident anyway) left out: exactly what a backward pass through these networks holds.
+    """
+    resident = {p.untyped_storage().data_ptr() for p in parameters}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(kept.values())
+
+
+def sync_window_bytes(
+    sync_loss: Callable[[torch.Tensor], torch.Tensor],
+    probe: torch.Tensor,
+    window: int,
+    parameters: Iterable[torch.Tensor],
+) -> int:
+    """One window's memory in a sync chunk: what the backward of its loss keeps through the UNet
+    (both classifier-free guidance inputs), the VAE decoder and LPIPS.
+
+    Counted on `probe`, a small latent view (1, c, s, s), and scaled to a `window` x `window`
+    one: every kept activation grows with the pixels (attention kernels keep no n x n maps).
+    """
+    side = probe.shape[-1]
+    probe = probe.detach().requires_grad_()
+    with torch.enable_grad():
+        kept = saved_bytes(lambda: sync_loss(probe), parameters)
+    return kept * window**2 // side**2
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for tensors on `device`: the GPU's free memory, or the machine's available RAM."""
+    """Bytes free for tensors on `device`: the GPU's free memory plus what PyTorch's allocator
+    holds cached but unused, or the machine's available RAM."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return psutil.virtual_memory().available
 
 
-def auto_view_batch_size(
-    n_windows: int, vae: AutoencoderKL, device: torch.device, dtype: torch.dtype
-) -> int:
-    """The largest chunk of windows that should fit in the memory free now, at least 1."""
-    fits = int(free_memory(device) * _MEMORY_SHARE) // window_bytes(vae, dtype)
+def auto_view_batch_size(n_windows: int, window_bytes: int, device: torch.device) -> int:
+    """The largest chunk of windows that should fit in the memory free now, at least 1.
+
+    `window_bytes` is one window's peak (`SyncDiffusionPipeline.window_bytes`).
+    """
+    fits = int(free_memory(device) * _MEMORY_SHARE) // window_bytes
     if device.type == "cpu":
         fits = min(fits, _CPU_MAX_CHUNK)
     return max(1, min(n_windows, fits))
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says an allocation failed (PyTorch's allocator, cuBLAS or cuDNN)."""
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or should_reduce_batch_size(error)
+        or (
+            isinstance(error, RuntimeError)
+            and any(message in str(error) for message in _LIBRARY_OUT_OF_MEMORY)
+        )
+    )
+
+
+def release_memory() -> None:
+    """Return what failed work left to the GPU, once nothing references it any more."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_in_chunks(fn: Callable[[list[int]], None], indices: Sequence[int], batch_size: int) -> int:
-    """Call `fn` on consecutive chunks of `indices`; a chunk out of GPU memory is halved, retried.
+    """Call `fn` on consecutive chunks of `indices`; a chunk out of memory is halved, retried.
 
     `fn` must write its results only once it has them all, so a failed chunk leaves no trace.
     Returns the chunk size that last succeeded, so later steps start from a size that fits.
+    Out of memory at one window is raised as it came.
     """
     start = 0
     while start < len(indices):
         chunk = list(indices[start : start + batch_size])
         try:
             fn(chunk)
-        except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size = max(1, batch_size // 2)
-            torch.cuda.empty_cache()
+            start += len(chunk)
             continue
-        start += len(chunk)
+        except Exception as error:
+            if batch_size == 1 or not is_out_of_memory(error):
+                raise
+        # Only here, past the `except`, are the error, its traceback and the failed chunk's
+        # tensors gone, so the cache can give all of it back.
+        batch_size = max(1, batch_size // 2)
+        release_memory()
     return batch_size

@@ -3,6 +3,7 @@ for 360-degree panoramas, tiled for huge ones) and the 8-bit conversion."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
+
+from .batching import is_out_of_memory, release_memory
+
+logger = logging.getLogger(__name__)
 
 # Panoramas up to this many pixels decode in one piece, as the published wrapper does (so its
 # sizes keep its exact pixels); larger ones decode in overlapping tiles within bounded memory.
@@ -103,19 +108,30 @@ def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
 
 def decode_panorama(vae: AutoencoderKL, latent: torch.Tensor, loop_closure: bool) -> torch.Tensor:
     """The finished panorama (1, 3, H, W) in [0, 1]: circular in width for a 360-degree one,
-    tiled above TILE_ABOVE_PIXELS."""
+    tiled above TILE_ABOVE_PIXELS or when the whole one does not fit in memory."""
     _, _, h, w = latent.shape
-    if 64 * h * w > TILE_ABOVE_PIXELS:
-        if not loop_closure:
-            return decode_tiled(vae, latent)
-        # Tiles cannot pad circularly; give the edge tiles the far side as context instead.
-        pad = TILE_OVERLAP
-        wrapped = torch.cat([latent[..., -pad:], latent, latent[..., :pad]], dim=-1)
-        return decode_tiled(vae, wrapped)[..., 8 * pad : -8 * pad]
-    if loop_closure:
-        with circular_width(vae):
+    if 64 * h * w <= TILE_ABOVE_PIXELS:
+        try:
+            if loop_closure:
+                with circular_width(vae):
+                    return decode(vae, latent)
             return decode(vae, latent)
-    return decode(vae, latent)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+        release_memory()  # past the `except`, so the failed decode's tensors are gone
+        logger.warning(
+            "the %dx%d panorama does not fit in memory in one piece: decoding it in %d px tiles",
+            8 * w,
+            8 * h,
+            8 * TILE,
+        )
+    if not loop_closure:
+        return decode_tiled(vae, latent)
+    # Tiles cannot pad circularly; give the edge tiles the far side as context instead.
+    pad = TILE_OVERLAP
+    wrapped = torch.cat([latent[..., -pad:], latent, latent[..., :pad]], dim=-1)
+    return decode_tiled(vae, wrapped)[..., 8 * pad : -8 * pad]
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

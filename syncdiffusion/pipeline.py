@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -19,12 +19,19 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from . import __version__
-from .batching import auto_view_batch_size, free_memory
+from .batching import (
+    auto_view_batch_size,
+    free_memory,
+    is_out_of_memory,
+    release_memory,
+    sync_window_bytes,
+)
 from .checks import InputError, check_inputs
 from .decoding import decode, decode_panorama, to_pil
 from .files import model_identity
-from .sampling import Callback, guided_eps, sample_panorama
-from .sync import SyncSchedule
+from .precision import PERCEPTUAL_DTYPE, initial_loss_scale
+from .sampling import Callback, guided_eps, predict_x0, sample_panorama
+from .sync import SyncSchedule, lpips_features, sync_loss
 from .weights import (
     SD_DIRNAME,
     VGG16_RELPATH,
@@ -95,6 +102,9 @@ class SyncDiffusionPipeline:
         )
         for model in (unet, vae, text_encoder, perceptual):
             model.eval().requires_grad_(False)
+        # Whatever the other networks' dtype, the perceptual one is fp32 (see `precision`).
+        perceptual.to(PERCEPTUAL_DTYPE)
+        self._window_bytes: dict[tuple[torch.device, torch.dtype], int] = {}
 
     @classmethod
     def from_pretrained(
@@ -106,6 +116,7 @@ class SyncDiffusionPipeline:
         """Load from a weights folder (default `$SYNCDIFFUSION_WEIGHTS` or `weights/`), no network.
 
         CUDA when available, else the CPU; fp16 on CUDA, fp32 on the CPU unless `dtype` says.
+        `dtype` is that of the UNet, VAE and text encoder; LPIPS is always fp32 (`precision`).
         """
         weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
         check_weights(weights_dir)
@@ -124,7 +135,7 @@ class SyncDiffusionPipeline:
                 scheduler=DDIMScheduler.from_pretrained(
                     sd, subfolder="scheduler", local_files_only=True
                 ),
-                perceptual=load_lpips(weights_dir / VGG16_RELPATH).to(dtype),
+                perceptual=load_lpips(weights_dir / VGG16_RELPATH),
             )
         return pipe.to(device)
 
@@ -143,6 +154,40 @@ class SyncDiffusionPipeline:
     def dtype(self) -> torch.dtype:
         """The networks' floating-point type."""
         return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2 per downsampling level of the VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def window_bytes(self, eps: Callable, scheduler: DDIMScheduler) -> int:
+        """One window's memory in a sync chunk (`batching.sync_window_bytes`), counted once per
+        device and dtype on a 16x16-latent probe; `eps` and `scheduler` are a call's own."""
+        key = (self.device, self.dtype)
+        if key not in self._window_bytes:
+            side, t = 16, scheduler.timesteps[0]
+            pixels = self.vae_scale_factor * side
+            with torch.no_grad():
+                anchor = lpips_features(
+                    self.perceptual, torch.zeros(1, 3, pixels, pixels, device=self.device)
+                )
+            loss = partial(
+                sync_loss,
+                predict_x0=partial(predict_x0, scheduler, eps, t),
+                decode=partial(decode, self.vae),
+                model=self.perceptual,
+                anchor_features=anchor,
+            )
+            probe = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device)
+            parameters = [
+                p
+                for model in (self.unet, self.vae, self.perceptual)
+                for p in (*model.parameters(), *model.buffers())
+            ]
+            self._window_bytes[key] = sync_window_bytes(
+                loss, probe, self.unet.config.sample_size, parameters
+            )
+        return self._window_bytes[key]
 
     def new_scheduler(self) -> DDIMScheduler:
         """A fresh DDIM scheduler, so no call sees another's state."""
@@ -253,61 +298,67 @@ class SyncDiffusionPipeline:
             (1, self.unet.config.in_channels, height // 8, width // 8), generator=generator
         ).to(self.device)
 
-        # 4. The views.
+        # 4. The views and the schedule.
         windows = panorama_windows(height // 8, width // 8, stride, loop_closure)
-        if view_batch_size is None:
-            view_batch_size = auto_view_batch_size(len(windows), self.vae, self.device, self.dtype)
-
-        # 5. Denoise.
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(num_inference_steps)
+        eps = partial(
+            guided_eps, self.unet, text_embeddings=text_embeddings, guidance_scale=guidance_scale
+        )
+
+        # 5. Denoise, then decode. Out of memory where no smaller chunk or tiled decode fits
+        # fails this panorama only, and after clean-up.
         try:
             with torch.no_grad():
+                if view_batch_size is None:
+                    view_batch_size = auto_view_batch_size(
+                        len(windows), self.window_bytes(eps, scheduler), self.device
+                    )
                 latent = sample_panorama(
                     latent,
                     windows,
-                    eps=partial(
-                        guided_eps,
-                        self.unet,
-                        text_embeddings=text_embeddings,
-                        guidance_scale=guidance_scale,
-                    ),
+                    eps=eps,
                     scheduler=scheduler,
                     decode=partial(decode, self.vae),
                     perceptual=self.perceptual,
                     sync=SyncSchedule(sync_weight, sync_decay_rate, sync_freq, sync_threshold),
                     view_batch_size=view_batch_size,
+                    initial_loss_scale=initial_loss_scale(self.dtype),
                     callback=callback,
                 )
-        except torch.OutOfMemoryError:
-            # Even one window at a time did not fit: say so plainly, and leave the GPU clean
-            # for the next request.
-            torch.cuda.empty_cache()
-            raise MemoryError(
-                f"out of {self.device.type} memory even with one window at a time "
-                f"({free_memory(self.device) / 2**30:.1f} GiB free after clean-up); "
-                "the GPU is too small for this model or is shared with other work"
-            ) from None
+                if output_type == "latent":
+                    return latent
+                image = self.decode(latent, loop_closure)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+        else:
+            # 6. Keep what made the picture with it.
+            image.info["parameters"] = self._parameters(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                guidance_scale=guidance_scale,
+                sync_weight=sync_weight,
+                sync_decay_rate=sync_decay_rate,
+                sync_freq=sync_freq,
+                sync_threshold=sync_threshold,
+                num_inference_steps=num_inference_steps,
+                stride=stride,
+                seed=seed,
+                loop_closure=loop_closure,
+            )
+            return image
+        # Raised here, past the `except`, so that neither this error's context nor a traceback
+        # keeps the failed chunk's tensors alive while the next request sizes its chunks.
+        release_memory()
+        raise MemoryError(
+            f"out of {self.device.type} memory even with one window at a time "
+            f"({free_memory(self.device) / 2**30:.1f} GiB free after clean-up); "
+            "the GPU is too small for this model or is shared with other work"
+        )
 
-        # 6. Decode, and keep what made the picture with it.
-        if output_type == "latent":
-            return latent
-        image = self.decode(latent, loop_closure)
-        image.info["parameters"] = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "width": width,
-            "height": height,
-            "guidance_scale": guidance_scale,
-            "sync_weight": sync_weight,
-            "sync_decay_rate": sync_decay_rate,
-            "sync_freq": sync_freq,
-            "sync_threshold": sync_threshold,
-            "num_inference_steps": num_inference_steps,
-            "stride": stride,
-            "seed": seed,
-            "loop_closure": loop_closure,
-            "model": model_identity(self.unet.config),
-            "syncdiffusion": __version__,
-        }
-        return image
+    def _parameters(self, **inputs) -> dict:
+        """What made a picture: its inputs, the model's identity and this package's version."""
+        return {**inputs, "model": model_identity(self.unet.config), "syncdiffusion": __version__}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lpips
@@ -10,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from .batching import run_in_chunks
+from .precision import LossScale
 from .sync import SyncSchedule, lpips_features, sync_gradient
 from .windows import Window, anchor_index, gather, scatter_add
 
@@ -32,6 +34,16 @@ def guided_eps(
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+def predict_x0(
+    scheduler: DDIMScheduler,
+    eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    t: torch.Tensor,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """The clean latent that DDIM predicts from views `x` at timestep `t`."""
+    return scheduler.step(eps(x, t), t, x).pred_original_sample
+
+
 def denoise_views(
     views: torch.Tensor,
     step: int,
@@ -43,6 +55,7 @@ def denoise_views(
     decode: Callable[[torch.Tensor], torch.Tensor],
     perceptual: lpips.LPIPS,
     sync: SyncSchedule,
+    loss_scale: LossScale,
     view_batch_size: int,
 ) -> tuple[torch.Tensor, int]:
     """One DDIM step of every view (n, 4, 64, 64), after the sync gradient step when it is due.
@@ -69,13 +82,11 @@ def denoise_views(
         anchor_image = decode(anchor_step.pred_original_sample)
         anchor_features = lpips_features(perceptual, anchor_image * 2 - 1)
     weight = sync.weight_at(step)
-
-    def predict_x0(x: torch.Tensor) -> torch.Tensor:
-        return scheduler.step(eps(x, t), t, x).pred_original_sample
+    x0 = partial(predict_x0, scheduler, eps, t)
 
     def sync_and_denoise(chunk: list[int]) -> None:
         x = views[chunk]
-        grad = sync_gradient(x, predict_x0, decode, perceptual, anchor_features)
+        grad = sync_gradient(x, chunk, x0, decode, perceptual, anchor_features, loss_scale)
         denoise(chunk, x - weight * grad.to(x.dtype))
 
     others = [k for k in range(len(views)) if k != anchor]
@@ -92,14 +103,17 @@ def sample_panorama(
     perceptual: lpips.LPIPS,
     sync: SyncSchedule,
     view_batch_size: int,
+    initial_loss_scale: float = 1.0,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Denoise a panorama latent (1, 4, H', W') over `scheduler.timesteps` (SyncDiffusion, Alg. 1).
 
     `eps(views, t)` is the guided noise prediction and `decode` the VAE decode to [0, 1];
-    views go through them `view_batch_size` at a time.
+    views go through them `view_batch_size` at a time. `initial_loss_scale` starts every
+    window's loss scale for the sync backward (`precision`): 1 for fp32 networks.
     """
     anchor = anchor_index(windows)
+    loss_scale = LossScale(len(windows), initial_loss_scale)
     steps = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         denoised, view_batch_size = denoise_views(
@@ -112,6 +126,7 @@ def sample_panorama(
             decode=decode,
             perceptual=perceptual,
             sync=sync,
+            loss_scale=loss_scale,
             view_batch_size=view_batch_size,
         )
         value = torch.zeros_like(latent)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import weakref
+from functools import partial
+
 import pytest
 import torch
 
 import syncdiffusion.sampling as sampling
 from syncdiffusion import batching
-from syncdiffusion.batching import auto_view_batch_size, run_in_chunks, window_bytes
+from syncdiffusion.batching import auto_view_batch_size, run_in_chunks, saved_bytes
+from syncdiffusion.decoding import decode
+from syncdiffusion.sampling import guided_eps, predict_x0
+from syncdiffusion.sync import lpips_features, sync_loss
 
 
 def test_run_in_chunks_halves_a_chunk_that_does_not_fit_and_keeps_the_smaller_size():
@@ -30,25 +36,86 @@ def test_run_in_chunks_gives_up_only_at_one_window():
         run_in_chunks(fn, range(3), 4)
 
 
-def test_auto_view_batch_size_follows_free_memory(pipe, monkeypatch):
-    per_window = window_bytes(pipe.vae, torch.float16)
-    gpu = torch.device("cuda")
-    monkeypatch.setattr(batching, "free_memory", lambda device: 10 * per_window)
-    assert auto_view_batch_size(100, pipe.vae, gpu, torch.float16) == 7
-    assert auto_view_batch_size(3, pipe.vae, gpu, torch.float16) == 3
-    monkeypatch.setattr(batching, "free_memory", lambda device: 0)
-    assert auto_view_batch_size(100, pipe.vae, gpu, torch.float16) == 1
+def test_run_in_chunks_halves_on_cublas_and_cudnn_allocation_failures_too():
+    seen = []
+
+    def fn(chunk):
+        if len(chunk) > 1:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`")
+        seen.extend(chunk)
+
+    assert run_in_chunks(fn, range(3), 4) == 1
+    assert seen == [0, 1, 2]
 
 
-def test_cpu_chunks_stay_small_whatever_the_memory(pipe, monkeypatch):
-    monkeypatch.setattr(batching, "free_memory", lambda device: 2**50)
-    assert auto_view_batch_size(100, pipe.vae, torch.device("cpu"), torch.float32) == 2
+def test_run_in_chunks_lets_other_errors_through_at_once():
+    calls = []
+
+    def fn(chunk):
+        calls.append(chunk)
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        run_in_chunks(fn, range(4), 4)
+    assert len(calls) == 1
 
 
-def test_fp16_windows_cost_half_of_fp32(pipe):
-    assert window_bytes(pipe.vae, torch.float16) * 2 == pytest.approx(
-        window_bytes(pipe.vae, torch.float32), rel=1e-6
+def test_run_in_chunks_frees_the_failed_chunk_before_emptying_the_cache(monkeypatch):
+    alive_at_clean_up, refs = [], []
+    monkeypatch.setattr(
+        batching, "release_memory", lambda: alive_at_clean_up.append(refs[-1]() is not None)
     )
+
+    def fn(chunk):
+        activations = torch.empty(len(chunk), 1000)
+        refs.append(weakref.ref(activations))
+        if len(chunk) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    run_in_chunks(fn, range(2), 2)
+    assert alive_at_clean_up == [False]
+
+
+def test_auto_view_batch_size_follows_free_memory(monkeypatch):
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(batching, "free_memory", lambda device: 10 * 1000)
+    assert auto_view_batch_size(100, 1000, gpu) == 7
+    assert auto_view_batch_size(3, 1000, gpu) == 3
+    monkeypatch.setattr(batching, "free_memory", lambda device: 0)
+    assert auto_view_batch_size(100, 1000, gpu) == 1
+
+
+def test_cpu_chunks_stay_small_whatever_the_memory(monkeypatch):
+    monkeypatch.setattr(batching, "free_memory", lambda device: 2**50)
+    assert auto_view_batch_size(100, 1000, torch.device("cpu")) == 2
+
+
+def test_the_window_estimate_is_what_a_whole_windows_sync_backward_keeps(pipe):
+    """The estimate, counted on a small probe, against everything that one full 64x64 window's
+    sync loss keeps for its backward: the UNet (both guidance inputs), the decoder, LPIPS."""
+    scheduler = pipe.new_scheduler()
+    scheduler.set_timesteps(2)
+    eps = partial(
+        guided_eps, pipe.unet, text_embeddings=pipe.encode_prompt("a bay"), guidance_scale=7.5
+    )
+    estimate = pipe.window_bytes(eps, scheduler)
+    with torch.no_grad():
+        anchor = lpips_features(pipe.perceptual, torch.zeros(1, 3, 512, 512))
+    window = torch.zeros(1, 4, 64, 64, requires_grad=True)
+    networks = [pipe.unet, pipe.vae, pipe.perceptual]
+    parameters = [p for m in networks for p in (*m.parameters(), *m.buffers())]
+
+    def kept(loss) -> int:
+        with torch.enable_grad():
+            return saved_bytes(loss, parameters)
+
+    x0 = partial(predict_x0, scheduler, eps, scheduler.timesteps[0])
+    whole = kept(lambda: sync_loss(window, x0, partial(decode, pipe.vae), pipe.perceptual, anchor))
+    assert estimate == pytest.approx(whole, rel=0.1)
+    # Each network's share is in it: the UNet's two guidance inputs included.
+    unet = kept(lambda: eps(window, scheduler.timesteps[0]))
+    assert unet > 0.05 * whole
+    assert estimate > kept(lambda: lpips_features(pipe.perceptual, decode(pipe.vae, window))) + unet
 
 
 def test_out_of_memory_mid_panorama_retries_smaller_and_changes_nothing(pipe, monkeypatch):
@@ -70,3 +137,33 @@ def test_out_of_memory_mid_panorama_retries_smaller_and_changes_nothing(pipe, mo
     latent = pipe(**inputs, output_type="latent", view_batch_size=4)
     assert chunk_sizes[0] == 2 and 1 in chunk_sizes  # 2 non-anchor views: tried together first
     assert torch.allclose(latent, expected, atol=5e-4, rtol=0)
+
+
+def test_out_of_memory_at_one_window_fails_clearly_and_leaves_nothing_behind(pipe, monkeypatch):
+    import syncdiffusion.pipeline as pipeline
+
+    inputs = dict(
+        prompt="a harbour", width=640, height=512, num_inference_steps=1, sync_threshold=1, seed=3
+    )
+    refs, alive_at_clean_up = [], []
+
+    def no_memory(views, *args, **kwargs):
+        activations = torch.empty(views.shape[0], 1000)
+        refs.append(weakref.ref(activations))
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasSgemm`")
+
+    monkeypatch.setattr(sampling, "sync_gradient", no_memory)
+    monkeypatch.setattr(
+        pipeline, "release_memory", lambda: alive_at_clean_up.append(refs[-1]() is not None)
+    )
+    with pytest.raises(MemoryError, match="out of cpu memory even with one window") as failure:
+        pipe(**inputs, output_type="latent", view_batch_size=1)
+    # Nothing of the failed chunk is held: not by the error's context, nor at clean-up time.
+    assert failure.value.__context__ is None and failure.value.__cause__ is None
+    assert alive_at_clean_up == [False]
+
+    monkeypatch.undo()
+    assert torch.equal(
+        pipe(**inputs, output_type="latent", view_batch_size=1),
+        pipe(**inputs, output_type="latent", view_batch_size=1),
+    )

@@ -70,3 +70,21 @@ def test_huge_panoramas_decode_in_tiles(pipe, monkeypatch):
     wrapped = decode_panorama(pipe.vae, torch.zeros(1, 4, 64, 192), True)
     assert wrapped.shape[-1] == 1536  # wrap padding cropped off again
     assert calls[0][-1] == 192 and calls[1][-1] == 192 + 2 * decoding.TILE_OVERLAP
+
+
+def test_a_panorama_too_big_to_decode_whole_is_decoded_in_tiles(pipe, monkeypatch, caplog):
+    monkeypatch.setattr(decoding, "TILE", 32)
+    monkeypatch.setattr(decoding, "TILE_OVERLAP", 8)
+    latent = torch.randn(1, 4, 64, 80, generator=torch.Generator().manual_seed(4))
+    real_decode = decoding.decode
+
+    def tight_memory(vae, latents):
+        if latents.shape[-1] > 32:  # the whole panorama, not a tile
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_decode(vae, latents)
+
+    monkeypatch.setattr(decoding, "decode", tight_memory)
+    with torch.no_grad():
+        image = decode_panorama(pipe.vae, latent, loop_closure=False)
+        assert torch.equal(image, decode_tiled(pipe.vae, latent))
+    assert "does not fit in memory in one piece" in caplog.text

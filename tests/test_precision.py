@@ -1,0 +1,117 @@
+"""fp16 on the GPU, proven on the CPU: LPIPS stays fp32 and the sync backward is loss-scaled.
+
+fp16 convolutions are very slow on the CPU, so these tests work at the level of LPIPS and of
+one view's sync gradient, on the tiny model, rather than on whole panoramas.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+
+from syncdiffusion import SyncDiffusionPipeline
+from syncdiffusion.decoding import decode
+from syncdiffusion.precision import LossScale, initial_loss_scale
+from syncdiffusion.sampling import guided_eps, predict_x0
+from syncdiffusion.sync import lpips_features, lpips_to_anchor, sync_gradient
+
+
+@pytest.fixture(scope="module")
+def pipe16(tiny_weights):
+    """The tiny model as CUDA users get it: UNet, VAE and text encoder in fp16."""
+    return SyncDiffusionPipeline.from_pretrained(tiny_weights, device="cpu", dtype=torch.float16)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
+
+
+def test_the_perceptual_network_stays_fp32_beside_fp16_networks(pipe16):
+    assert pipe16.unet.dtype == pipe16.vae.dtype == torch.float16
+    assert {p.dtype for p in pipe16.perceptual.parameters()} == {torch.float32}
+
+
+def _extreme_lpips(perceptual):
+    """LPIPS whose first VGG layer is all zero on dark pixels and over 100 per channel on bright
+    ones: 64 channels of squares sum to more than fp16's largest number (65504)."""
+    model = copy.deepcopy(perceptual)
+    conv = model.net.slice1[0]
+    conv.weight.data.fill_(2.0)
+    conv.bias.data.zero_()
+    return model
+
+
+def test_lpips_of_fp16_images_is_finite_and_matches_fp32_where_features_vanish_or_blow_up(
+    pipe16,
+):
+    model = _extreme_lpips(pipe16.perceptual)
+    generator = torch.Generator().manual_seed(0)
+    # Left half dark (features exactly 0 after ReLU), right half bright (features over 100).
+    images = torch.cat(
+        [torch.full((2, 3, 64, 32), -1.0), torch.full((2, 3, 64, 32), 1.0)], dim=-1
+    ) + 0.05 * torch.rand(2, 3, 64, 64, generator=generator)
+    anchor = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    with torch.no_grad():
+        first = model.net(model.scaling_layer(images))[0]
+        assert (first[..., :8] == 0).all() and (first[..., -8:] ** 2).sum(dim=1).min() > 65504
+        anchor_features = lpips_features(model, anchor)
+
+    def distance_and_grad(x):
+        x = x.detach().requires_grad_()
+        distance = lpips_to_anchor(model, x, anchor_features)
+        (grad,) = torch.autograd.grad(distance.sum(), x)
+        return distance.detach(), grad.float()
+
+    d32, g32 = distance_and_grad(images.half().float())
+    d16, g16 = distance_and_grad(images.half())
+    assert d16.isfinite().all() and g16.isfinite().all()
+    assert torch.allclose(d16, d32, rtol=1e-5)
+    assert cosine(g16, g32) > 0.9999
+
+
+def _view_gradient(pipe, view, t, scale):
+    """The sync gradient of `view` at timestep `t` for a fixed anchor, loss-scaled by `scale`."""
+    scheduler = pipe.new_scheduler()
+    scheduler.set_timesteps(50)
+    embeddings = pipe.encode_prompt("a harbour at dawn")
+    eps = partial(guided_eps, pipe.unet, text_embeddings=embeddings, guidance_scale=7.5)
+    anchor_image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        anchor_features = lpips_features(pipe.perceptual, anchor_image * 2 - 1)
+    return sync_gradient(
+        view,
+        [0],
+        partial(predict_x0, scheduler, eps, scheduler.timesteps[t]),
+        partial(decode, pipe.vae),
+        pipe.perceptual,
+        anchor_features,
+        LossScale(1, scale),
+    )
+
+
+@pytest.fixture(scope="module")
+def view_gradients(pipe, pipe16):
+    """One 64x64 view's sync gradient at the first step: fp32, and fp16 with and without scaling."""
+    view = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(5))
+    return {
+        "fp32": _view_gradient(pipe, view, 0, 1.0),
+        "fp16": _view_gradient(pipe16, view, 0, initial_loss_scale(torch.float16)),
+        "fp16 unscaled": _view_gradient(pipe16, view, 0, 1.0),
+    }
+
+
+def test_the_fp16_sync_gradient_points_where_the_fp32_one_does(view_gradients):
+    g32, g16 = view_gradients["fp32"], view_gradients["fp16"]
+    assert g16.dtype == torch.float32 and g16.isfinite().all()
+    assert cosine(g16, g32) > 0.99
+    assert g16.norm() / g32.norm() == pytest.approx(1, abs=0.02)
+
+
+def test_without_a_loss_scale_the_fp16_gradient_underflows(view_gradients):
+    # What the loss scale prevents: most of the gradient flushed to zero on the way back.
+    g32, unscaled = view_gradients["fp32"], view_gradients["fp16 unscaled"]
+    assert cosine(unscaled, g32) < cosine(view_gradients["fp16"], g32)
+    assert (unscaled == 0).float().mean() > 10 * (view_gradients["fp16"] == 0).float().mean()
