@@ -74,6 +74,7 @@ def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from syncdiffusion.pipeline import load_lpips
+    from syncdiffusion.weights import VGG16_RELPATH
 
     tiny = Path(tempfile.mkdtemp()) / "tiny"
     make_tiny_weights(tiny)  # for its tokenizer, scheduler config and VGG16-shaped trunk
@@ -90,7 +91,7 @@ def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipel
             text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype),
             tokenizer=CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"),
             scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler"),
-            perceptual=load_lpips(tiny / "lpips" / "vgg16-397923af.pth").to(dtype),
+            perceptual=load_lpips(tiny / VGG16_RELPATH).to(dtype),
         )
     return pipe.to(device)
 
