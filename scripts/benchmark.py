@@ -28,11 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))  # the oracle lives with the tests that use it
 
 from make_tiny_weights import make_tiny_weights  # noqa: E402
+from oracle import oracle_panorama  # noqa: E402
 
 from syncdiffusion import SyncDiffusionPipeline, __version__  # noqa: E402
-from syncdiffusion.oracle import oracle_panorama  # noqa: E402
 from syncdiffusion.windows import panorama_windows  # noqa: E402
 
 SD2_CONFIGS = ROOT / "benchmarks" / "sd2-base"
