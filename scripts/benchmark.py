@@ -28,11 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))  # the oracle lives with the tests that use it
 
 from make_tiny_weights import make_tiny_weights  # noqa: E402
+from oracle import oracle_panorama  # noqa: E402
 
 from syncdiffusion import SyncDiffusionPipeline, __version__  # noqa: E402
-from syncdiffusion.oracle import oracle_panorama  # noqa: E402
 from syncdiffusion.windows import panorama_windows  # noqa: E402
 
 SD2_CONFIGS = ROOT / "benchmarks" / "sd2-base"
@@ -74,6 +75,7 @@ def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from syncdiffusion.pipeline import load_lpips
+    from syncdiffusion.weights import VGG16_RELPATH
 
     tiny = Path(tempfile.mkdtemp()) / "tiny"
     make_tiny_weights(tiny)  # for its tokenizer, scheduler config and VGG16-shaped trunk
@@ -90,7 +92,7 @@ def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipel
             text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype),
             tokenizer=CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"),
             scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler"),
-            perceptual=load_lpips(tiny / "lpips" / "vgg16-397923af.pth").to(dtype),
+            perceptual=load_lpips(tiny / VGG16_RELPATH).to(dtype),
         )
     return pipe.to(device)
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     weights_dir: Path = args.weights if args.weights is not None else default_weights_dir()
 
     try:
-        todo = missing_parts(weights_dir)
+        todo = missing_parts(weights_dir, verify=True)
         if not todo:
             check_weights(weights_dir)
             print(f"{weights_dir} already holds every part; nothing to download.")

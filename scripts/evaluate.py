@@ -73,7 +73,7 @@ def main() -> int:
         "--weights",
         type=Path,
         default=None,
-        help="weights folder with lpips/vgg16-397923af.pth (default: weights/)",
+        help="weights folder with the LPIPS trunk (default: weights/)",
     )
     parser.add_argument("--device", default=None)
     args = parser.parse_args()

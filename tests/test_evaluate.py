@@ -12,6 +12,7 @@ from evaluate import coherence, crops, gram
 from PIL import Image
 
 from syncdiffusion.pipeline import load_lpips
+from syncdiffusion.weights import VGG16_RELPATH
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def test_gram_is_normalised():
 
 
 def test_a_repeated_tile_is_perfectly_coherent(tiny_weights):
-    model = load_lpips(tiny_weights / "lpips" / "vgg16-397923af.pth")
+    model = load_lpips(tiny_weights / VGG16_RELPATH)
     rng = np.random.default_rng(0)
     tile = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
     repeated = Image.fromarray(np.concatenate([tile, tile], axis=1))

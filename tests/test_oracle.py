@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from syncdiffusion.oracle import oracle_panorama
+from oracle import oracle_panorama
 
 SMALL = dict(
     prompt="a snowy mountain range at dawn",

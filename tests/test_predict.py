@@ -15,8 +15,9 @@ from syncdiffusion.files import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
-    # name: (type, default, ge, le) as the published wrapper has them (ALGORITHM.md), but for
-    # the sides, which go up to 4096 (any multiple of 8), and the two output inputs at the end.
+    # name: (type, default, ge, le) as the published wrapper has them (docs/ALGORITHM.md),
+    # but for the sides, which go up to 4096 (any multiple of 8), and the two output inputs at
+    # the end.
     "prompt": ("str", None, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),

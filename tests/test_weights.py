@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import email.message
 import fnmatch
 import hashlib
 import importlib.util
 import json
+import logging
+import os
 import shutil
 import sys
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from syncdiffusion import weights
 from syncdiffusion.weights import (
     DOWNLOAD_COMMAND,
+    LEGACY_VGG16_RELPATH,
     SD_DIRNAME,
     SD_REPO_ID,
     VGG16_RELPATH,
@@ -30,6 +33,7 @@ from syncdiffusion.weights import (
     download_weights,
     load_vgg16_features,
     missing_parts,
+    save_vgg16_features,
     sd_variant,
 )
 
@@ -39,6 +43,7 @@ WEIGHT_FILES = {
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
 }
+UNET = f"{SD_DIRNAME}/unet/diffusion_pytorch_model.safetensors"
 
 
 def _import_script(name: str) -> ModuleType:
@@ -61,35 +66,27 @@ def weights_dir(tiny: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny, tmp_path / "weights"))
 
 
-def _to_fp16_variant(sd_dir: Path) -> None:
-    """Rename the weight files the way the hub's fp16 variant names them."""
-    for component, stem in WEIGHT_FILES.items():
-        src = sd_dir / component / f"{stem}.safetensors"
-        src.rename(src.with_name(f"{stem}.fp16.safetensors"))
-
-
 def _assert_actionable(exc: pytest.ExceptionInfo[WeightsError], path: Path | str) -> str:
     message = str(exc.value)
-    assert str(path) in message
-    assert DOWNLOAD_COMMAND in message
+    assert str(path) in message and DOWNLOAD_COMMAND in message
     return message
 
 
-# --- check_weights, missing_parts ---------------------------------------------------------
+# --- the tiny model -----------------------------------------------------------------------
 
 
 def test_tiny_model_passes(tiny: Path) -> None:
     check_weights(tiny)
-    assert missing_parts(tiny) == []
+    assert missing_parts(tiny, verify=True) == []
     assert sd_variant(tiny / SD_DIRNAME) is None
+    assert len(load_vgg16_features(tiny / VGG16_RELPATH)) == 26
 
 
 def test_tiny_model_is_deterministic(tiny: Path, tmp_path: Path) -> None:
     again = _import_script("make_tiny_weights").make_tiny_weights(tmp_path / "again")
-    for path in sorted(p for p in tiny.rglob("*") if p.is_file()):
+    for path in sorted(tiny.rglob("*.safetensors")):
         rel = path.relative_to(tiny)
-        if path.suffix in {".safetensors", ".pth"}:
-            assert path.read_bytes() == (again / rel).read_bytes(), rel
+        assert path.read_bytes() == (again / rel).read_bytes(), rel
 
 
 def test_tiny_model_loads_like_sd2_base(tiny: Path) -> None:
@@ -129,6 +126,114 @@ def test_tiny_tokenizer_pads_and_truncates_to_77(tiny: Path, loader: str) -> Non
     assert len(long) == 77 and long[-1] == tokenizer.eos_token_id
 
 
+# --- broken folders -----------------------------------------------------------------------
+
+
+def _remove(rel: str) -> Callable[[Path], None]:
+    def remove(w: Path) -> None:
+        target = w / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    return remove
+
+
+def _cut(rel: str, keep: float) -> Callable[[Path], None]:
+    def cut(w: Path) -> None:
+        data = (w / rel).read_bytes()
+        (w / rel).write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
+
+    return cut
+
+
+def _append(rel: str, data: bytes) -> Callable[[Path], None]:
+    return lambda w: (w / rel).write_bytes((w / rel).read_bytes() + data)
+
+
+def _config(component: str, key: str, value: object) -> Callable[[Path], None]:
+    def edit(w: Path) -> None:
+        path = w / SD_DIRNAME / component / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+
+    return edit
+
+
+def _trunk(edit: Callable[[dict[str, torch.Tensor]], None], **metadata: str) -> Callable:
+    """Rewrite the trunk with `edit` applied to its tensors (and no hash unless given)."""
+
+    def rewrite(w: Path) -> None:
+        features = load_file(w / VGG16_RELPATH)
+        edit(features)
+        save_file(features, w / VGG16_RELPATH, metadata=metadata or None)
+
+    return rewrite
+
+
+def _mixed_variants(w: Path) -> None:
+    unet = w / UNET
+    unet.rename(unet.with_name("diffusion_pytorch_model.fp16.safetensors"))
+
+
+SD, TRUNK = SD_DIRNAME, VGG16_RELPATH
+BROKEN = {  # what breaks the folder: (how, which part is then missing, what the message says)
+    "no model_index": (_remove(f"{SD}/model_index.json"), SD, "model_index.json is missing"),
+    "no unet/": (_remove(f"{SD}/unet"), SD, "unet/config.json is missing"),
+    "no scheduler/": (_remove(f"{SD}/scheduler"), SD, "scheduler/scheduler_config.json is"),
+    "no vae config": (_remove(f"{SD}/vae/config.json"), SD, "vae/config.json is missing"),
+    "no tokenizer config": (
+        _remove(f"{SD}/tokenizer/tokenizer_config.json"),
+        SD,
+        "tokenizer/tokenizer_config.json is missing",
+    ),
+    "no vocab": (_remove(f"{SD}/tokenizer/vocab.json"), SD, "tokenizer/vocab.json is missing"),
+    "no text weights": (
+        _remove(f"{SD}/text_encoder/model.safetensors"),
+        SD,
+        "text_encoder/ has no weights file (model.safetensors or model.fp16.safetensors)",
+    ),
+    "mixed variants": (_mixed_variants, SD, "all have full-precision files or all have"),
+    "unet half": (_cut(UNET, 0.5), SD, "diffusion_pytorch_model.safetensors is truncated or"),
+    "unet 20 bytes": (_cut(UNET, 20), SD, "unet/diffusion_pytorch_model.safetensors is trunc"),
+    "unet 4 bytes": (_cut(UNET, 4), SD, "is truncated or corrupt (4 bytes;"),
+    "vae trailing bytes": (
+        _append(f"{SD}/vae/diffusion_pytorch_model.safetensors", b"\0" * 10),
+        SD,
+        "vae/diffusion_pytorch_model.safetensors is truncated or corrupt",
+    ),
+    "scheduler not JSON": (
+        lambda w: (w / SD / "scheduler" / "scheduler_config.json").write_text("{oops"),
+        SD,
+        "scheduler/scheduler_config.json is not valid JSON",
+    ),
+    "unet in_channels": (_config("unet", "in_channels", 9), SD, "in_channels 9, expected 4"),
+    "unet out_channels": (_config("unet", "out_channels", 8), SD, "out_channels 8"),
+    "unet cross dim": (_config("unet", "cross_attention_dim", 768), SD, "cross_attention_dim 768"),
+    "vae latents": (_config("vae", "latent_channels", 16), SD, "latent_channels 16"),
+    "vae levels": (_config("vae", "block_out_channels", [4, 8, 8]), SD, "[4, 8, 8], expected 4"),
+    "text width": (_config("text_encoder", "hidden_size", 64), SD, "hidden_size 64"),
+    "unet class": (_config("unet", "_class_name", "UNet2DModel"), SD, "_class_name UNet2DModel"),
+    "text class": (_config("text_encoder", "architectures", ["T5"]), SD, "is for ['T5']"),
+    "no trunk": (_remove(TRUNK), TRUNK, "vgg16-features.safetensors is missing"),
+    "trunk junk": (
+        lambda w: (w / TRUNK).write_bytes(b"not weights"),
+        TRUNK,
+        "is not a whole safetensors file",
+    ),
+    "trunk half": (_cut(TRUNK, 0.5), TRUNK, "is not a whole safetensors file"),
+    "trunk shape": (
+        _trunk(lambda f: f.update({"features.0.weight": torch.zeros(64, 1, 3, 3)})),
+        TRUNK,
+        "features.0.weight has shape (64, 1, 3, 3), expected (64, 3, 3, 3)",
+    ),
+    "trunk lacks": (_trunk(lambda f: f.pop("features.28.bias")), TRUNK, "28.bias is missing"),
+    "trunk extra": (
+        _trunk(lambda f: f.update({"classifier.0.bias": torch.zeros(2)})),
+        TRUNK,
+        "classifier.0.bias should not be there",
+    ),
+    "trunk no hash": (_trunk(lambda f: None), TRUNK, "does not record its tensors_sha256"),
+}
+
+
 def test_missing_weights_folder(tmp_path: Path) -> None:
     absent = tmp_path / "nowhere"
     with pytest.raises(WeightsError) as exc:
@@ -146,126 +251,52 @@ def test_empty_weights_folder_names_both_parts(tmp_path: Path) -> None:
     assert missing_parts(tmp_path) == [SD_DIRNAME, VGG16_RELPATH]
 
 
-@pytest.mark.parametrize(
-    ("remove", "named"),
-    [
-        ("model_index.json", "model_index.json"),
-        ("unet", "unet/"),
-        ("scheduler", "scheduler/"),
-        ("vae/config.json", "vae/config.json"),
-        ("tokenizer/tokenizer_config.json", "tokenizer/tokenizer_config.json"),
-        ("tokenizer/vocab.json", "vocab.json"),
-        ("text_encoder/model.safetensors", "text_encoder/"),
-    ],
-)
-def test_missing_component(weights_dir: Path, remove: str, named: str) -> None:
-    target = weights_dir / SD_DIRNAME / remove
-    shutil.rmtree(target) if target.is_dir() else target.unlink()
+@pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
+def test_broken_folder(weights_dir: Path, case: str) -> None:
+    breakage, part, expected = BROKEN[case]
+    breakage(weights_dir)
     with pytest.raises(WeightsError) as exc:
         check_weights(weights_dir)
-    message = _assert_actionable(exc, weights_dir / SD_DIRNAME)
-    assert named in message
-    assert missing_parts(weights_dir) == [SD_DIRNAME]
+    assert expected in _assert_actionable(exc, weights_dir / part)
+    assert missing_parts(weights_dir) == [part]
+    if part == VGG16_RELPATH:
+        with pytest.raises(WeightsError) as exc:
+            load_vgg16_features(weights_dir / VGG16_RELPATH)
+        assert expected in _assert_actionable(exc, weights_dir / VGG16_RELPATH)
 
 
-@pytest.mark.parametrize(
-    ("keep", "expected"),
-    [(0.5, "is truncated ("), (20, "is truncated ("), (4, "is truncated (")],
-)
-def test_truncated_safetensors(weights_dir: Path, keep: float, expected: str) -> None:
-    path = weights_dir / SD_DIRNAME / "unet" / "diffusion_pytorch_model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
-    with pytest.raises(WeightsError) as exc:
-        check_weights(weights_dir)
-    message = _assert_actionable(exc, weights_dir / SD_DIRNAME)
-    assert f"unet/diffusion_pytorch_model.safetensors {expected}" in message
-    assert missing_parts(weights_dir) == [SD_DIRNAME]
-
-
-def test_truncated_safetensors_reports_sizes(weights_dir: Path) -> None:
-    path = weights_dir / SD_DIRNAME / "unet" / "diffusion_pytorch_model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match=r"truncated \(\d[.\d]* [kMG]?B of \d[.\d]* [kMG]?B\)"):
-        check_weights(weights_dir)
-
-
-def test_safetensors_with_trailing_garbage(weights_dir: Path) -> None:
-    path = weights_dir / SD_DIRNAME / "vae" / "diffusion_pytorch_model.safetensors"
-    path.write_bytes(path.read_bytes() + b"\0" * 10)
-    with pytest.raises(WeightsError, match=r"vae/diffusion_pytorch_model\.safetensors is corrupt"):
-        check_weights(weights_dir)
-
-
-@pytest.mark.parametrize(
-    ("component", "key", "value", "named"),
-    [
-        ("unet", "in_channels", 9, "in_channels 9"),
-        ("unet", "out_channels", 8, "out_channels 8"),
-        ("unet", "cross_attention_dim", 768, "cross_attention_dim 768"),
-        ("vae", "latent_channels", 16, "latent_channels 16"),
-        ("vae", "block_out_channels", [4, 8, 8], "block_out_channels [4, 8, 8]"),
-        ("text_encoder", "hidden_size", 64, "hidden_size 64"),
-        ("unet", "_class_name", "UNet2DModel", "UNet2DModel"),
-    ],
-)
-def test_wrong_architecture(
-    weights_dir: Path, component: str, key: str, value: object, named: str
-) -> None:
-    config_path = weights_dir / SD_DIRNAME / component / "config.json"
-    config = json.loads(config_path.read_text())
-    config[key] = value
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(WeightsError) as exc:
-        check_weights(weights_dir)
-    message = _assert_actionable(exc, weights_dir / SD_DIRNAME)
-    assert "is not Stable Diffusion 2 base" in message
-    assert named in message
-
-
-def test_config_that_is_not_json(weights_dir: Path) -> None:
-    (weights_dir / SD_DIRNAME / "scheduler" / "scheduler_config.json").write_text("{oops")
-    with pytest.raises(WeightsError, match=r"scheduler/scheduler_config\.json is not valid JSON"):
-        check_weights(weights_dir)
-
-
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        (b"not a checkpoint", "does not load"),
-        ({"classifier.0.weight": torch.zeros(2)}, "lacks features.0.weight"),
-        ("features_wrong_shape", "features.0.weight has shape (64, 1, 3, 3)"),
-        ([torch.zeros(1)], "holds a list"),
-    ],
-)
-def test_corrupt_vgg16(weights_dir: Path, content: object, expected: str) -> None:
+def test_a_changed_trunk_fails_its_hash_on_load(weights_dir: Path) -> None:
     path = weights_dir / VGG16_RELPATH
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content == "features_wrong_shape":
-        state = torch.load(path, weights_only=True)
-        state["features.0.weight"] = torch.zeros(64, 1, 3, 3)
-        torch.save(state, path)
-    else:
-        torch.save(content, path)
-    with pytest.raises(WeightsError) as exc:
-        check_weights(weights_dir)
-    assert expected in _assert_actionable(exc, path)
-    assert missing_parts(weights_dir) == [VGG16_RELPATH]
-    with pytest.raises(WeightsError) as exc:
+    with safe_open(path, framework="pt") as f:
+        recorded = f.metadata()
+    # Same names and shapes, one value changed, the old hash kept: a random trunk in disguise.
+    _trunk(lambda f: f["features.0.bias"].add_(1), **recorded)(weights_dir)
+    check_weights(weights_dir)  # headers only, as a setup checks before it loads
+    assert missing_parts(weights_dir) == []
+    assert missing_parts(weights_dir, verify=True) == [VGG16_RELPATH]
+    with pytest.raises(WeightsError, match="is damaged: its tensors hash to") as exc:
         load_vgg16_features(path)
-    _assert_actionable(exc, path)
+    _assert_actionable(exc, weights_dir)
 
 
 # --- sd_variant ---------------------------------------------------------------------------
 
 
-def test_sd_variant_fp16(weights_dir: Path) -> None:
+def _to_fp16_variant(sd_dir: Path) -> None:
+    """Rename the weight files the way the hub's fp16 variant names them."""
+    for component, stem in WEIGHT_FILES.items():
+        src = sd_dir / component / f"{stem}.safetensors"
+        src.rename(src.with_name(f"{stem}.fp16.safetensors"))
+
+
+def test_sd_variant_fp16_loads_with_diffusers(weights_dir: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
     sd_dir = weights_dir / SD_DIRNAME
     _to_fp16_variant(sd_dir)
     assert sd_variant(sd_dir) == "fp16"
     check_weights(weights_dir)
+    UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet", variant="fp16")
 
 
 def test_sd_variant_prefers_full_precision_when_both_present(weights_dir: Path) -> None:
@@ -276,55 +307,32 @@ def test_sd_variant_prefers_full_precision_when_both_present(weights_dir: Path) 
     assert sd_variant(sd_dir) is None
 
 
-def test_mixed_variants_are_rejected(weights_dir: Path) -> None:
-    sd_dir = weights_dir / SD_DIRNAME
-    unet = sd_dir / "unet" / "diffusion_pytorch_model.safetensors"
-    unet.rename(unet.with_name("diffusion_pytorch_model.fp16.safetensors"))
-    assert sd_variant(sd_dir) is None
-    with pytest.raises(WeightsError, match="all have full-precision files or all have"):
-        check_weights(weights_dir)
+# --- the old layout -----------------------------------------------------------------------
 
 
-def test_sd_variant_loads_with_diffusers(weights_dir: Path) -> None:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    sd_dir = weights_dir / SD_DIRNAME
-    _to_fp16_variant(sd_dir)
-    variant = sd_variant(sd_dir)
-    UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet", variant=variant)
-    CLIPTextModel.from_pretrained(sd_dir, subfolder="text_encoder", variant=variant)
-
-
-# --- load_vgg16_features ------------------------------------------------------------------
-
-
-def test_load_vgg16_features_features_only(tiny: Path) -> None:
-    features = load_vgg16_features(tiny / VGG16_RELPATH)
-    assert len(features) == 26
-    assert features["features.28.weight"].shape == (512, 512, 3, 3)
-
-
-def test_load_vgg16_features_full_torchvision_state_dict(tiny: Path, tmp_path: Path) -> None:
-    import torchvision
-
-    # Keys and shapes come from torchvision itself; building on "meta" skips initialising the
-    # 120M classifier parameters, which the loader drops anyway.
-    with torch.device("meta"):
-        reference = torchvision.models.vgg16().state_dict()
-    features = torch.load(tiny / VGG16_RELPATH, weights_only=True)
-    state = {k: features.get(k, torch.zeros(v.shape)) for k, v in reference.items()}
-    path = tmp_path / "vgg16-397923af.pth"
-    # torchvision's file dates from 2017: the legacy (non-zip) serialization format.
+def _torchvision_file(tiny: Path, path: Path) -> Path:
+    """A stand-in for torchvision's vgg16-397923af.pth: the tiny trunk plus a classifier tensor,
+    in the legacy (pre-zip) serialization torchvision's 2017 file uses."""
+    state = {**load_file(tiny / VGG16_RELPATH), "classifier.6.bias": torch.zeros(1000)}
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path, _use_new_zipfile_serialization=False)
-    del state
+    return path
 
-    loaded = load_vgg16_features(path)
-    assert set(loaded) == set(features)
-    assert all(torch.equal(loaded[k], features[k]) for k in features)
-    with torch.device("meta"):
-        trunk = torchvision.models.vgg16().features
-    trunk.load_state_dict({k.removeprefix("features."): v for k, v in loaded.items()}, assign=True)
+
+def test_old_layout_loads_with_a_one_line_notice(
+    tiny: Path, weights_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (weights_dir / VGG16_RELPATH).unlink()
+    _torchvision_file(tiny, weights_dir / LEGACY_VGG16_RELPATH)
+    check_weights(weights_dir)
+    assert missing_parts(weights_dir) == [VGG16_RELPATH]  # download_weights converts it
+    with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
+        features = load_vgg16_features(weights_dir / VGG16_RELPATH)
+    expected = load_file(tiny / VGG16_RELPATH)
+    assert features.keys() == expected.keys()
+    assert all(torch.equal(features[k], expected[k]) for k in expected)
+    [notice] = caplog.messages
+    assert "\n" not in notice and "old layout" in notice and DOWNLOAD_COMMAND in notice
 
 
 # --- default_weights_dir ------------------------------------------------------------------
@@ -337,220 +345,159 @@ def test_default_weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert default_weights_dir() == tmp_path
 
 
-# --- download_weights, with the network faked ---------------------------------------------
+# --- download_weights: the hub faked, torchvision's file served from a file:// URL --------
 
 
 class FakeHub:
     """Stands in for huggingface_hub.snapshot_download, serving files from a local tree.
 
-    Like the real one with local_dir, it skips files that are already there (it trusts its
-    own bookkeeping), and it can fail part way, leaving a cut-short file behind.
+    Like the real one, it moves each file into place only once whole, leaves files that match
+    alone, and can fail part way (then nothing half-written is left in local_dir).
     """
 
     def __init__(self, repo: Path) -> None:
-        self.repo = repo
-        self.fail = False
-        self.calls: list[dict[str, object]] = []
+        self.repo, self.fail, self.calls = repo, False, []
 
-    def __call__(
-        self, repo_id: str, *, local_dir: Path, allow_patterns: list[str], **_: object
-    ) -> str:
-        self.calls.append({"repo_id": repo_id, "allow_patterns": allow_patterns})
+    def __call__(self, repo_id: str, *, local_dir: Path, allow_patterns: list[str]) -> str:
+        self.calls.append(repo_id)
         files = sorted(p for p in self.repo.rglob("*") if p.is_file())
-        wanted = [
-            p
-            for p in files
-            if any(fnmatch.fnmatch(p.relative_to(self.repo).as_posix(), a) for a in allow_patterns)
-        ]
-        for i, src in enumerate(wanted):
-            dst = Path(local_dir) / src.relative_to(self.repo)
-            if dst.exists():
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if self.fail and i >= len(wanted) // 2 and src.suffix == ".safetensors":
-                dst.write_bytes(src.read_bytes()[:100])
+        rels = [p.relative_to(self.repo).as_posix() for p in files]
+        wanted = [r for r in rels if any(fnmatch.fnmatch(r, a) for a in allow_patterns)]
+        for i, rel in enumerate(wanted):
+            src, dst = self.repo / rel, Path(local_dir) / rel
+            if self.fail and i >= len(wanted) // 2:
                 raise ConnectionError("Connection reset by peer")
-            shutil.copy(src, dst)
+            if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, dst.with_name(dst.name + ".incomplete"))
+                os.replace(dst.with_name(dst.name + ".incomplete"), dst)
         return str(local_dir)
 
 
-class FakeResponse:
-    def __init__(self, data: bytes, status: int, headers: dict[str, str], fail_after: int | None):
-        self.status = status
-        self.headers = email.message.Message()
-        for key, value in headers.items():
-            self.headers[key] = value
-        self._data = data
-        self._pos = 0
-        self._fail_after = fail_after
-
-    def read(self, n: int = -1) -> bytes:
-        if self._fail_after is not None and self._pos >= self._fail_after:
-            raise ConnectionResetError("Connection reset by peer")
-        end = len(self._data) if n < 0 else self._pos + n
-        if self._fail_after is not None:
-            end = min(end, self._fail_after)
-        chunk = self._data[self._pos : end]
-        self._pos += len(chunk)
-        return chunk
-
-    def __enter__(self) -> FakeResponse:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-class FakeServer:
-    """Stands in for urllib.request.urlopen serving one file, with HTTP Range support."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.fail_after: int | None = None
-        self.ranges: list[str | None] = []
-
-    def __call__(
-        self, request: urllib.request.Request, timeout: float | None = None
-    ) -> FakeResponse:
-        range_header = request.get_header("Range")
-        self.ranges.append(range_header)
-        start = int(range_header.removeprefix("bytes=").rstrip("-")) if range_header else 0
-        if start >= len(self.data) and range_header:
-            raise urllib.error.HTTPError(request.full_url, 416, "Range Not Satisfiable", None, None)
-        body = self.data[start:]
-        headers = {"Content-Length": str(len(body))}
-        if range_header:
-            headers["Content-Range"] = f"bytes {start}-{len(self.data) - 1}/{len(self.data)}"
-        fail_after = None if self.fail_after is None else max(self.fail_after - start, 0)
-        return FakeResponse(body, 206 if range_header else 200, headers, fail_after)
-
-
 @pytest.fixture
-def hub_repo(tiny: Path, tmp_path: Path) -> Path:
-    """A stand-in for the SD2-base hub repo: fp16 files plus files the download must skip."""
+def network(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path) -> FakeHub:
+    """The SD2-base repo (fp16 files, plus files the download must skip) behind a fake hub, and
+    a stand-in for torchvision's VGG16 file behind weights.VGG16_URL with its sha256."""
+    import huggingface_hub
+
     repo = Path(shutil.copytree(tiny / SD_DIRNAME, tmp_path / "hub"))
     for component, stem in WEIGHT_FILES.items():
         full = repo / component / f"{stem}.safetensors"
         shutil.copy(full, full.with_name(f"{stem}.fp16.safetensors"))
         full.with_name(f"{stem}.bin").write_bytes(b"pickled weights")
     (repo / "512-base-ema.ckpt").write_bytes(b"single-file checkpoint")
-    return repo
-
-
-@pytest.fixture
-def network(
-    monkeypatch: pytest.MonkeyPatch, tiny: Path, hub_repo: Path
-) -> tuple[FakeHub, FakeServer]:
-    import huggingface_hub
-
-    hub = FakeHub(hub_repo)
-    vgg_bytes = (tiny / VGG16_RELPATH).read_bytes()
-    server = FakeServer(vgg_bytes)
+    hub = FakeHub(repo)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
-    monkeypatch.setattr(urllib.request, "urlopen", server)
-    # The real file's name carries its sha256 prefix; so must the stand-in's.
-    sha = hashlib.sha256(vgg_bytes).hexdigest()
-    monkeypatch.setattr(weights, "VGG16_URL", f"https://download.invalid/vgg16-{sha[:8]}.pth")
-    return hub, server
+    source = _torchvision_file(tiny, tmp_path / "server" / "vgg16-397923af.pth")
+    monkeypatch.setattr(weights, "VGG16_URL", source.as_uri())
+    monkeypatch.setattr(weights, "VGG16_SHA256", hashlib.sha256(source.read_bytes()).hexdigest())
+    return hub
 
 
-def test_download_resumes_and_never_exposes_half_a_model(
-    tmp_path: Path, network: tuple[FakeHub, FakeServer]
+def _server_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(weights, "VGG16_URL", (tmp_path / "gone" / "vgg16.pth").as_uri())
+
+
+def test_download_fails_cleanly_and_a_rerun_finishes(
+    tiny: Path, tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hub, server = network
     target = tmp_path / "downloaded"
-    sd_final = target / SD_DIRNAME
-    vgg_final = target / VGG16_RELPATH
-
-    hub.fail = True
+    url = weights.VGG16_URL
+    network.fail = True
     with pytest.raises(WeightsError) as exc:
         download_weights(target, progress=False)
-    assert "ConnectionError" in _assert_actionable(exc, target / ".partial" / SD_DIRNAME)
-    assert not sd_final.exists()
+    assert "ConnectionError" in _assert_actionable(exc, target / SD_DIRNAME)
+    assert network.calls == [SD_REPO_ID]
     assert missing_parts(target) == [SD_DIRNAME, VGG16_RELPATH]
-    assert hub.calls[0]["repo_id"] == SD_REPO_ID
+    for path in (target / SD_DIRNAME).rglob("*.safetensors"):  # whole, or not there
+        safe_open(path, framework="pt")
 
-    hub.fail = False
-    server.fail_after = len(server.data) // 2
-    with pytest.raises(WeightsError) as exc:
+    network.fail = False
+    _server_down(monkeypatch, tmp_path)
+    with pytest.raises(WeightsError, match="URLError") as exc:
         download_weights(target, progress=False)
-    _assert_actionable(exc, target / ".partial" / "vgg16-397923af.pth")
+    _assert_actionable(exc, target / ".partial")
     assert missing_parts(target) == [VGG16_RELPATH]
-    assert not vgg_final.exists()
-    assert (target / ".partial" / "vgg16-397923af.pth").stat().st_size == server.fail_after
 
-    server.fail_after = None
+    monkeypatch.setattr(weights, "VGG16_URL", url)
     download_weights(target, progress=False)
-    assert server.ranges[-1] == f"bytes={len(server.data) // 2}-"
     check_weights(target)
-    assert vgg_final.read_bytes() == server.data
-    assert sd_variant(sd_final) == "fp16"
+    assert missing_parts(target, verify=True) == []
+    assert sd_variant(target / SD_DIRNAME) == "fp16"
     assert not (target / ".partial").exists()
+    trunk = load_vgg16_features(target / VGG16_RELPATH)
+    assert trunk.keys() == load_file(tiny / VGG16_RELPATH).keys()  # the classifier is gone
     # Only what diffusers needs came down: no .bin copies, no single-file checkpoint.
-    got = {p.relative_to(sd_final).as_posix() for p in sd_final.rglob("*") if p.is_file()}
+    got = {p.name for p in (target / SD_DIRNAME).rglob("*") if p.is_file()}
     assert not any(name.endswith((".bin", ".ckpt")) for name in got)
-    assert "unet/diffusion_pytorch_model.safetensors" not in got
+    assert "diffusion_pytorch_model.safetensors" not in got
+
+
+def test_download_rejects_a_file_with_the_wrong_sha256(
+    tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(weights, "VGG16_SHA256", "397923af" + "0" * 56)
+    target = tmp_path / "w"
+    with pytest.raises(WeightsError, match="invalid hash value") as exc:
+        download_weights(target, progress=False)
+    _assert_actionable(exc, target)
+    assert not (target / "lpips").exists()
+    assert list((target / ".partial").iterdir()) == []
 
 
 def test_download_skips_complete_parts(
-    weights_dir: Path, network: tuple[FakeHub, FakeServer]
+    weights_dir: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    hub, server = network
+    _server_down(monkeypatch, tmp_path)
     download_weights(weights_dir, progress=False)
-    assert hub.calls == [] and server.ranges == []
+    assert network.calls == []
 
 
-def test_download_replaces_a_broken_model(
-    weights_dir: Path, network: tuple[FakeHub, FakeServer]
+def test_download_converts_the_old_layout_without_the_network(
+    tiny: Path, weights_dir: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
-    hub, server = network
-    unet = weights_dir / SD_DIRNAME / "unet" / "diffusion_pytorch_model.safetensors"
-    unet.write_bytes(unet.read_bytes()[:1000])
-    (weights_dir / VGG16_RELPATH).write_bytes(b"junk")
+    (weights_dir / VGG16_RELPATH).unlink()
+    shutil.copy(Path(weights.VGG16_URL.removeprefix("file://")), weights_dir / LEGACY_VGG16_RELPATH)
+    _server_down(monkeypatch, tmp_path)
     download_weights(weights_dir, progress=False)
-    check_weights(weights_dir)
-    assert len(hub.calls) == 1 and server.ranges == [None]
+    assert not (weights_dir / LEGACY_VGG16_RELPATH).exists()
+    assert missing_parts(weights_dir, verify=True) == []
+    assert (weights_dir / VGG16_RELPATH).read_bytes() == (tiny / VGG16_RELPATH).read_bytes()
 
 
-def test_download_completed_file_is_not_fetched_again(
-    tmp_path: Path, network: tuple[FakeHub, FakeServer]
-) -> None:
-    _, server = network
-    partial = tmp_path / "w" / ".partial" / "vgg16-397923af.pth"
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(server.data)  # a run that died between fetching and moving into place
-    download_weights(tmp_path / "w", progress=False)
-    assert server.ranges[-1] == f"bytes={len(server.data)}-"
-    assert (tmp_path / "w" / VGG16_RELPATH).read_bytes() == server.data
+def test_download_rebuilds_a_changed_trunk(weights_dir: Path, network: FakeHub) -> None:
+    with safe_open(weights_dir / VGG16_RELPATH, framework="pt") as f:
+        recorded = f.metadata()
+    _trunk(lambda f: f["features.0.bias"].add_(1), **recorded)(weights_dir)
+    download_weights(weights_dir, progress=False)
+    assert missing_parts(weights_dir, verify=True) == [] and network.calls == []
 
 
-def test_download_rejects_a_file_with_the_wrong_hash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, network: tuple[FakeHub, FakeServer]
-) -> None:
-    monkeypatch.setattr(weights, "VGG16_URL", "https://download.invalid/vgg16-00000000.pth")
-    target = tmp_path / "w"
-    with pytest.raises(WeightsError, match="sha256") as exc:
-        download_weights(target, progress=False)
-    _assert_actionable(exc, target / ".partial" / "vgg16-397923af.pth")
-    assert not (target / VGG16_RELPATH).exists()
-    assert not (target / ".partial" / "vgg16-397923af.pth").exists()
+def test_saved_trunk_records_the_hash_of_its_tensors(tmp_path: Path) -> None:
+    features = {"features.0.bias": torch.arange(3.0)}
+    save_vgg16_features(features, tmp_path / "a.safetensors")
+    save_vgg16_features({"features.0.bias": torch.arange(3.0) + 1}, tmp_path / "b.safetensors")
+    hashes = []
+    for name in ("a", "b"):
+        with safe_open(tmp_path / f"{name}.safetensors", framework="pt") as f:
+            hashes.append(f.metadata()["tensors_sha256"])
+    assert hashes[0] != hashes[1] and all(len(h) == 64 for h in hashes)
 
 
 # --- scripts/download_weights.py ----------------------------------------------------------
 
 
 def test_cli_reports_failure_without_traceback(
-    tmp_path: Path, network: tuple[FakeHub, FakeServer], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, network: FakeHub, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub, _ = network
-    hub.fail = True
+    network.fail = True
     cli = _import_script("download_weights")
     assert cli.main(["--weights", str(tmp_path / "w")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert f"{DOWNLOAD_COMMAND} --weights {tmp_path / 'w'}" in err
 
-    hub.fail = False
+    network.fail = False
     assert cli.main(["--weights", str(tmp_path / "w")]) == 0
     assert "Done" in capsys.readouterr().out
     assert cli.main(["--weights", str(tmp_path / "w")]) == 0

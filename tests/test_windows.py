@@ -1,4 +1,4 @@
-"""Window geometry against the published rules (ALGORITHM.md, "Windows")."""
+"""Window geometry against the published rules (docs/ALGORITHM.md, "Windows")."""
 
 from __future__ import annotations
 
