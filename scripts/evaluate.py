@@ -279,8 +279,11 @@ def find_panoramas(folder: Path, clip: bool, prompt: str | None) -> list[Panoram
         raise EvaluationError(f"folder {folder} holds no images ({allowed})")
     panoramas = []
     for path in paths:
-        with Image.open(path) as image:
-            width, height = image.size
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except OSError as exc:
+            raise EvaluationError(f"{path.name} is not an image Pillow can read ({exc})") from exc
         if min(width, height) < CROP or max(width, height) < 2 * CROP:
             raise EvaluationError(
                 f"{path.name} is {width}x{height}; the metrics compare {CROP}x{CROP} crops, so "
@@ -419,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         "--clip", action="store_true", help=f"also compute Mean-CLIP-S (needs {CLIP_MODEL})"
     )
     parser.add_argument(
-        "--clip-model", type=Path, default=None, help=f"local folder holding {CLIP_MODEL}"
+        "--clip-model",
+        type=Path,
+        default=None,
+        help=f"local folder holding {CLIP_MODEL} (implies --clip)",
     )
     parser.add_argument(
         "--prompt", default=None, help="prompt for CLIP-S (default: the one saved in each file)"

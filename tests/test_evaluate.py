@@ -193,6 +193,12 @@ def test_refusals_name_the_file(size, extra, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_refuses_an_unreadable_image(tmp_path, capsys):
+    (tmp_path / "p.png").write_text("not a picture")
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert "p.png is not an image Pillow can read" in capsys.readouterr().err
+
+
 def test_refuses_an_empty_folder_and_a_missing_clip_model(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
     assert f"folder {tmp_path} holds no images" in capsys.readouterr().err
