@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from syncdiffusion.files import read_parameters  # noqa: E402
 from syncdiffusion.pipeline import load_lpips  # noqa: E402
-from syncdiffusion.weights import VGG16_RELPATH, default_weights_dir  # noqa: E402
+from syncdiffusion.weights import VGG16_RELPATH, WeightsError, default_weights_dir  # noqa: E402
 
 CROP = 512  # crop side and stride, in pixels, as in the paper's evaluation
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         weights = args.weights or default_weights_dir()
         evaluate(panoramas, weights, device, clip, args.clip_model)
-    except EvaluationError as exc:
+    except (EvaluationError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
