@@ -112,13 +112,15 @@ def sd_variant(sd_dir: str | os.PathLike[str]) -> str | None:
 def load_vgg16_features(path: str | os.PathLike[str]) -> Features:
     """The trunk's `features.*` tensors, read once and hash-checked; WeightsError if unusable.
 
-    Where `path` is absent but torchvision's whole file lies beside it (the old layout), that
-    file is read instead, with a notice."""
+    `path` may also be torchvision's whole VGG16 file (`.pth`). Where `path` is absent but
+    torchvision's file lies beside it (the old layout), that file is read instead, with a notice."""
     path = Path(path)
     legacy = path.parent / Path(LEGACY_VGG16_RELPATH).name
     # The fix command can name the folder only when the file sits where download puts it.
     fix = _fix(path.parent.parent if path.parent.name == "lpips" else None)
-    if not path.exists() and legacy.is_file():
+    if path.suffix == ".pth":  # torchvision's whole file, as in the torch hub cache
+        features, problem = _read_torchvision_file(path)
+    elif not path.exists() and legacy.is_file():
         logger.warning("%s is the old layout; `%s` makes %s of it.", legacy, fix[5:], path.name)
         features, problem = _read_torchvision_file(legacy)
     else:

@@ -1,55 +1,207 @@
-"""scripts/evaluate.py: the paper's coherence metrics over a folder of panoramas."""
+"""scripts/evaluate.py against the paper's evaluation code (tests/paper_metrics.py).
+
+Both run on the same random VGG16/VGG19 in a temporary torch hub cache and the same tiny
+random CLIP. The crop side is 512 in both; these tests shrink it to 64 in both, which changes
+no step of either and makes each network call 64 times cheaper.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
+import shutil
+import urllib.error
 from pathlib import Path
 
+import evaluate
 import numpy as np
+import paper_metrics
+import pytest
 import torch
-from evaluate import coherence, crops, gram
+from eval_models import VGG_FILES, write_hub_vgg, write_tiny_clip
 from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
 
-from syncdiffusion.pipeline import load_lpips
-from syncdiffusion.weights import VGG16_RELPATH
+from syncdiffusion.files import save_image
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_crops_are_512_at_stride_512():
-    image = Image.new("RGB", (1600, 1100))
-    tiles = crops(image)
-    assert tiles.shape == (3 * 2, 3, 512, 512)
-
-
-def test_gram_is_normalised():
-    features = torch.ones(1, 2, 4, 4)
-    assert torch.allclose(gram(features), torch.full((1, 2, 2), 1 / 2))
+WINDOW = 64
+# file: (width, height) in windows, and its saved prompt. Names fix the order, as in the report.
+PANORAMAS = {
+    "a_wide.png": ((3, 1), "a photo of a city skyline at night"),
+    "b_tall.png": ((1, 2), "a waterfall"),
+    "c_2d.png": ((3, 2), "the sea"),
+}
 
 
-def test_a_repeated_tile_is_perfectly_coherent(tiny_weights):
-    model = load_lpips(tiny_weights / VGG16_RELPATH)
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A torch hub cache with random VGG16 and VGG19, a weights folder, a tiny CLIP folder."""
+    root = tmp_path_factory.mktemp("eval-models")
+    checkpoints = write_hub_vgg(root / "torch")
+    (root / "weights" / "lpips").mkdir(parents=True)
+    shutil.copy(checkpoints / VGG_FILES["D"], root / "weights" / "lpips")
+    return {
+        "torch": root / "torch",
+        "weights": root / "weights",
+        "clip": write_tiny_clip(root / "clip"),
+    }
+
+
+@pytest.fixture
+def small_window(monkeypatch):
+    monkeypatch.setattr(evaluate, "CROP", WINDOW)
+    monkeypatch.setattr(paper_metrics, "WINDOW", WINDOW)
+
+
+def write_panoramas(folder: Path) -> Path:
+    """The three panoramas of PANORAMAS, random pixels, each with its prompt saved inside."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    tile = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    repeated = Image.fromarray(np.concatenate([tile, tile], axis=1))
-    n, intra_lpips, intra_style = coherence(model, repeated, torch.device("cpu"))
-    assert n == 2 and intra_lpips < 1e-6 and intra_style < 1e-9
-    mixed = Image.fromarray(np.concatenate([tile, 255 - tile], axis=1))
-    _, mixed_lpips, mixed_style = coherence(model, mixed, torch.device("cpu"))
-    assert mixed_lpips > intra_lpips and mixed_style > intra_style
+    for name, ((columns, rows), prompt) in PANORAMAS.items():
+        # Coarse random blocks, so crops differ in content and style as a scene's parts do.
+        blocks = rng.integers(0, 256, (rows * 8, columns * 8, 3), dtype=np.uint8)
+        pixels = blocks.repeat(WINDOW // 8, axis=0).repeat(WINDOW // 8, axis=1)
+        pixels = np.clip(pixels + rng.integers(0, 32, pixels.shape), 0, 255).astype(np.uint8)
+        save_image(Image.fromarray(pixels), folder / name, {"prompt": prompt, "seed": 2})
+    return folder
 
 
-def test_report_over_a_folder(tiny_weights, tmp_path):
-    for i in range(2):
-        Image.new("RGB", (1024, 512), (i * 100, 50, 50)).save(tmp_path / f"p{i}.png")
-    result = subprocess.run(
-        [sys.executable, "scripts/evaluate.py", str(tmp_path), "--weights", str(tiny_weights)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Intra-LPIPS" in result.stdout and "Intra-Style-L" in result.stdout
-    assert "p0.png" in result.stdout and "mean of 2 images" in result.stdout
+def test_the_crop_is_the_papers():
+    assert evaluate.CROP == paper_metrics.WINDOW == 512
+
+
+def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(models["torch"]))
+    folder = write_panoramas(tmp_path / "panoramas")
+    out = tmp_path / "figures.json"
+    argv = [str(folder), "--weights", str(models["weights"]), "--json", str(out), "--clip"]
+    assert evaluate.main([*argv, "--clip-model", str(models["clip"]), "--device", "cpu"]) == 0
+    figures = json.loads(out.read_text())
+    ours = {image["file"]: image for image in figures["images"]}
+    assert list(ours) == list(PANORAMAS)
+
+    lpips_ref = paper_metrics.intra_lpips(folder)
+    style_ref = paper_metrics.intra_style_loss(folder)
+    for name in PANORAMAS:
+        assert ours[name]["intra_lpips"] == pytest.approx(lpips_ref[name], rel=1e-5)
+    # A side of 512 (WINDOW here): the paper's resize changes nothing, its figures are ours.
+    for name in ("a_wide.png", "b_tall.png"):
+        assert not ours[name]["style_unresized"]
+        assert ours[name]["intra_style_l"] == pytest.approx(style_ref[name], rel=1e-5)
+    # Taller both ways: the paper's code shrinks it to one crop and finds nothing to compare;
+    # the report compares its crops unresized, with the paper's style loss, and says so.
+    assert style_ref["c_2d.png"] == 0.0 and ours["c_2d.png"]["style_unresized"]
+    alone = tmp_path / "2d"
+    alone.mkdir()
+    shutil.copy(folder / "c_2d.png", alone)
+    unresized_ref = paper_metrics.intra_style_loss(alone, resize=False)["c_2d.png"]
+    assert ours["c_2d.png"]["intra_style_l"] == pytest.approx(unresized_ref, rel=1e-5)
+    assert [ours[name]["crops"] for name in PANORAMAS] == [3, 2, 6]
+
+    # CLIP: the paper's crop_panorama (512-high panoramas only) and eval_clip_score, on the wide
+    # panorama, the first in name order; the others continue the same seeded numpy stream.
+    def clip_model():
+        folder = models["clip"]
+        return evaluate.ProjectedCLIP.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+
+    wide_only = tmp_path / "wide"
+    wide_only.mkdir()
+    shutil.copy(folder / "a_wide.png", wide_only)
+    paper_metrics.crop_panorama(wide_only, tmp_path / "crops")
+    wide_ref = paper_metrics.clip_scores(tmp_path / "crops", PANORAMAS["a_wide.png"][1], clip_model)
+    assert ours["a_wide.png"]["clip_score"] == pytest.approx(wide_ref["a_wide.png"], rel=1e-5)
+    rng = np.random.RandomState(2023)
+    rng.randint(0, 3 * WINDOW - WINDOW)  # the wide panorama's crop
+    boxes = {"b_tall.png": (rng.randint(0, WINDOW), 0)}
+    left = rng.randint(0, 2 * WINDOW)
+    boxes["c_2d.png"] = (rng.randint(0, WINDOW), left)
+    for name, (top, left) in boxes.items():
+        crop_dir = tmp_path / f"crop-{name}"
+        crop_dir.mkdir()
+        with Image.open(folder / name) as image:
+            image.crop((left, top, left + WINDOW, top + WINDOW)).save(crop_dir / name)
+        ref = paper_metrics.clip_scores(crop_dir, PANORAMAS[name][1], clip_model)[name]
+        assert ours[name]["clip_score"] == pytest.approx(ref, rel=1e-5)
+
+    for key in ("intra_lpips", "intra_style_l", "clip_score"):
+        mean = np.mean([ours[name][key] for name in PANORAMAS])
+        assert figures["mean"][key] == pytest.approx(mean)
+
+    printed = capsys.readouterr().out
+    assert "Intra-LPIPS" in printed and "Intra-Style-L" in printed and "CLIP-S" in printed
+    assert "mean of 3 images" in printed
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.strip()}
+    assert "*" in rows["c_2d.png"] and "*" not in rows["a_wide.png"]
+    assert "not the paper's" in printed
+
+
+def test_projected_clip_gives_the_projected_embeddings(models):
+    """torchmetrics needs the embeddings as tensors; transformers 5 returns output objects."""
+    plain = CLIPModel.from_pretrained(models["clip"])
+    projected = evaluate.ProjectedCLIP.from_pretrained(models["clip"])
+    pixels = torch.rand(1, 3, 224, 224)
+    tokens = torch.tensor([[0, 5, 2]])
+    with torch.no_grad():
+        image = plain.visual_projection(plain.vision_model(pixel_values=pixels).pooler_output)
+        text = plain.text_projection(plain.text_model(input_ids=tokens).pooler_output)
+        assert torch.equal(projected.get_image_features(pixels), image)
+        assert torch.equal(projected.get_text_features(tokens), text)
+
+
+def test_without_clip_the_score_is_null(models, small_window, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(models["torch"]))
+    folder = tmp_path / "panoramas"
+    folder.mkdir()
+    Image.new("RGB", (2 * WINDOW, WINDOW), (10, 200, 30)).save(folder / "flat.png")
+    out = tmp_path / "figures.json"
+    assert evaluate.main([str(folder), "--weights", str(tmp_path), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["images"][0]["clip_score"] is None and figures["mean"]["clip_score"] is None
+    # Two identical crops: perfectly coherent.
+    assert figures["images"][0]["intra_lpips"] < 1e-6
+    assert figures["images"][0]["intra_style_l"] == 0.0
+
+
+def test_offline_without_vgg19_says_which_file_and_where(monkeypatch, tmp_path, capsys):
+    write_hub_vgg(tmp_path / "torch", configs="D")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    folder = tmp_path / "panoramas"
+    folder.mkdir()
+    Image.new("RGB", (1024, 512)).save(folder / "p.png")
+    assert evaluate.main([str(folder), "--weights", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / VGG_FILES["E"]
+    assert error.count("\n") == 1 and "no network" in error
+    assert str(expected) in error and "https://download.pytorch.org/models/vgg19" in error
+
+
+@pytest.mark.parametrize(
+    ("size", "extra", "message"),
+    [
+        ((512, 512), [], "p.png is 512x512; the metrics compare 512x512 crops"),
+        ((1024, 500), [], "p.png is 1024x500"),
+        ((1024, 512), ["--clip"], "p.png carries no saved prompt for the CLIP score"),
+    ],
+)
+def test_refusals_name_the_file(size, extra, message, tmp_path, capsys):
+    Image.new("RGB", size).save(tmp_path / "p.png")
+    assert evaluate.main([str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_an_unreadable_image(tmp_path, capsys):
+    (tmp_path / "p.png").write_text("not a picture")
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert "p.png is not an image Pillow can read" in capsys.readouterr().err
+
+
+def test_refuses_an_empty_folder_and_a_missing_clip_model(tmp_path, capsys):
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert f"folder {tmp_path} holds no images" in capsys.readouterr().err
+    Image.new("RGB", (1024, 512)).save(tmp_path / "p.png")
+    assert evaluate.main([str(tmp_path), "--clip-model", str(tmp_path / "clip")]) == 2
+    assert "--clip-model must be a folder" in capsys.readouterr().err
