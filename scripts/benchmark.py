@@ -120,6 +120,15 @@ def machine(device: torch.device) -> str:
     return f"{cpu}, {psutil.cpu_count()} CPUs{gpu}; torch {torch.__version__}"
 
 
+def publish(report: str, record: Path | None) -> None:
+    """Print a measurement's report and append it to `record` (BENCHMARKS.md) unless None."""
+    print(report)
+    if record is not None:
+        with record.open("a") as f:
+            f.write("\n" + report)
+        print(f"appended to {record}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=("tiny", "sd2"), default="tiny")
@@ -250,11 +259,7 @@ def main() -> None:
             "",
         ]
     )
-    print(report)
-    if not args.no_record:
-        with args.record.open("a") as f:
-            f.write("\n" + report)
-        print(f"appended to {args.record}")
+    publish(report, None if args.no_record else args.record)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""The quick-start demo (scripts/demo.py): download or fall back, CPU settings, overrides."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import demo
+import download_weights
+import pytest
+import torch
+
+import syncdiffusion.__main__ as cli
+from syncdiffusion.files import read_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the CLI takes unless told otherwise: the published wrapper's defaults.
+PUBLISHED = demo.published_defaults()
+# A run the tiny model finishes in a few seconds.
+QUICK = ["--width", "512", "--num-inference-steps", "1", "--sync-threshold", "0"]
+
+
+def run_demo(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """scripts/demo.py as scripts/demo runs it, in `cwd`, with `env` on top of a clean one."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SYNCDIFFUSION_"))}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), *args],
+        cwd=cwd,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder with no weights/, and the tiny model where the demo keeps it."""
+    (tmp_path / demo.TINY_WEIGHTS).symlink_to(tiny_weights)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SYNCDIFFUSION_WEIGHTS", raising=False)
+    return tmp_path
+
+
+def assert_fell_back(result: subprocess.CompletedProcess, reason: str, output: str) -> None:
+    """The demo ran on the tiny model, said why on one line and, last, that the picture is noise."""
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    first = next(line for line in lines if line.startswith("No model in weights"))
+    assert reason in first and "tiny random test model" in first and "noise" in first
+    assert "scripts/demo again" in first  # how to get the real one
+    assert lines[-1].startswith(f"{output} is noise")
+
+
+def test_offline_the_tiny_model_is_made_and_stands_in(tmp_path):
+    args = ("--output", "x.png", "--prompt", "a bay")
+    result = run_demo(tmp_path, *QUICK, *args, HF_HUB_OFFLINE="1")
+    assert_fell_back(result, "HF_HUB_OFFLINE is set", "x.png")
+    assert not (tmp_path / "weights").exists()  # no download was started
+    assert not demo.missing_parts(tmp_path / demo.TINY_WEIGHTS)
+    parameters = read_parameters(tmp_path / "x.png")
+    assert parameters["prompt"] == "a bay"
+    assert (parameters["width"], parameters["num_inference_steps"]) == (512, 1)
+
+
+def test_an_unreachable_hub_falls_back_to_the_tiny_model(in_tmp):
+    # Nothing listens on the discard port: the connection is refused at once.
+    result = run_demo(in_tmp, *QUICK, HF_ENDPOINT="http://127.0.0.1:9")
+    assert_fell_back(result, "127.0.0.1:9 cannot be reached", "demo.png")
+    assert not (in_tmp / "weights").exists()
+    assert read_parameters(in_tmp / "demo.png")["prompt"] == demo.PROMPT
+
+
+def test_no_model_and_the_hub_answers_downloads_first(in_tmp, tiny_weights, monkeypatch, capsys):
+    calls = []
+
+    def fake_download(argv):
+        calls.append(argv)
+        shutil.copytree(tiny_weights, argv[1])
+        return 0
+
+    monkeypatch.setattr(demo, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(download_weights, "main", fake_download)
+    assert demo.main([*QUICK, "--stride", "8"]) == 0
+    assert calls == [["--weights", "weights"]]
+    out = capsys.readouterr().out
+    assert f"downloading the model into weights/ ({demo.DOWNLOAD_SIZE}" in out
+    assert "noise" not in out
+    assert read_parameters(in_tmp / "demo.png")["stride"] == 8
+
+
+def test_a_failed_download_stops_the_demo(in_tmp, monkeypatch):
+    monkeypatch.setattr(demo, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(download_weights, "main", lambda argv: 1)
+    assert demo.main(QUICK) == 1
+    assert not (in_tmp / "demo.png").exists()
+
+
+def test_cpu_settings_and_estimate_any_option_overrides(in_tmp, tiny_weights, capsys):
+    # The real (here: tiny) model is in place and there is no GPU: the demo's CPU settings,
+    # except the ones given, and an estimate before the run.
+    assert not torch.cuda.is_available()
+    assert demo.main(["--weights", str(tiny_weights), *QUICK]) == 0
+    parameters = read_parameters(in_tmp / "demo.png")
+    assert parameters["stride"] == demo.CPU_SETTINGS["stride"]  # the demo's
+    assert (parameters["width"], parameters["num_inference_steps"]) == (512, 1)  # the user's
+    out = capsys.readouterr().out
+    assert "On the CPU: 512x512, stride 32, 1 step (0 synced), to end in reasonable time" in out
+    assert "The demo chose --stride; give any to override." in out
+    assert "Estimated time on this CPU, as busy as it is now: about " in out
+    assert "noise" not in out
+
+
+def test_demo_settings_per_machine(tiny_weights, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(cli.parse_args(argv)) or 0)
+
+    def chosen(*argv: str) -> dict:
+        assert demo.main(["--weights", str(tiny_weights), *argv]) == 0
+        args = seen.pop()
+        return {name: getattr(args, name) for name in PUBLISHED}
+
+    assert chosen() == {**PUBLISHED, **demo.CPU_SETTINGS}
+    assert chosen("--num-inference-steps", "50", "--stride", "16") == {
+        **PUBLISHED,
+        **demo.CPU_SETTINGS,
+        "num_inference_steps": 50,
+        "stride": 16,
+    }
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert chosen() == PUBLISHED
+    assert "On cuda: 2048x512, stride 16, 50 steps (5 synced)." in capsys.readouterr().out
+    assert chosen("--device", "cpu") == {**PUBLISHED, **demo.CPU_SETTINGS}
+
+
+def test_estimate_scales_with_the_work_and_the_cpu():
+    assert (PUBLISHED["width"], PUBLISHED["num_inference_steps"]) == (2048, 50)
+    cpu = {**PUBLISHED, **demo.CPU_SETTINGS}
+    # Two cores like the measuring machine's, both busy: half its CPU seconds, in wall seconds.
+    two_cores = demo.COST_PROBE_CPU_S / 2
+    seconds = demo.estimate_cpu_seconds(cpu, two_cores)
+    assert 3 * 60 <= seconds <= 15 * 60  # the purpose of the CPU settings
+    assert demo.estimate_cpu_seconds(cpu, two_cores / 2) == pytest.approx(seconds / 2)
+    assert demo.estimate_cpu_seconds(PUBLISHED, two_cores) > 10 * seconds
+    unsynced = demo.estimate_cpu_seconds({**cpu, "sync_threshold": 0}, demo.COST_PROBE_CPU_S)
+    synced = demo.estimate_cpu_seconds(cpu, demo.COST_PROBE_CPU_S)
+    # 3 windows: the anchor's decode and the two other windows' gradients.
+    assert synced - unsynced == pytest.approx(demo.COST_DECODE_S + 2 * demo.COST_SYNCED_S)
