@@ -33,7 +33,7 @@ _runs: dict[str, tuple] = {}
 
 
 def _run(pipe, case):
-    """The oracle's picture and latent, and the pipeline's latent, for a case: once a session."""
+    """The oracle's picture and latent, and the pipeline's latent, for a case, computed once."""
     if case not in _runs:
         inputs = {**SMALL, **CASES[case]}
         _runs[case] = (*oracle_panorama(pipe, **inputs), pipe(**inputs, output_type="latent"))
