@@ -34,12 +34,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def decode_image(data_url: str) -> bytes:
+    """The file in a `data:image/...;base64,...` output (png, webp or jpeg)."""
+    header, _, data = data_url.partition(",")
+    if not (header.startswith("data:image/") and header.endswith(";base64")):
+        raise ValueError(f"not an image data URL: {data_url[:40]!r}")
+    return base64.b64decode(data)
+
+
 def decode_png(data_url: str) -> Image.Image:
     """The image in a `data:image/png;base64,...` output."""
-    prefix = "data:image/png;base64,"
-    if not data_url.startswith(prefix):
+    if not data_url.startswith("data:image/png;base64,"):
         raise ValueError(f"not a PNG data URL: {data_url[:40]!r}")
-    return Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :])))
+    return Image.open(io.BytesIO(decode_image(data_url)))
 
 
 class CogServer:

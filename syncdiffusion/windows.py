@@ -33,6 +33,20 @@ def _offsets(length: int, stride: int, cover_edge: bool) -> list[int]:
     return offsets
 
 
+def wrap_offsets(stride: int) -> list[int]:
+    """Where each row's wrap views end on the left edge: `k * stride` for the `k` listed.
+
+    The published wrapper's wrap views, `k = 1 .. WINDOW // stride - 2` (one short of the last
+    offset), where it has any: stride 8 and 16. At stride 24 and above that formula gives none,
+    and nothing would join the right edge to the left in latent space; there one view does, the
+    one at a multiple of the stride most nearly centred on the seam.
+    """
+    published = [k * stride for k in range(1, WINDOW // stride - 1)]
+    if published:
+        return published
+    return [min(range(stride, WINDOW, stride), key=lambda w1: abs(2 * w1 - WINDOW))]
+
+
 def panorama_windows(
     latent_height: int, latent_width: int, stride: int, loop_closure: bool = False
 ) -> list[Window]:
@@ -40,9 +54,9 @@ def panorama_windows(
 
     Sizes the published wrapper takes (both sides multiples of `stride`) get exactly its
     grid. Other sizes get one more row or column flush with the bottom or right edge where the
-    grid stops short, so every latent pixel is in a view. The wrap views of a row are offsets
-    `k * stride` past its right edge for `k = 1 .. WINDOW // stride - 2`; the published wrapper
-    stops one short of the last offset, and so do we.
+    grid stops short, so every latent pixel is in a view. With loop closure every row then
+    gets the wrap views of `wrap_offsets`, which straddle the seam between the right and left
+    edges.
     """
     cover_edges = bool(latent_height % stride or latent_width % stride)
     rows = _offsets(latent_height, stride, cover_edges)
@@ -50,9 +64,8 @@ def panorama_windows(
     windows = [Window(h0, h0 + WINDOW, w0, w0 + WINDOW) for h0 in rows for w0 in cols]
     if loop_closure:
         for h0 in rows:
-            for k in range(1, WINDOW // stride - 1):
-                w0 = latent_width - WINDOW + k * stride
-                windows.append(Window(h0, h0 + WINDOW, w0, k * stride))
+            for w1 in wrap_offsets(stride):
+                windows.append(Window(h0, h0 + WINDOW, latent_width - WINDOW + w1, w1))
     return windows
 
 

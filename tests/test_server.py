@@ -8,8 +8,11 @@ import threading
 import time
 
 import pytest
-from cog_server import CogServer, decode_png, new_prediction_id
+from cog_server import CogServer, decode_image, decode_png, new_prediction_id
+from PIL import Image
 from soak import soak, verdict
+
+from syncdiffusion.files import read_parameters
 
 SMALL = {
     "prompt": "a desert canyon",
@@ -109,6 +112,40 @@ def test_empty_and_overlong_prompts_are_accepted(server):
         re.MULTILINE,
     ), result["logs"]
     assert "Token indices" not in result["logs"]  # one line, not the tokenizer's warning too
+
+
+def test_a_100_kb_prompt_saves_as_a_photo_sphere_in_every_format(server, tmp_path):
+    prompt = "a lighthouse on a cliff, " * 4000  # 100,000 characters
+    request = {
+        **SMALL,
+        "prompt": prompt,
+        "width": 512,
+        "num_inference_steps": 1,
+        "sync_threshold": 0,
+        "loop_closure": True,
+    }
+    for output_format, pil_format in (("png", "PNG"), ("webp", "WEBP"), ("jpg", "JPEG")):
+        result = server.predict({**request, "output_format": output_format})
+        assert result["status"] == "succeeded", result
+        path = tmp_path / f"pano.{output_format}"
+        path.write_bytes(decode_image(result["output"]))
+        with Image.open(path) as image:
+            assert image.format == pil_format and image.size == (512, 512)
+            sphere = image.getxmp()["xmpmeta"]["RDF"]["Description"]
+        assert sphere["ProjectionType"] == "equirectangular"
+        assert (sphere["FullPanoWidthPixels"], sphere["FullPanoHeightPixels"]) == ("512", "256")
+        assert "a 360-degree panorama 512x512 is taller than half its width" in result["logs"]
+        saved = read_parameters(path)
+        assert saved["loop_closure"] is True and saved["seed"] == SMALL["seed"]
+        if output_format == "jpg":
+            assert prompt.startswith(saved["prompt"]) and len(saved["prompt"]) > 10_000
+            assert re.search(
+                r"^the jpg file keeps the first \d+ of 100000 characters of prompt",
+                result["logs"],
+                re.MULTILINE,
+            ), result["logs"]
+        else:
+            assert saved["prompt"] == prompt
 
 
 def test_the_same_request_gives_the_same_pixels_whatever_ran_between(server):

@@ -39,18 +39,52 @@ def test_grid_is_row_major():
     assert all(w.h1 - w.h0 == w.w1 - w.w0 == WINDOW for w in windows)
 
 
-@pytest.mark.parametrize("stride, n_wrap", [(8, 6), (16, 2), (32, 0), (48, 0)])
-def test_loop_closure_appends_wrap_views_stopping_one_short(stride, n_wrap):
+@pytest.mark.parametrize("stride, n_wrap", [(8, 6), (16, 2)])
+def test_loop_closure_appends_the_published_wrap_views_stopping_one_short(stride, n_wrap):
     latent_w = 1536 // 8
     grid = panorama_windows(64, latent_w, stride)
     windows = panorama_windows(64, latent_w, stride, loop_closure=True)
     assert windows[: len(grid)] == grid
     wraps = windows[len(grid) :]
-    assert len(wraps) == max(0, 64 // stride - 2) == n_wrap
+    assert len(wraps) == 64 // stride - 2 == n_wrap
     for k, w in enumerate(wraps, start=1):
         assert (w.h0, w.h1, w.w0, w.w1) == (0, 64, latent_w - 64 + k * stride, k * stride)
         assert w.wraps
     assert anchor_index(windows) == len(windows) // 2
+
+
+def _columns(window: Window, latent_width: int) -> set[int]:
+    if window.wraps:
+        return set(range(window.w0, latent_width)) | set(range(window.w1))
+    return set(range(window.w0, window.w1))
+
+
+STRIDES = range(8, 64, 8)
+
+
+@pytest.mark.parametrize("stride", STRIDES)
+@pytest.mark.parametrize("height, width", [(512, 2048), (1024, 1536), (520, 1000), (512, 4096)])
+def test_every_row_is_joined_across_the_seam_at_every_stride(stride, height, width):
+    h, w = height // 8, width // 8
+    windows = panorama_windows(h, w, stride, loop_closure=True)
+    for h0 in sorted({win.h0 for win in windows}):
+        row = [win for win in windows if win.h0 == h0]
+        for column, other_side in ((w - 1, 0), (0, w - 1)):
+            assert any({column, other_side} <= _columns(win, w) for win in row), (h0, column)
+
+
+@pytest.mark.parametrize("stride", [24, 32, 40, 48, 56])
+def test_where_the_published_wrapper_has_no_wrap_view_one_per_row_straddles_the_seam(stride):
+    latent_w = 2048 // 8
+    grid = panorama_windows(128, latent_w, stride)
+    wraps = panorama_windows(128, latent_w, stride, loop_closure=True)[len(grid) :]
+    rows = sorted({win.h0 for win in grid})
+    assert [win.h0 for win in wraps] == rows  # the fewest: one each
+    for win in wraps:
+        assert win.wraps and win.w1 % stride == 0
+        # Most nearly centred on the seam among the multiples of the stride.
+        offsets = range(stride, WINDOW, stride)
+        assert abs(2 * win.w1 - WINDOW) == min(abs(2 * k - WINDOW) for k in offsets)
 
 
 def test_wrap_view_is_right_edge_then_left_edge():
