@@ -92,7 +92,7 @@ def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipel
             text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype),
             tokenizer=CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"),
             scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler"),
-            perceptual=load_lpips(tiny / VGG16_RELPATH).to(dtype),
+            perceptual=load_lpips(tiny / VGG16_RELPATH),
         )
     return pipe.to(device)
 

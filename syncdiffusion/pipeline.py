@@ -308,6 +308,7 @@ class SyncDiffusionPipeline:
 
         # 5. Denoise, then decode. Out of memory where no smaller chunk or tiled decode fits
         # fails this panorama only, and after clean-up.
+        out_of_memory = False
         try:
             with torch.no_grad():
                 if view_batch_size is None:
@@ -326,39 +327,40 @@ class SyncDiffusionPipeline:
                     initial_loss_scale=initial_loss_scale(self.dtype),
                     callback=callback,
                 )
-                if output_type == "latent":
-                    return latent
-                image = self.decode(latent, loop_closure)
+                image = None if output_type == "latent" else self.decode(latent, loop_closure)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-        else:
-            # 6. Keep what made the picture with it.
-            image.info["parameters"] = self._parameters(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                width=width,
-                height=height,
-                guidance_scale=guidance_scale,
-                sync_weight=sync_weight,
-                sync_decay_rate=sync_decay_rate,
-                sync_freq=sync_freq,
-                sync_threshold=sync_threshold,
-                num_inference_steps=num_inference_steps,
-                stride=stride,
-                seed=seed,
-                loop_closure=loop_closure,
+            out_of_memory = True
+        if out_of_memory:
+            # Raised here, past the `except`, so that neither this error's context nor a
+            # traceback keeps the failed chunk's tensors alive while the next request sizes
+            # its chunks.
+            release_memory()
+            raise MemoryError(
+                f"out of {self.device.type} memory even with one window at a time "
+                f"({free_memory(self.device) / 2**30:.1f} GiB free after clean-up); "
+                "the GPU is too small for this model or is shared with other work"
             )
-            return image
-        # Raised here, past the `except`, so that neither this error's context nor a traceback
-        # keeps the failed chunk's tensors alive while the next request sizes its chunks.
-        release_memory()
-        raise MemoryError(
-            f"out of {self.device.type} memory even with one window at a time "
-            f"({free_memory(self.device) / 2**30:.1f} GiB free after clean-up); "
-            "the GPU is too small for this model or is shared with other work"
-        )
+        if image is None:
+            return latent
 
-    def _parameters(self, **inputs) -> dict:
-        """What made a picture: its inputs, the model's identity and this package's version."""
-        return {**inputs, "model": model_identity(self.unet.config), "syncdiffusion": __version__}
+        # 6. Keep what made the picture with it.
+        image.info["parameters"] = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "width": width,
+            "height": height,
+            "guidance_scale": guidance_scale,
+            "sync_weight": sync_weight,
+            "sync_decay_rate": sync_decay_rate,
+            "sync_freq": sync_freq,
+            "sync_threshold": sync_threshold,
+            "num_inference_steps": num_inference_steps,
+            "stride": stride,
+            "seed": seed,
+            "loop_closure": loop_closure,
+            "model": model_identity(self.unet.config),
+            "syncdiffusion": __version__,
+        }
+        return image

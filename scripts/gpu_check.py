@@ -1,0 +1,406 @@
+"""Everything that needs a GPU, in one command: fp16 numerics, speed, memory, out-of-memory.
+
+    python scripts/gpu_check.py [--out DIR]           # CUDA: SD2-base architecture, random
+    python scripts/gpu_check.py --smoke [--out DIR]   # the CPU, the tiny model, small sizes
+
+Writes DIR/gpu-check.md (the report that goes into BENCHMARKS.md) and DIR/gpu-check.json (its
+figures) after every section, so a run cut short still leaves what it measured. Sections:
+
+1. published: the published algorithm as the published wrapper ran it (the oracle, fp32
+   weights under autocast) against the fast path (fp16): seconds, peak memory, largest pixel
+   difference, whether every latent stayed finite; 2048x512, 50 steps, sync_threshold 5.
+2. repeatable: the fast path twice with automatic chunks and once one window at a time.
+3. gradient: one view's sync gradient with fp16 networks against fp32 ones (cosine).
+4. memory: the per-window estimate against the measured peak of chunks of 1, 2 and 4.
+5. out-of-memory: a memory cap under which 4 windows do not fit (halving, then success), one
+   under which 1 does not (a clear MemoryError), then a normal prediction and the free memory.
+6. huge: 4096x4096 at stride 56, 2 steps: peak memory (the 24 GB GPU claim).
+
+The GPU machine needs this project's pinned diffusers, transformers and lpips:
+`scripts/fetch_gpu_wheels.sh` downloads them into `.whl/` to take along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark import machine, sd2_pipeline, timed  # noqa: E402
+from make_tiny_weights import make_tiny_weights  # noqa: E402
+from oracle import oracle_panorama  # noqa: E402
+
+import syncdiffusion.sampling as sampling  # noqa: E402
+from syncdiffusion import SyncDiffusionPipeline, __version__  # noqa: E402
+from syncdiffusion.batching import free_memory, release_memory  # noqa: E402
+from syncdiffusion.decoding import decode  # noqa: E402
+from syncdiffusion.precision import LossScale, initial_loss_scale  # noqa: E402
+from syncdiffusion.sampling import guided_eps, predict_x0  # noqa: E402
+from syncdiffusion.sync import lpips_features, sync_gradient  # noqa: E402
+from syncdiffusion.windows import panorama_windows  # noqa: E402
+
+PROMPT = "a photo of a mountain range at twilight"
+# Sizes and steps per mode: the GPU check's own, and the CPU smoke run's (same code, minutes).
+SETTINGS = {
+    "gpu": {
+        "published": dict(width=2048, height=512, num_inference_steps=50, sync_threshold=5),
+        "repeatable": dict(width=2048, height=512, num_inference_steps=10, sync_threshold=5),
+        "memory": dict(width=1024, height=512, num_inference_steps=1, sync_threshold=1),
+        "huge": dict(width=4096, height=4096, stride=56, num_inference_steps=2),
+    },
+    "smoke": {
+        "published": dict(width=640, height=512, num_inference_steps=2, sync_threshold=1),
+        "repeatable": dict(width=640, height=512, num_inference_steps=1, sync_threshold=1),
+        "memory": dict(width=1024, height=512, num_inference_steps=1, sync_threshold=1),
+        "huge": dict(width=1024, height=1024, stride=56, num_inference_steps=1, sync_threshold=0),
+    },
+}
+
+
+class Report:
+    """The figures (JSON) and the markdown report, both rewritten after every section."""
+
+    def __init__(self, out: Path, header: list[str]) -> None:
+        self.out, self.header, self.lines, self.figures = out, header, [], {}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, section: str, figures: dict, lines: list[str]) -> None:
+        self.figures[section] = figures
+        self.lines += [f"**{section}**", "", *lines, ""]
+        print("\n".join(lines), flush=True)
+        (self.out / "gpu-check.json").write_text(json.dumps(self.figures, indent=2) + "\n")
+        (self.out / "gpu-check.md").write_text("\n".join([*self.header, *self.lines]))
+
+
+def pixel_diff(a, b) -> int:
+    return int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max())
+
+
+def finite_latents(pipe: SyncDiffusionPipeline, **inputs):
+    """The picture, and whether the latent was finite after every step."""
+    finite = []
+    image = pipe(
+        **inputs, callback=lambda state: finite.append(bool(state["latent"].isfinite().all()))
+    )
+    return image, all(finite)
+
+
+@contextmanager
+def chunk_log():
+    """Record the size of every chunk that the sync gradient is asked for."""
+    sizes, real = [], sampling.sync_gradient
+
+    def logged(views, *args, **kwargs):
+        sizes.append(views.shape[0])
+        return real(views, *args, **kwargs)
+
+    sampling.sync_gradient = logged
+    try:
+        yield sizes
+    finally:
+        sampling.sync_gradient = real
+
+
+@contextmanager
+def memory_cap(device: torch.device, window_bytes: int, windows: float):
+    """Room for about `windows` windows over what is allocated now: on CUDA a real cap
+    (`set_per_process_memory_fraction`); on the CPU a stand-in that fails larger chunks."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        room = torch.cuda.memory_allocated(device) + windows * window_bytes
+        torch.cuda.set_per_process_memory_fraction(min(1.0, room / total), device)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        return
+    real = sampling.sync_gradient
+
+    def capped(views, *args, **kwargs):
+        if views.shape[0] > windows:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated by gpu_check --smoke)")
+        return real(views, *args, **kwargs)
+
+    sampling.sync_gradient = capped
+    try:
+        yield
+    finally:
+        sampling.sync_gradient = real
+
+
+def load(tiny: Path | None, device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
+    """SD2-base's architecture with random weights, or the tiny model in folder `tiny`."""
+    if tiny is None:
+        return sd2_pipeline(device, dtype)
+    if not tiny.is_dir():
+        make_tiny_weights(tiny)
+    return SyncDiffusionPipeline.from_pretrained(tiny, device=device, dtype=dtype)
+
+
+def check_published(report, fast, oracle, inputs, device) -> None:
+    (o_image, o_latent), o_s, o_peak = timed(
+        lambda: oracle_panorama(oracle, PROMPT, **inputs), device
+    )
+    (f_image, f_finite), f_s, f_peak = timed(
+        lambda: finite_latents(fast, prompt=PROMPT, **inputs), device
+    )
+    n = len(panorama_windows(inputs["height"] // 8, inputs["width"] // 8, 16))
+    figures = {
+        "inputs": inputs,
+        "windows": n,
+        "oracle_seconds": o_s,
+        "fast_seconds": f_s,
+        "speed_up": o_s / f_s,
+        "oracle_peak_gib": o_peak / 2**30,
+        "fast_peak_gib": f_peak / 2**30,
+        "max_pixel_diff": pixel_diff(f_image, o_image),
+        "oracle_latent_finite": bool(o_latent.isfinite().all()),
+        "fast_latents_finite": f_finite,
+    }
+    report.add(
+        "published",
+        figures,
+        [
+            f"{inputs['width']}x{inputs['height']}, {n} windows, {inputs['num_inference_steps']} "
+            f"steps, sync_threshold {inputs['sync_threshold']}, stride 16, seed 2",
+            "",
+            "| path | seconds | speed-up | peak memory | latents finite | max pixel diff |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| published (fp32 weights, autocast) | {o_s:.1f} | 1.00x | {o_peak / 2**30:.2f} GiB "
+            f"| {figures['oracle_latent_finite']} | |",
+            f"| fast ({str(fast.dtype)[6:]}) | {f_s:.1f} | {o_s / f_s:.2f}x | "
+            f"{f_peak / 2**30:.2f} GiB | {f_finite} | {figures['max_pixel_diff']}/255 |",
+        ],
+    )
+
+
+def check_repeatable(report, fast, inputs) -> None:
+    with chunk_log() as auto_chunks:
+        first = fast(prompt=PROMPT, **inputs)
+    again = fast(prompt=PROMPT, **inputs)
+    one = fast(prompt=PROMPT, **inputs, view_batch_size=1)
+    figures = {
+        "inputs": inputs,
+        "auto_chunk": max(auto_chunks, default=0),
+        "max_pixel_diff_same_chunks": pixel_diff(first, again),
+        "max_pixel_diff_chunks_of_1": pixel_diff(first, one),
+    }
+    report.add(
+        "repeatable",
+        figures,
+        [
+            f"{inputs['width']}x{inputs['height']}, {inputs['num_inference_steps']} steps: the "
+            f"same call twice (chunks of {figures['auto_chunk']}) differs by "
+            f"{figures['max_pixel_diff_same_chunks']}/255; chunks of 1 against it by "
+            f"{figures['max_pixel_diff_chunks_of_1']}/255.",
+        ],
+    )
+
+
+def check_gradient(report, fast, reference) -> None:
+    """One view's sync gradient at the first step with `fast`'s networks and fp32 ones."""
+    view = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(5))
+    anchor = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(3))
+
+    def gradient(pipe, scale):
+        scheduler = pipe.new_scheduler()
+        scheduler.set_timesteps(50)
+        eps = partial(guided_eps, pipe.unet, text_embeddings=pipe.encode_prompt(PROMPT))
+        eps = partial(eps, guidance_scale=7.5)
+        with torch.no_grad():
+            features = lpips_features(pipe.perceptual, anchor.to(pipe.device) * 2 - 1)
+        return (
+            sync_gradient(
+                view.to(pipe.device),
+                [0],
+                partial(predict_x0, scheduler, eps, scheduler.timesteps[0]),
+                partial(decode, pipe.vae),
+                pipe.perceptual,
+                features,
+                LossScale(1, scale),
+            )
+            .cpu()
+            .double()
+        )
+
+    reference_grad = gradient(reference, 1.0)
+    scaled = gradient(fast, initial_loss_scale(fast.dtype))
+    unscaled = gradient(fast, 1.0)
+
+    def cosine(g):
+        return torch.nn.functional.cosine_similarity(g.flatten(), reference_grad.flatten(), dim=0)
+
+    figures = {
+        "cosine": float(cosine(scaled)),
+        "cosine_without_loss_scale": float(cosine(unscaled)),
+        "norm_ratio": float(scaled.norm() / reference_grad.norm()),
+        "zero_share": float((scaled == 0).double().mean()),
+        "zero_share_without_loss_scale": float((unscaled == 0).double().mean()),
+    }
+    report.add(
+        "gradient",
+        figures,
+        [
+            f"One 64x64 view at the first step, {str(fast.dtype)[6:]} networks against fp32: "
+            f"cosine {figures['cosine']:.5f} with the loss scale "
+            f"({figures['cosine_without_loss_scale']:.5f} without), norm ratio "
+            f"{figures['norm_ratio']:.4f}, zeros {figures['zero_share']:.2%} "
+            f"({figures['zero_share_without_loss_scale']:.2%} without).",
+        ],
+    )
+
+
+def check_memory(report, fast, inputs, device) -> dict:
+    rows, figures = [], {"inputs": inputs, "chunks": {}}
+    scheduler = fast.new_scheduler()
+    scheduler.set_timesteps(inputs["num_inference_steps"])
+    eps = partial(guided_eps, fast.unet, text_embeddings=fast.encode_prompt(PROMPT))
+    estimate = fast.window_bytes(partial(eps, guidance_scale=7.5), scheduler)
+    for k in (1, 2, 4):
+        release_memory()
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        _, _, peak = timed(
+            lambda k=k: fast(prompt=PROMPT, **inputs, output_type="latent", view_batch_size=k),
+            device,
+        )
+        measured = peak - base
+        figures["chunks"][k] = {"estimate": k * estimate, "measured": measured}
+        rows.append(
+            f"| {k} | {k * estimate / 2**30:.2f} GiB | {measured / 2**30:.2f} GiB | "
+            f"{measured / (k * estimate):.2f} |"
+        )
+    figures["window_bytes"] = estimate
+    report.add(
+        "memory",
+        figures,
+        [
+            f"{inputs['width']}x{inputs['height']}, one synced step. Estimate: one window "
+            f"{estimate / 2**30:.3f} GiB (saved-tensor count on a probe, scaled); measured: peak "
+            "allocated over what was allocated before the call"
+            + (" (on the CPU: peak RSS, not comparable)" if device.type == "cpu" else "")
+            + ".",
+            "",
+            "| chunk | estimate | measured | measured / estimate |",
+            "| --- | --- | --- | --- |",
+            *rows,
+        ],
+    )
+    return figures
+
+
+def check_out_of_memory(report, fast, inputs, device, window_bytes) -> None:
+    release_memory()
+    free_before = free_memory(device)
+    # The log inside the cap, so that it sees the chunks the cap refuses too.
+    with memory_cap(device, window_bytes, 2.5), chunk_log() as chunks:
+        fast(prompt=PROMPT, **inputs, output_type="latent", view_batch_size=4)
+    halved = list(chunks)
+    with memory_cap(device, window_bytes, 0.3):
+        try:
+            fast(prompt=PROMPT, **inputs, output_type="latent", view_batch_size=1)
+            failure = None
+        except MemoryError as error:
+            failure = str(error)
+    release_memory()
+    latent = fast(prompt=PROMPT, **inputs, output_type="latent")
+    release_memory()
+    free_after = free_memory(device)
+    figures = {
+        "chunks_under_cap": halved,
+        "halved_and_succeeded": halved[0] == 4 and min(halved) < 4,
+        "one_window_error": failure,
+        "next_prediction_finite": bool(latent.isfinite().all()),
+        "free_gib_before": free_before / 2**30,
+        "free_gib_after": free_after / 2**30,
+    }
+    report.add(
+        "out-of-memory",
+        figures,
+        [
+            f"Cap at 2.5 windows: chunks tried {halved} (halved and succeeded: "
+            f"{figures['halved_and_succeeded']}). Cap at 0.3 windows: "
+            f"{'MemoryError: ' + failure if failure else 'NO ERROR (wrong)'}. Then a normal "
+            f"prediction: finite {figures['next_prediction_finite']}; free memory "
+            f"{free_before / 2**30:.2f} GiB before, {free_after / 2**30:.2f} GiB after.",
+        ],
+    )
+
+
+def check_huge(report, fast, inputs, device) -> None:
+    release_memory()
+    (_, finite), seconds, peak = timed(
+        lambda: finite_latents(fast, prompt=PROMPT, **inputs), device
+    )
+    n = len(panorama_windows(inputs["height"] // 8, inputs["width"] // 8, inputs["stride"]))
+    figures = {"inputs": inputs, "windows": n, "seconds": seconds, "peak_gib": peak / 2**30}
+    report.add(
+        "huge",
+        figures,
+        [
+            f"{inputs['width']}x{inputs['height']}, stride {inputs['stride']}, {n} windows, "
+            f"{inputs['num_inference_steps']} steps: {seconds:.1f} s, peak {peak / 2**30:.2f} GiB,"
+            f" latents finite {finite}.",
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"))
+    parser.add_argument("--smoke", action="store_true", help="the CPU and the tiny model")
+    parser.add_argument(
+        "--tiny-weights",
+        type=Path,
+        default=ROOT / ".tiny-weights",
+        help="the tiny model's folder for --smoke, written there if missing",
+    )
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("error: no CUDA GPU here; --smoke runs the same checks on the CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    settings = SETTINGS["smoke" if args.smoke else "gpu"]
+    started = time.perf_counter()
+    mode = " --smoke" if args.smoke else ""
+    report = Report(
+        args.out,
+        [
+            f"### {datetime.date.today().isoformat()} · gpu_check{mode}",
+            "",
+            f"- Machine: {machine(device)}",
+            f"- Model: {'tiny' if args.smoke else 'SD2-base architecture'}, random weights; "
+            f"syncdiffusion {__version__}",
+            "- Command: `python scripts/gpu_check.py " + " ".join(argv or sys.argv[1:]) + "`",
+            "",
+        ],
+    )
+    fast_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    tiny = args.tiny_weights if args.smoke else None
+    fast = load(tiny, device, fast_dtype)
+    reference = load(tiny, device, torch.float32) if fast_dtype != torch.float32 else fast
+    check_published(report, fast, reference, settings["published"], device)
+    check_repeatable(report, fast, settings["repeatable"])
+    check_gradient(report, fast, reference)
+    del reference
+    release_memory()
+    memory = check_memory(report, fast, settings["memory"], device)
+    check_out_of_memory(report, fast, settings["memory"], device, memory["window_bytes"])
+    check_huge(report, fast, settings["huge"], device)
+    seconds = time.perf_counter() - started
+    report.add("total", {"seconds": seconds}, [f"{seconds:.0f} s in all."])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
