@@ -31,9 +31,9 @@ def test_the_gpu_check_runs_every_section_on_the_cpu(tiny_weights, tmp_path):
     assert figures["repeatable"]["max_pixel_diff_same_chunks"] == 0
     assert figures["repeatable"]["max_pixel_diff_chunks_of_1"] <= 1
     assert figures["gradient"]["cosine"] == pytest.approx(1, abs=1e-6)  # fp32 against itself
-    assert set(figures["memory"]["chunks"]) == {"1", "2", "4"}
+    assert set(figures["memory"]["chunks"]) == {"1", "2"}
     oom = figures["out-of-memory"]
-    assert oom["chunks_under_cap"][0] == 4 and oom["halved_and_succeeded"]
+    assert oom["chunks_under_cap"][:2] == [2, 1] and oom["halved_and_succeeded"]
     assert "out of cpu memory even with one window" in oom["one_window_error"]
     assert oom["next_prediction_finite"]
 
