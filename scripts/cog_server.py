@@ -113,6 +113,17 @@ class CogServer:
         except requests.ConnectionError:
             return {}
 
+    def settled_status(self, timeout: float = 30) -> str | None:
+        """The health-check status once the slot of the prediction that just ended is released.
+
+        coglet answers a prediction before it frees its one slot, so for a moment after a
+        result the status can still read BUSY (as `predict` meets 409 then).
+        """
+        deadline = time.monotonic() + timeout
+        while (status := self.health().get("status")) == "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return status
+
     def predict(
         self, inputs: dict[str, Any], prediction_id: str | None = None, timeout: float = 900
     ) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_bad_input_fails_naming_it_and_the_server_carries_on(server):
     assert result["status"] == "failed"
     assert "width must be a multiple of 8 from 512 to 4096" in result["error"]
     assert "700" in result["error"]
-    assert server.health()["status"] == "READY"
+    assert server.settled_status() == "READY"
     assert server.predict(SMALL)["status"] == "succeeded"
 
 
@@ -97,7 +97,7 @@ def test_every_bad_input_fails_by_name_and_the_server_stays_ready(server):
         assert result["status"] == "failed", change
         assert message in result["error"] and value in result["error"], (change, result["error"])
         assert "Traceback" not in result["error"]
-    assert server.health()["status"] == "READY"
+    assert server.settled_status() == "READY"
     assert server.predict(SMALL)["status"] == "succeeded"
 
 
@@ -173,7 +173,7 @@ def test_cancel_ends_a_long_prediction_and_the_next_is_as_fresh(server):
     # Cancellation lands between two Python-level calls, well within one denoising step; the
     # bound is loose so that a loaded machine cannot fail it.
     assert time.monotonic() - cancelled_at < 10
-    assert server.health()["status"] == "READY"
+    assert server.settled_status() == "READY"
     assert server.worker_rss() <= rss_before * 1.10
     assert decode_png(server.predict(SMALL)["output"]).tobytes() == reference
 
