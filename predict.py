@@ -1,7 +1,8 @@
 """Cog predictor: the published SyncDiffusion wrapper's inputs, mapped onto `SyncDiffusionPipeline`.
 
 `cog build` reads the `Input(...)` fields below without running this file, so every default,
-bound and description is a literal (tests/test_predict.py keeps it so).
+bound and description is a literal (tests/test_predict.py keeps it so). A model whose windows
+differ has its own predictor file with its own literals (predict_sdxl.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cog import BaseRunner, Input, Path
 from syncdiffusion import SyncDiffusionPipeline, WeightsError
 from syncdiffusion.checks import check_output
 from syncdiffusion.files import save_image
-from syncdiffusion.weights import default_weights_dir, download_weights, missing_parts
+from syncdiffusion.weights import MODEL_ENV, default_weights_dir, download_weights, missing_parts
 
 try:
     _libc = ctypes.CDLL("libc.so.6")
@@ -41,6 +42,9 @@ def return_memory() -> None:
 
 
 class Predictor(BaseRunner):
+    # The model folder under weights/ (None: stable-diffusion-2-base); $SYNCDIFFUSION_MODEL wins.
+    MODEL: str | None = None
+
     def setup(self) -> None:
         """Make sure the weights are on disk (download once), then load them with no network."""
         # The library's notices (a prompt cut to 77 tokens) belong in the prediction's logs.
@@ -51,12 +55,12 @@ class Predictor(BaseRunner):
             notices.addHandler(handler)
             notices.setLevel(logging.INFO)
             notices.propagate = False
-        weights_dir = default_weights_dir()
+        weights_dir, model = default_weights_dir(), os.environ.get(MODEL_ENV) or self.MODEL
         try:
             # HF_HUB_OFFLINE=1, as for huggingface_hub itself: never download, only check.
-            if missing_parts(weights_dir) and os.environ.get("HF_HUB_OFFLINE") != "1":
-                download_weights(weights_dir)
-            self.pipe = SyncDiffusionPipeline.from_pretrained(weights_dir)
+            if missing_parts(weights_dir, model=model) and os.environ.get("HF_HUB_OFFLINE") != "1":
+                download_weights(weights_dir, model=model)
+            self.pipe = SyncDiffusionPipeline.from_pretrained(weights_dir, model=model)
         except WeightsError as error:
             # One clear message (path and fix) as the setup error, not a trace through loaders.
             raise WeightsError(str(error)) from None
@@ -139,7 +143,13 @@ class Predictor(BaseRunner):
         ),
     ) -> Path:
         """Make one panorama file."""
+        # Every input by its name, as the schema above lists them.
+        return self.make_panorama(**{k: v for k, v in locals().items() if k != "self"})
+
+    def make_panorama(self, output_format: str, output_quality: int, **inputs) -> Path:
+        """The panorama of the pipeline `inputs`, written as a file; `run` minus the schema."""
         check_output(output_format, output_quality)
+        seed = inputs["seed"]
         print(f"Using seed: {seed}")
         started = time.monotonic()
 
@@ -151,22 +161,7 @@ class Predictor(BaseRunner):
             print(f"step {step}/{steps}{sync}  elapsed {elapsed:.1f}s  eta {eta:.1f}s")
 
         try:
-            image = self.pipe(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                width=width,
-                height=height,
-                guidance_scale=guidance_scale,
-                sync_weight=sync_weight,
-                sync_decay_rate=sync_decay_rate,
-                sync_freq=sync_freq,
-                sync_threshold=sync_threshold,
-                num_inference_steps=num_inference_steps,
-                stride=stride,
-                seed=seed,
-                loop_closure=loop_closure,
-                callback=progress,
-            )
+            image = self.pipe(**inputs, callback=progress)
         finally:
             # Succeeded, failed or cancelled: the worker goes back to where it was before.
             return_memory()

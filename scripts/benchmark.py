@@ -2,11 +2,13 @@
 
     python scripts/benchmark.py                      # tiny model, CPU: 1024x512, 6 steps
     python scripts/benchmark.py --arch sd2           # SD2-base's real architecture, random weights
+    python scripts/benchmark.py --arch sdxl          # SDXL base's architecture, random weights
 
 Runs the oracle and the fast path on the same inputs and seed in one process, alternating,
 then the fast path alone at several widths (time per window), prints a table and appends it,
 with the machine, date and settings, to BENCHMARKS.md. On a GPU the oracle runs as published
-(fp32 weights under CUDA autocast) and the fast path in fp16.
+(fp32 weights under CUDA autocast) and the fast path in fp16. The oracle is SD2-base's
+algorithm, literally: for SDXL only the fast path runs (4096x1024, stride 32 by default).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from syncdiffusion import SyncDiffusionPipeline, __version__  # noqa: E402
 from syncdiffusion.windows import panorama_windows  # noqa: E402
 
 SD2_CONFIGS = ROOT / "benchmarks" / "sd2-base"
+SDXL_CONFIGS = ROOT / "benchmarks" / "sdxl-base"
 
 
 class PeakMemory:
@@ -69,32 +72,57 @@ class PeakMemory:
             self._thread.join()
 
 
-def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
-    """SD2-base's architecture (configs in benchmarks/sd2-base) with random weights."""
+def _random_pipeline(
+    configs_dir: Path, shape: str, device: torch.device, dtype: torch.dtype
+) -> SyncDiffusionPipeline:
+    """A real architecture (configs in `configs_dir`) with random weights, in `dtype` but for a
+    VAE that must be upcast; tokenizers, scheduler and trunk from the tiny model of `shape`."""
+    import transformers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from make_tiny_weights import TINY_MODELS
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
     from syncdiffusion.pipeline import load_lpips
-    from syncdiffusion.weights import VGG16_RELPATH
+    from syncdiffusion.precision import vae_dtype
+    from syncdiffusion.weights import VGG16_RELPATH, read_family
 
     tiny = Path(tempfile.mkdtemp()) / "tiny"
-    make_tiny_weights(tiny)  # for its tokenizer, scheduler config and VGG16-shaped trunk
-    sd = tiny / "stable-diffusion-2-base"
+    make_tiny_weights(tiny, (shape,))  # for its tokenizers, scheduler config and VGG16 trunk
+    sd = tiny / TINY_MODELS[shape][0]
+    family = read_family(sd)
     configs = {
-        name: json.loads((SD2_CONFIGS / f"{name}.json").read_text())
-        for name in ("unet", "vae", "text_encoder")
+        name: json.loads((configs_dir / f"{name}.json").read_text())
+        for name in ("unet", "vae", *family.text_encoders)
     }
     torch.manual_seed(0)
     with torch.device(device):
+        tokenizers = family.tokenizers
+        encoders = {
+            name: getattr(transformers, cls)(CLIPTextConfig(**configs[name])).to(dtype)
+            for name, cls in zip(family.text_encoders, family.text_encoder_classes, strict=True)
+        }
+        vae = AutoencoderKL.from_config(configs["vae"])
         pipe = SyncDiffusionPipeline(
             unet=UNet2DConditionModel.from_config(configs["unet"]).to(dtype),
-            vae=AutoencoderKL.from_config(configs["vae"]).to(dtype),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype),
-            tokenizer=CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer"),
+            vae=vae.to(vae_dtype(dtype, vae.config.force_upcast)),
+            **encoders,
+            **{name: CLIPTokenizer.from_pretrained(sd, subfolder=name) for name in tokenizers},
             scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler"),
             perceptual=load_lpips(tiny / VGG16_RELPATH),
+            force_zeros_for_empty_prompt=family.addition_embed_type is not None,
         )
     return pipe.to(device)
+
+
+def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
+    """SD2-base's architecture (configs in benchmarks/sd2-base) with random weights."""
+    return _random_pipeline(SD2_CONFIGS, "sd2", device, dtype)
+
+
+def sdxl_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
+    """SDXL base 1.0's architecture (configs in benchmarks/sdxl-base) with random weights: two
+    text encoders, 1024 px windows, its VAE upcast to fp32 where `dtype` is fp16."""
+    return _random_pipeline(SDXL_CONFIGS, "sdxl", device, dtype)
 
 
 def timed(fn, device: torch.device):
@@ -131,16 +159,18 @@ def publish(report: str, record: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", choices=("tiny", "sd2"), default="tiny")
+    parser.add_argument("--arch", choices=("tiny", "sd2", "sdxl"), default="tiny")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--width", type=int, default=None, help="default: 1024 tiny, 2048 sd2")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=None, help="default: 6 tiny, 50 sd2")
-    parser.add_argument("--sync-threshold", type=int, default=None, help="default: 3 tiny, 5 sd2")
-    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument(
+        "--width", type=int, default=None, help="default: 1024 tiny, 2048 sd2, 4096 sdxl"
+    )
+    parser.add_argument("--height", type=int, default=None, help="default: 1024 sdxl, else 512")
+    parser.add_argument("--steps", type=int, default=None, help="default: 6 tiny, else 50")
+    parser.add_argument("--sync-threshold", type=int, default=None, help="default: 3 tiny, else 5")
+    parser.add_argument("--stride", type=int, default=None, help="default: 32 sdxl, else 16")
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="oracle/fast pairs")
-    parser.add_argument("--scaling-widths", default="1024,2048,4096")
+    parser.add_argument("--scaling-widths", default=None, help="default: 1024,2048,4096")
     parser.add_argument(
         "--scaling-steps",
         type=int,
@@ -152,10 +182,13 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sd2 = args.arch == "sd2"
-    width = args.width or (2048 if sd2 else 1024)
-    steps = args.steps or (50 if sd2 else 6)
-    threshold = args.sync_threshold if args.sync_threshold is not None else (5 if sd2 else 3)
+    real, sdxl = args.arch != "tiny", args.arch == "sdxl"
+    width = args.width or {"tiny": 1024, "sd2": 2048, "sdxl": 4096}[args.arch]
+    args.height = args.height or (1024 if sdxl else 512)
+    args.stride = args.stride or (32 if sdxl else 16)
+    args.scaling_widths = args.scaling_widths or ("2048,4096" if sdxl else "1024,2048,4096")
+    steps = args.steps or (50 if real else 6)
+    threshold = args.sync_threshold if args.sync_threshold is not None else (5 if real else 3)
     inputs = dict(
         prompt="a photo of a mountain range at twilight",
         width=width,
@@ -168,7 +201,9 @@ def main() -> None:
 
     # The published wrapper keeps fp32 weights (autocast on CUDA); the product runs fp16 on GPU.
     fast_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if sd2:
+    if sdxl:
+        fast, oracle = sdxl_pipeline(device, fast_dtype), None
+    elif real:
         fast = sd2_pipeline(device, fast_dtype)
         oracle = sd2_pipeline(device, torch.float32) if fast_dtype != torch.float32 else fast
     else:
@@ -181,39 +216,48 @@ def main() -> None:
             else fast
         )
 
-    n_windows = len(panorama_windows(args.height // 8, width // 8, args.stride))
+    def count(w: int) -> int:
+        return len(panorama_windows(args.height // 8, w // 8, args.stride, window=fast.window))
+
+    n_windows = count(width)
     rows, oracle_times, fast_times, oracle_peaks, fast_peaks = [], [], [], [], []
     for _ in range(args.repeats):
-        (o_image, o_latent), seconds, peak = timed(
-            lambda: oracle_panorama(oracle, **inputs), device
-        )
-        oracle_times.append(seconds)
-        oracle_peaks.append(peak)
+        if oracle is not None:
+            (o_image, o_latent), seconds, peak = timed(
+                lambda: oracle_panorama(oracle, **inputs), device
+            )
+            oracle_times.append(seconds)
+            oracle_peaks.append(peak)
         f_latent, seconds, peak = timed(lambda: fast(**inputs, output_type="latent"), device)
         fast_times.append(seconds)
         fast_peaks.append(peak)
-        print(f"oracle {oracle_times[-1]:.1f}s  fast {fast_times[-1]:.1f}s", flush=True)
-    f_image = fast.decode(f_latent)
-    latent_diff = (f_latent.float() - o_latent.float()).abs().max().item()
-    pixel_diff = int(np.abs(np.asarray(f_image, dtype=int) - np.asarray(o_image, dtype=int)).max())
-    oracle_s, fast_s = min(oracle_times), min(fast_times)
-    rows.append(
-        f"| oracle (published) | {width}x{args.height} | {n_windows} | {oracle_s:.2f} | "
-        f"1.00x | {max(oracle_peaks) / 2**30:.2f} GiB | | |"
-    )
+        said = f"oracle {oracle_times[-1]:.1f}s  " if oracle_times else ""
+        print(f"{said}fast {fast_times[-1]:.1f}s", flush=True)
+    fast_s = min(fast_times)
+    speedup, diffs = "", " | "
+    if oracle is not None:
+        f_image = fast.decode(f_latent)
+        latent_diff = (f_latent.float() - o_latent.float()).abs().max().item()
+        pixels = np.abs(np.asarray(f_image, dtype=int) - np.asarray(o_image, dtype=int))
+        oracle_s, diffs = min(oracle_times), f"{latent_diff:.2e} | {pixels.max()}/255"
+        rows.append(
+            f"| oracle (published) | {width}x{args.height} | {n_windows} | {oracle_s:.2f} | "
+            f"1.00x | {max(oracle_peaks) / 2**30:.2f} GiB | | |"
+        )
+        speedup = f"{oracle_s / fast_s:.2f}x"
     rows.append(
         f"| fast | {width}x{args.height} | {n_windows} | {fast_s:.2f} | "
-        f"{oracle_s / fast_s:.2f}x | {max(fast_peaks) / 2**30:.2f} GiB | "
-        f"{latent_diff:.2e} | {pixel_diff}/255 |"
+        f"{speedup} | {max(fast_peaks) / 2**30:.2f} GiB | {diffs} |"
     )
 
     # The bounded-memory setting: one window per network call, as the oracle.
     _, one_s, one_peak = timed(
         lambda: fast(**inputs, output_type="latent", view_batch_size=1), device
     )
+    speedup = f"{oracle_s / one_s:.2f}x" if oracle is not None else ""
     rows.append(
         f"| fast, chunks of 1 | {width}x{args.height} | {n_windows} | {one_s:.2f} | "
-        f"{oracle_s / one_s:.2f}x | {one_peak / 2**30:.2f} GiB | | |"
+        f"{speedup} | {one_peak / 2**30:.2f} GiB | | |"
     )
 
     scaling_steps = args.scaling_steps or (steps if device.type == "cuda" else 2)
@@ -222,7 +266,7 @@ def main() -> None:
     )
     sweep = []
     for w in (int(x) for x in args.scaling_widths.split(",") if x):
-        n = len(panorama_windows(args.height // 8, w // 8, args.stride))
+        n = count(w)
         _, seconds, peak = timed(
             lambda w=w: fast(**dict(scaling, width=w), output_type="latent"), device
         )

@@ -1,6 +1,13 @@
-"""Write a tiny, randomly initialised SD2-shaped model in the real weights layout.
+"""Write tiny, randomly initialised models of each family in the real weights layout.
 
-Usage: python scripts/make_tiny_weights.py OUT
+Usage: python scripts/make_tiny_weights.py OUT [--models sd2 sd1 sd2-v sdxl]
+
+By default only the SD2-base-shaped model, in weights/'s default folder (stable-diffusion-2-base);
+`--models` adds an SD 1.x-shaped one (tiny-sd1), an SD 2.x 768 v-prediction one (tiny-sd2-v) and
+an SDXL one (tiny-sdxl, two text encoders, "text_time" conditioning, a force_upcast VAE). Their
+windows are smaller than the real models' (sample_size 32 for SD 1.x's 64 and SDXL's 128, 48 for
+SD 2.x 768's 96) because LPIPS's cost grows with a window's pixels and the code reads the side
+from the config either way; the SD2-base one keeps the real 64, which the oracle needs.
 
 The result has exactly the layout `python scripts/download_weights.py` produces (see
 weights/README.md), so tests and CPU smoke runs exercise the same loading code as production,
@@ -93,8 +100,10 @@ def _special(content: str) -> dict[str, object]:
     }
 
 
-def write_tokenizer(out: Path) -> int:
-    """Write SD2-base's tokenizer files (vocab, merges, two configs); return the vocab size."""
+def write_tokenizer(out: Path, pad_token: str = PAD_TOKEN) -> int:
+    """Write SD2-base's tokenizer files (vocab, merges, two configs); return the vocab size.
+
+    SD 1.x and SDXL's first tokenizer pad with <|endoftext|> instead (`pad_token`)."""
     # Written by hand: transformers 5's save_pretrained would write tokenizer.json instead of
     # the vocab.json + merges.txt that SD2-base ships, and skip the conversion real weights need.
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +114,7 @@ def write_tokenizer(out: Path) -> int:
     special_tokens = {
         "bos_token": _special(BOS_TOKEN),
         "eos_token": _special(EOS_TOKEN),
-        "pad_token": PAD_TOKEN,
+        "pad_token": pad_token,
         "unk_token": _special(EOS_TOKEN),
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n")
@@ -153,20 +162,91 @@ def _quiet_transformers() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def make_tiny_weights(out: Path) -> Path:
-    """Write the tiny model into `out` (created if needed) and return `out`."""
+# SD 1.5's scheduler file (a PNDM scheduler, whose config DDIM reads), SD 2.1's (DDIM with
+# v-prediction) and SDXL base's (Euler), each as its repository ships it.
+SD1_SCHEDULER_CONFIG = {
+    **{k: v for k, v in SCHEDULER_CONFIG.items() if k != "prediction_type"},
+    "_class_name": "PNDMScheduler",
+}
+SD2_V_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+SDXL_SCHEDULER_CONFIG = {
+    **SCHEDULER_CONFIG,
+    "_class_name": "EulerDiscreteScheduler",
+    "interpolation_type": "linear",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SDXL_TIME_EMBED_DIM = 8  # SDXL's is 256: six numbers, each a sinusoidal embedding this wide
+
+# Folder name -> (family shape, window side in latent pixels). The names say nothing to the
+# loader, which reads the family from the files.
+TINY_MODELS = {
+    "sd2": (SD_DIRNAME, 64),
+    "sd1": ("tiny-sd1", 32),
+    "sd2-v": ("tiny-sd2-v", 48),
+    "sdxl": ("tiny-sdxl", 32),
+}
+
+
+def _write_json(path: Path, config: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _text_config(vocab_size: int, hidden_act: str, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act=hidden_act,
+        # SD2's config keeps CLIP's legacy ids; eos_token_id 2 makes transformers pool at the
+        # highest id, which is <|endoftext|> in this vocabulary as in the real one.
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        **extra,
+    )
+
+
+def make_tiny_model(sd_dir: Path, shape: str = "sd2", window: int = 64) -> Path:
+    """Write one tiny model of `shape` (a key of TINY_MODELS) into `sd_dir`; return `sd_dir`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    out = Path(out)
-    sd_dir = out / SD_DIRNAME
+    sdxl, sd1 = shape == "sdxl", shape == "sd1"
     sd_dir.mkdir(parents=True, exist_ok=True)
-
-    vocab_size = write_tokenizer(sd_dir / "tokenizer")
+    # OpenAI's CLIP (SD 1.x, SDXL's first encoder) pads with <|endoftext|>, OpenCLIP with "!".
+    vocab_size = write_tokenizer(sd_dir / "tokenizer", EOS_TOKEN if sd1 or sdxl else PAD_TOKEN)
+    if sdxl:
+        write_tokenizer(sd_dir / "tokenizer_2")
+    n_encoders = 2 if sdxl else 1
 
     torch.manual_seed(0)
+    sdxl_unet = {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": TEXT_HIDDEN_SIZE + 6 * SDXL_TIME_EMBED_DIM,
+        "transformer_layers_per_block": (1, 2),
+    }
     unet = UNet2DConditionModel(
-        sample_size=64,
+        sample_size=window,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -174,17 +254,18 @@ def make_tiny_weights(out: Path) -> Path:
         block_out_channels=(32, 64),
         layers_per_block=1,
         # As in SD2's config, diffusers reads this as the number of heads per level; several
-        # heads keep head splitting exercised.
-        attention_head_dim=(2, 4),
-        cross_attention_dim=TEXT_HIDDEN_SIZE,
-        use_linear_projection=True,
+        # heads keep head splitting exercised. SD 1.x gives one number for every level.
+        attention_head_dim=8 if sd1 else (2, 4),
+        cross_attention_dim=TEXT_HIDDEN_SIZE * n_encoders,
+        use_linear_projection=not sd1,
         norm_num_groups=32,
+        **(sdxl_unet if sdxl else {}),
     )
     unet.save_pretrained(sd_dir / "unet", safe_serialization=True)
 
     torch.manual_seed(0)
     # Four levels (three downsamples) give SD's 8x latent factor. The first level runs at full
-    # 512x512 resolution and dominates the cost of the many decodes in tests, hence 4 channels.
+    # window resolution and dominates the cost of the many decodes in tests, hence 4 channels.
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -194,35 +275,37 @@ def make_tiny_weights(out: Path) -> Path:
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
-        sample_size=512,
-        scaling_factor=0.18215,
+        sample_size=window * 8,
+        # SDXL's VAE has its own scale and overflows in fp16, which its config declares.
+        scaling_factor=0.13025 if sdxl else 0.18215,
+        force_upcast=sdxl,
     )
     vae.save_pretrained(sd_dir / "vae", safe_serialization=True)
 
     torch.manual_seed(0)
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN_SIZE,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        hidden_act="gelu",
-        # SD2's config keeps CLIP's legacy ids; eos_token_id 2 makes transformers pool at the
-        # highest id, which is <|endoftext|> in this vocabulary as in the real one.
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
+    # SD 1.x and SDXL's first encoder are OpenAI's CLIP ViT-L (quick_gelu); SD2's is OpenCLIP.
+    first = _text_config(vocab_size, "quick_gelu" if sd1 or sdxl else "gelu")
     with _quiet_transformers():
-        CLIPTextModel(text_config).save_pretrained(sd_dir / "text_encoder")
+        CLIPTextModel(first).save_pretrained(sd_dir / "text_encoder")
+        if sdxl:
+            second = _text_config(vocab_size, "gelu", projection_dim=TEXT_HIDDEN_SIZE)
+            CLIPTextModelWithProjection(second).save_pretrained(sd_dir / "text_encoder_2")
 
-    # Written verbatim: DDIMScheduler.save_pretrained would add keys SD2-base's file lacks.
-    (sd_dir / "scheduler").mkdir(exist_ok=True)
-    (sd_dir / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SCHEDULER_CONFIG, indent=2) + "\n"
+    # Written verbatim: DDIMScheduler.save_pretrained would add keys the real files lack.
+    scheduler = {"sd1": SD1_SCHEDULER_CONFIG, "sd2-v": SD2_V_SCHEDULER_CONFIG}.get(
+        shape, SDXL_SCHEDULER_CONFIG if sdxl else SCHEDULER_CONFIG
     )
-    (sd_dir / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    _write_json(sd_dir / "scheduler" / "scheduler_config.json", scheduler)
+    _write_json(sd_dir / "model_index.json", SDXL_MODEL_INDEX if sdxl else MODEL_INDEX)
+    return sd_dir
+
+
+def make_tiny_weights(out: Path, models: tuple[str, ...] = ("sd2",)) -> Path:
+    """Write the tiny `models` (keys of TINY_MODELS) and the LPIPS trunk into `out`; return it."""
+    out = Path(out)
+    for shape in models:
+        name, window = TINY_MODELS[shape]
+        make_tiny_model(out / name, shape, window)
 
     torch.manual_seed(0)
     vgg_path = out / VGG16_RELPATH
@@ -235,9 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder to write the tiny weights into")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(TINY_MODELS),
+        default=["sd2"],
+        help="which tiny models to write (default: sd2, in stable-diffusion-2-base/)",
+    )
     args = parser.parse_args(argv)
-    make_tiny_weights(args.out)
-    print(f"Wrote a tiny random model to {args.out}")
+    make_tiny_weights(args.out, tuple(args.models))
+    print(f"Wrote tiny random models to {args.out}: {', '.join(args.models)}")
     return 0
 
 

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Every pipeline input as `--input-name`, with the pipeline's own default."""
     parser = argparse.ArgumentParser(
         prog="python -m syncdiffusion",
-        description="Make a coherent panorama with SyncDiffusion on Stable Diffusion 2.0-base.",
+        description="Make a coherent panorama with SyncDiffusion on Stable Diffusion "
+        "(2.0-base unless --model names another SD 1.x/2.x or SDXL folder).",
     )
     defaults = inspect.signature(SyncDiffusionPipeline.__call__).parameters
     for name in INPUTS:
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="weights folder (default: $SYNCDIFFUSION_WEIGHTS or weights/)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder in the weights folder, e.g. stable-diffusion-xl-base-1.0 (default: "
+        "$SYNCDIFFUSION_MODEL or stable-diffusion-2-base); SDXL needs --width and --height of "
+        "at least 1024",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument(
@@ -110,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     output_format = SUFFIX_FORMATS[args.output.suffix.lower()]
     try:
         check_output(output_format, args.output_quality)
-        pipe = SyncDiffusionPipeline.from_pretrained(args.weights, device=args.device)
+        pipe = SyncDiffusionPipeline.from_pretrained(
+            args.weights, device=args.device, model=args.model
+        )
         saved_model = getattr(args, "saved_model", None)
         if saved_model and saved_model != model_identity(pipe.unet.config):
             print(

@@ -7,13 +7,14 @@ from typing import Any
 
 from .windows import WINDOW, panorama_windows
 
+# The smallest side is a model's window (512 px for SD2-base, 1024 px for SDXL).
 MIN_SIDE, MAX_SIDE = 512, 4096
 GUIDANCE_SCALE_RANGE = (0.0, 20.0)
 SYNC_WEIGHT_RANGE = (0.0, 30.0)
 SYNC_DECAY_RATE_RANGE = (0.0, 1.0)
 SYNC_THRESHOLD_RANGE = (0, 50)
 NUM_INFERENCE_STEPS_RANGE = (1, 200)
-STRIDE_RANGE = (8, 56)
+STRIDE_RANGE = (8, 56)  # SD2-base's; the top is a model's window less 8 latent pixels
 SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
 # The most work one request may ask for, in window-steps (windows x denoising steps): the
 # published wrapper's largest request (3072x3072, stride 8, 200 steps). Larger sizes are
@@ -48,9 +49,9 @@ def _number_in(name: str, value: Any, low: float, high: float) -> str | None:
     return None
 
 
-def _side(name: str, value: Any) -> str | None:
-    if not _is_int(value) or value % 8 or not MIN_SIDE <= value <= MAX_SIDE:
-        return f"{name} must be a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}; got {value!r}"
+def _side(name: str, value: Any, low: int, factor: int) -> str | None:
+    if not _is_int(value) or value % factor or not low <= value <= MAX_SIDE:
+        return f"{name} must be a multiple of {factor} from {low} to {MAX_SIDE}; got {value!r}"
     return None
 
 
@@ -68,22 +69,29 @@ def check_inputs(
     stride: Any,
     seed: Any,
     loop_closure: Any,
+    window: int = WINDOW,
+    vae_scale_factor: int = 8,
 ) -> None:
-    """Raise `InputError` naming every input that breaks a rule, and the rule."""
+    """Raise `InputError` naming every input that breaks a rule, and the rule.
+
+    `window` is the model's view side in latent pixels and `vae_scale_factor` its image pixels
+    per latent pixel (SD2-base's by default): sides are at least one window, strides below it.
+    """
     errors = []
     for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if not isinstance(value, str):
             errors.append(f"{name} must be a string; got {value!r}")
-    stride_error = None
-    if not _is_int(stride) or stride % 8 or not STRIDE_RANGE[0] <= stride <= STRIDE_RANGE[1]:
+    stride_error, max_stride = None, window - 8
+    if not _is_int(stride) or stride % 8 or not STRIDE_RANGE[0] <= stride <= max_stride:
         stride_error = (
             f"stride must be a multiple of 8 from {STRIDE_RANGE[0]} to "
-            f"{STRIDE_RANGE[1]} (less than the {WINDOW}-latent window); got {stride!r}"
+            f"{max_stride} (less than the {window}-latent window); got {stride!r}"
         )
+    min_side = window * vae_scale_factor
     errors += [
         stride_error,
-        _side("width", width),
-        _side("height", height),
+        _side("width", width, min_side, vae_scale_factor),
+        _side("height", height, min_side, vae_scale_factor),
         _number_in("guidance_scale", guidance_scale, *GUIDANCE_SCALE_RANGE),
         _number_in("sync_weight", sync_weight, *SYNC_WEIGHT_RANGE),
         _number_in("sync_decay_rate", sync_decay_rate, *SYNC_DECAY_RATE_RANGE),
@@ -97,7 +105,8 @@ def check_inputs(
     errors = [e for e in errors if e]
     if errors:
         raise InputError("; ".join(errors))
-    n_windows = len(panorama_windows(height // 8, width // 8, stride, loop_closure))
+    f = vae_scale_factor
+    n_windows = len(panorama_windows(height // f, width // f, stride, loop_closure, window))
     if n_windows * num_inference_steps > MAX_WINDOW_STEPS:
         raise InputError(
             f"a {width}x{height} panorama at stride {stride} is {n_windows} windows, times "

@@ -24,8 +24,14 @@ TILE = 128  # latent pixels per tile side (1024 px)
 TILE_OVERLAP = 32  # latent pixels shared by neighbouring tiles, cross-faded
 
 
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Image pixels per latent pixel: 2 per downsampling level of the VAE (8 for SD and SDXL)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """D(z): latents (n, 4, h, w) to images (n, 3, 8h, 8w) in [0, 1]."""
+    """D(z): latents (n, 4, h, w) to images (n, 3, 8h, 8w) in [0, 1], with the VAE's own
+    scaling factor (0.18215 for SD 1.x/2.x, 0.13025 for SDXL)."""
     # `1 / s * z` rather than `z / s`, as the published code writes it: the same up to one rounding.
     images = vae.decode(1 / vae.config.scaling_factor * latents.to(vae.dtype)).sample
     return (images / 2 + 0.5).clamp(0, 1)
@@ -86,8 +92,9 @@ def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
     Memory is that of one tile plus the finished picture, whatever the panorama's size.
     """
     _, _, h, w = latent.shape
-    image = torch.zeros(1, 3, 8 * h, 8 * w)
-    total = torch.zeros(1, 1, 8 * h, 8 * w)
+    f = vae_scale_factor(vae)
+    image = torch.zeros(1, 3, f * h, f * w)
+    total = torch.zeros(1, 1, f * h, f * w)
     rows, cols = _tile_starts(h), _tile_starts(w)
     for i, h0 in enumerate(rows):
         for j, w0 in enumerate(cols):
@@ -95,14 +102,14 @@ def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
             pixels = decode(vae, tile).float().cpu()
             th, tw = pixels.shape[-2:]
             # Neighbours may overlap by more than TILE_OVERLAP at the last row or column.
-            overlap_h = min(8 * TILE_OVERLAP, th // 2)
-            overlap_w = min(8 * TILE_OVERLAP, tw // 2)
+            overlap_h = min(f * TILE_OVERLAP, th // 2)
+            overlap_w = min(f * TILE_OVERLAP, tw // 2)
             weight = torch.outer(
                 _ramp(th, overlap_h, i > 0, i < len(rows) - 1),
                 _ramp(tw, overlap_w, j > 0, j < len(cols) - 1),
             )
-            image[..., 8 * h0 : 8 * h0 + th, 8 * w0 : 8 * w0 + tw] += pixels * weight
-            total[..., 8 * h0 : 8 * h0 + th, 8 * w0 : 8 * w0 + tw] += weight
+            image[..., f * h0 : f * h0 + th, f * w0 : f * w0 + tw] += pixels * weight
+            total[..., f * h0 : f * h0 + th, f * w0 : f * w0 + tw] += weight
     return image / total
 
 
@@ -110,7 +117,8 @@ def decode_panorama(vae: AutoencoderKL, latent: torch.Tensor, loop_closure: bool
     """The finished panorama (1, 3, H, W) in [0, 1]: circular in width for a 360-degree one,
     tiled above TILE_ABOVE_PIXELS or when the whole one does not fit in memory."""
     _, _, h, w = latent.shape
-    if 64 * h * w <= TILE_ABOVE_PIXELS:
+    f = vae_scale_factor(vae)
+    if f * f * h * w <= TILE_ABOVE_PIXELS:
         try:
             if loop_closure:
                 with circular_width(vae):
@@ -122,16 +130,16 @@ def decode_panorama(vae: AutoencoderKL, latent: torch.Tensor, loop_closure: bool
         release_memory()  # past the `except`, so the failed decode's tensors are gone
         logger.warning(
             "the %dx%d panorama does not fit in memory in one piece: decoding it in %d px tiles",
-            8 * w,
-            8 * h,
-            8 * TILE,
+            f * w,
+            f * h,
+            f * TILE,
         )
     if not loop_closure:
         return decode_tiled(vae, latent)
     # Tiles cannot pad circularly; give the edge tiles the far side as context instead.
     pad = TILE_OVERLAP
     wrapped = torch.cat([latent[..., -pad:], latent, latent[..., :pad]], dim=-1)
-    return decode_tiled(vae, wrapped)[..., 8 * pad : -8 * pad]
+    return decode_tiled(vae, wrapped)[..., f * pad : -f * pad]
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -1,4 +1,5 @@
-"""`SyncDiffusionPipeline`: SD2-base, LPIPS and the sampler, loaded once and called per panorama."""
+"""`SyncDiffusionPipeline`: a Stable Diffusion model (SD2-base by default, any SD 1.x/2.x or
+SDXL), LPIPS and the sampler, loaded once and called per panorama."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Literal
 
 import lpips
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from . import __version__
@@ -27,17 +29,20 @@ from .batching import (
     sync_window_bytes,
 )
 from .checks import InputError, check_inputs
-from .decoding import decode, decode_panorama, to_pil
+from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
+from .family import SDXL, unet_family
 from .files import model_identity
-from .precision import PERCEPTUAL_DTYPE, initial_loss_scale
-from .sampling import Callback, guided_eps, predict_x0, sample_panorama
+from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype
+from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
 from .sync import SyncSchedule, lpips_features, sync_loss
 from .weights import (
-    SD_DIRNAME,
     VGG16_RELPATH,
     check_weights,
     default_weights_dir,
     load_vgg16_features,
+    model_dirname,
+    read_family,
+    read_model_index,
     sd_variant,
 )
 from .windows import panorama_windows
@@ -83,7 +88,12 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 class SyncDiffusionPipeline:
-    """Coherent panoramas from Stable Diffusion 2.0-base with SyncDiffusion (Lee et al. 2023)."""
+    """Coherent panoramas from Stable Diffusion with SyncDiffusion (Lee et al. 2023).
+
+    SD 1.x/2.x take the components of `StableDiffusionPipeline`; SDXL also `text_encoder_2`
+    and `tokenizer_2`, as `StableDiffusionXLPipeline` does. `force_zeros_for_empty_prompt`
+    (SDXL's model_index.json sets it) makes an empty negative prompt zeros, as diffusers does.
+    """
 
     def __init__(
         self,
@@ -93,6 +103,9 @@ class SyncDiffusionPipeline:
         tokenizer: CLIPTokenizer,
         scheduler: DDIMScheduler,
         perceptual: lpips.LPIPS,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler_config, self.perceptual = (
@@ -100,7 +113,16 @@ class SyncDiffusionPipeline:
             scheduler.config,
             perceptual,
         )
-        for model in (unet, vae, text_encoder, perceptual):
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        family = unet_family(unet.config)
+        if family is None or (family is SDXL and None in (text_encoder_2, tokenizer_2)):
+            raise ValueError(
+                "the UNet is neither SD 1.x/2.x's nor SDXL's, or SDXL's without text_encoder_2 "
+                "and tokenizer_2"
+            )
+        self.family = family
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        for model in (*self._networks(), perceptual):
             model.eval().requires_grad_(False)
         # Whatever the other networks' dtype, the perceptual one is fp32 (see `precision`).
         perceptual.to(PERCEPTUAL_DTYPE)
@@ -112,36 +134,60 @@ class SyncDiffusionPipeline:
         weights_dir: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        model: str | None = None,
     ) -> SyncDiffusionPipeline:
         """Load from a weights folder (default `$SYNCDIFFUSION_WEIGHTS` or `weights/`), no network.
 
-        CUDA when available, else the CPU; fp16 on CUDA, fp32 on the CPU unless `dtype` says.
-        `dtype` is that of the UNet, VAE and text encoder; LPIPS is always fp32 (`precision`).
+        `model` is the model's folder in it (default `$SYNCDIFFUSION_MODEL`, else
+        stable-diffusion-2-base): any SD 1.x/2.x or SDXL checkpoint in the diffusers layout,
+        its family read from its files. CUDA when available, else the CPU; fp16 on CUDA, fp32
+        on the CPU unless `dtype` says. `dtype` is that of the UNet, VAE and text encoders,
+        except a VAE that must be upcast; LPIPS is always fp32 (`precision`).
         """
         weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
-        check_weights(weights_dir)
+        check_weights(weights_dir, model)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        sd = weights_dir / SD_DIRNAME
-        kwargs = {"local_files_only": True, "torch_dtype": dtype, "variant": sd_variant(sd)}
+        sd = weights_dir / model_dirname(model)
+        family = read_family(sd)
+        local = {"local_files_only": True}
+        kwargs = {**local, "torch_dtype": dtype, "variant": sd_variant(sd)}
+        encoders = zip(family.text_encoders, family.text_encoder_classes, strict=True)
         with _no_progress_bars():
+            vae_config = AutoencoderKL.load_config(sd, subfolder="vae", **local)
+            upcast = vae_dtype(dtype, bool(vae_config.get("force_upcast", False)))
             pipe = cls(
                 unet=UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kwargs),
-                vae=AutoencoderKL.from_pretrained(sd, subfolder="vae", **kwargs),
-                text_encoder=CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", **kwargs),
-                tokenizer=CLIPTokenizer.from_pretrained(
-                    sd, subfolder="tokenizer", local_files_only=True
+                vae=AutoencoderKL.from_pretrained(
+                    sd, subfolder="vae", **{**kwargs, "torch_dtype": upcast}
                 ),
-                scheduler=DDIMScheduler.from_pretrained(
-                    sd, subfolder="scheduler", local_files_only=True
-                ),
+                **{
+                    name: getattr(transformers, kind).from_pretrained(sd, subfolder=name, **kwargs)
+                    for name, kind in encoders
+                },
+                **{
+                    name: CLIPTokenizer.from_pretrained(sd, subfolder=name, **local)
+                    for name in family.tokenizers
+                },
+                scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler", **local),
                 perceptual=load_lpips(weights_dir / VGG16_RELPATH),
+                force_zeros_for_empty_prompt=bool(
+                    read_model_index(sd).get("force_zeros_for_empty_prompt", False)
+                ),
             )
         return pipe.to(device)
 
+    def _networks(self) -> list[torch.nn.Module]:
+        """The model's networks (not LPIPS)."""
+        return [self.unet, self.vae, *self.text_encoders()]
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders, in the order their states are concatenated."""
+        return [self.text_encoder, self.text_encoder_2][: len(self.family.text_encoders)]
+
     def to(self, device: str | torch.device) -> SyncDiffusionPipeline:
         """Move every network to `device`."""
-        for model in (self.unet, self.vae, self.text_encoder, self.perceptual):
+        for model in (*self._networks(), self.perceptual):
             model.to(device)
         return self
 
@@ -158,7 +204,17 @@ class SyncDiffusionPipeline:
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel: 2 per downsampling level of the VAE."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
+
+    @property
+    def window(self) -> int:
+        """A view's side in latent pixels: the UNet's training size (64 SD2-base, 128 SDXL)."""
+        return self.unet.config.sample_size
+
+    @property
+    def window_pixels(self) -> int:
+        """A view's side in image pixels (512 SD2-base, 768 SD 2.1, 1024 SDXL)."""
+        return self.window * self.vae_scale_factor
 
     def window_bytes(self, eps: Callable, scheduler: DDIMScheduler) -> int:
         """One window's memory in a sync chunk (`batching.sync_window_bytes`), counted once per
@@ -184,9 +240,7 @@ class SyncDiffusionPipeline:
                 for model in (self.unet, self.vae, self.perceptual)
                 for p in (*model.parameters(), *model.buffers())
             ]
-            self._window_bytes[key] = sync_window_bytes(
-                loss, probe, self.unet.config.sample_size, parameters
-            )
+            self._window_bytes[key] = sync_window_bytes(loss, probe, self.window, parameters)
         return self._window_bytes[key]
 
     def new_scheduler(self) -> DDIMScheduler:
@@ -195,27 +249,50 @@ class SyncDiffusionPipeline:
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> torch.Tensor:
         """Text embeddings `[negative, prompt]`, (2, 77, D); over-long text is cut to 77 tokens."""
-        max_length = self.tokenizer.model_max_length
-        ids = []
-        for name, text in (("negative_prompt", negative_prompt), ("prompt", prompt)):
-            tokens = self.tokenizer(
-                text,
-                padding="max_length",
-                max_length=max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
+        return self._encode(prompt, negative_prompt)[0]
+
+    def _encode(
+        self, prompt: str, negative_prompt: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Text embeddings (2, 77, D) and, for SDXL, the UNet's added conditions, each
+        `[negative, prompt]`: the pooled text of the last encoder and the windows' size/crop.
+
+        SD 1.x/2.x condition on the last hidden state; SDXL on the penultimate one of each
+        encoder, concatenated, as `StableDiffusionXLPipeline` does.
+        """
+        texts = (("negative_prompt", negative_prompt), ("prompt", prompt))
+        for name, text in texts:
             n_tokens = self._count_tokens(text)
-            if n_tokens > max_length:
+            if n_tokens > (max_length := self.tokenizer.model_max_length):
                 logger.warning(
                     "%s is %d tokens long; the text encoder reads the first %d",
                     name,
                     n_tokens,
                     max_length,
                 )
-            ids.append(tokens)
+        states, pooled = [], None
+        tokenizers = (self.tokenizer, self.tokenizer_2)
         with torch.no_grad():
-            return self.text_encoder(torch.cat(ids).to(self.device))[0]
+            for encoder, tokenizer in zip(self.text_encoders(), tokenizers, strict=False):
+                ids = tokenizer(
+                    [text for _, text in texts],
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids
+                layer = self.family.hidden_state
+                output = encoder(ids.to(self.device), output_hidden_states=layer is not None)
+                states.append(output[0] if layer is None else output.hidden_states[layer])
+                if self.family.addition_embed_type is not None:
+                    pooled = output[0]  # of the last encoder: its projected, pooled text
+        embeddings = torch.cat(states, dim=-1)
+        if pooled is None:
+            return embeddings, None
+        if self.force_zeros_for_empty_prompt and negative_prompt == "":
+            embeddings[0], pooled[0] = 0, 0
+        time_ids = window_time_ids(self.window_pixels).to(self.device, embeddings.dtype)
+        return embeddings, {"text_embeds": pooled, "time_ids": time_ids}
 
     def _count_tokens(self, text: str) -> int:
         """Tokens in `text`, BOS and EOS included, however long (for the truncation notice)."""
@@ -259,6 +336,7 @@ class SyncDiffusionPipeline:
     ) -> Image.Image | torch.Tensor:
         """One panorama: a PIL image, or with `output_type="latent"` its (1, 4, H/8, W/8) latent.
 
+        Sides are at least one window (`window_pixels`) and `stride` is below one window.
         `callback` gets a dict after every denoising step (step, steps, t, sync, latent). The
         image's `info["parameters"]` holds every input, the model's identity and the version.
         """
@@ -277,6 +355,8 @@ class SyncDiffusionPipeline:
             stride,
             seed,
             loop_closure,
+            window=self.window,
+            vae_scale_factor=self.vae_scale_factor,
         )
         if output_type not in ("pil", "latent"):
             raise InputError(f"output_type must be 'pil' or 'latent'; got {output_type!r}")
@@ -290,20 +370,25 @@ class SyncDiffusionPipeline:
             )
 
         # 2. Encode the prompt.
-        text_embeddings = self.encode_prompt(prompt, negative_prompt)
+        text_embeddings, added_conditions = self._encode(prompt, negative_prompt)
 
         # 3. The initial noise: drawn on the CPU in fp32 as published, from a private generator.
         generator = torch.Generator("cpu").manual_seed(seed)
+        f = self.vae_scale_factor
         latent = torch.randn(
-            (1, self.unet.config.in_channels, height // 8, width // 8), generator=generator
+            (1, self.unet.config.in_channels, height // f, width // f), generator=generator
         ).to(self.device)
 
         # 4. The views and the schedule.
-        windows = panorama_windows(height // 8, width // 8, stride, loop_closure)
+        windows = panorama_windows(height // f, width // f, stride, loop_closure, self.window)
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(num_inference_steps)
         eps = partial(
-            guided_eps, self.unet, text_embeddings=text_embeddings, guidance_scale=guidance_scale
+            guided_eps,
+            self.unet,
+            text_embeddings=text_embeddings,
+            guidance_scale=guidance_scale,
+            added_conditions=added_conditions,
         )
 
         # 5. Denoise, then decode. Out of memory where no smaller chunk or tiled decode fits

@@ -2,8 +2,14 @@
 
 The policy, in one place:
 
-- **UNet, VAE and text encoder** run in the pipeline's `dtype`: fp16 on CUDA (half the memory
+- **UNet, VAE and text encoders** run in the pipeline's `dtype`: fp16 on CUDA (half the memory
   and several times the speed of fp32 on tensor cores), fp32 on the CPU.
+- **Except a VAE whose config sets `force_upcast`** (SDXL's): it stays fp32 when `dtype` is
+  fp16, because SDXL's VAE decoder overflows fp16 (its activations pass 65504 and the picture
+  comes out black or NaN), as diffusers' own SDXL pipeline upcasts it. A fix-up VAE that is
+  fp16-safe says `force_upcast: false` in its config (madebyollin's sdxl-vae-fp16-fix does):
+  put it in the model folder's vae/ and it runs in fp16. Latents are cast to the VAE's dtype on
+  the way in, so the sync gradient flows through the fp32 decoder into the fp16 UNet.
 - **The perceptual network (LPIPS on VGG16) and all its arithmetic** run in fp32 whatever
   `dtype` is: the scaling layer, the VGG features, `lpips.normalize_tensor` and the distances.
   `normalize_tensor` divides by `sqrt(sum(x**2)) + 1e-10`: in fp16 1e-10 is 0, so a position
@@ -38,6 +44,11 @@ FP16_LOSS_SCALE = 2.0**16
 BACKOFF = 1 / 16
 # Below this even the unscaled gradient overflows fp16: no scale can help.
 MIN_LOSS_SCALE = 2.0**-8
+
+
+def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+    """The VAE's dtype when the other networks run in `dtype` (see the policy above)."""
+    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
 def initial_loss_scale(dtype: torch.dtype) -> float:

@@ -18,20 +18,46 @@ from .windows import Window, anchor_index, gather, scatter_add
 Callback = Callable[[dict[str, Any]], None]
 
 
+def _pair(conditions: torch.Tensor, n: int) -> torch.Tensor:
+    """[negative, prompt] rows (2, ...) repeated for n views: (2n, ...), negatives first."""
+    uncond, cond = conditions.chunk(2)
+    return torch.cat([uncond.expand(n, *uncond.shape[1:]), cond.expand(n, *cond.shape[1:])])
+
+
 def guided_eps(
     unet: UNet2DConditionModel,
     views: torch.Tensor,
     t: torch.Tensor,
     text_embeddings: torch.Tensor,
     guidance_scale: float,
+    added_conditions: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Classifier-free guided eps of views (n, 4, 64, 64); `text_embeddings`: [negative, prompt]."""
+    """Classifier-free guided eps (the model's own output: noise, or v for v-prediction) of views
+    (n, 4, s, s); `text_embeddings` (2, 77, D) and each of `added_conditions` (SDXL's pooled
+    text and size/crop numbers, (2, ...)) hold [negative, prompt]."""
     n = views.shape[0]
-    uncond, cond = text_embeddings.chunk(2)
-    embeddings = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
-    eps = unet(torch.cat([views, views]).to(unet.dtype), t, encoder_hidden_states=embeddings).sample
+    added = {k: _pair(v, n) for k, v in (added_conditions or {}).items()} or None
+    eps = unet(
+        torch.cat([views, views]).to(unet.dtype),
+        t,
+        encoder_hidden_states=_pair(text_embeddings, n),
+        added_cond_kwargs=added,
+    ).sample
     eps_uncond, eps_cond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def window_time_ids(window_pixels: int, n_prompts: int = 2) -> torch.Tensor:
+    """SDXL's size and crop conditioning of every window, (n_prompts, 6): original size, crop
+    top-left, target size, as `StableDiffusionXLPipeline._get_add_time_ids` orders them.
+
+    Every window is conditioned as a whole, uncropped `window_pixels`-square picture, crop
+    (0, 0): SDXL learned from crop coordinates where a picture's subject was cut off, and a
+    window's offset in the panorama would ask each window for a cut-off picture. The same
+    numbers for every window also keep the windows interchangeable, as the sync step assumes.
+    """
+    ids = [window_pixels, window_pixels, 0, 0, window_pixels, window_pixels]
+    return torch.tensor([ids] * n_prompts, dtype=torch.float32)
 
 
 def predict_x0(
@@ -58,7 +84,7 @@ def denoise_views(
     loss_scale: LossScale,
     view_batch_size: int,
 ) -> tuple[torch.Tensor, int]:
-    """One DDIM step of every view (n, 4, 64, 64), after the sync gradient step when it is due.
+    """One DDIM step of every view (n, 4, s, s), after the sync gradient step when it is due.
 
     Returns the denoised views and the chunk size that fitted.
     """

@@ -20,13 +20,29 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
+from .family import SD, Family, family_of
+
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
+# The default model; any other is a folder beside it, named after its hub repository.
 SD_DIRNAME = "stable-diffusion-2-base"
 SD_REPO_ID = "stabilityai/stable-diffusion-2-base"
+MODEL_ENV = "SYNCDIFFUSION_MODEL"
+# Hub repositories `download_weights.py --model` knows by their folder name alone; any other
+# is named by its repository id (owner/name).
+KNOWN_REPOS = {
+    repo.split("/")[1]: repo
+    for repo in (
+        SD_REPO_ID,
+        "stabilityai/stable-diffusion-2-1-base",
+        "stabilityai/stable-diffusion-2-1",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+    )
+}
 VGG16_RELPATH = "lpips/vgg16-features.safetensors"
 # Folders written before the trunk was cut down hold torchvision's whole file (528 MB) here.
 LEGACY_VGG16_RELPATH = "lpips/vgg16-397923af.pth"
@@ -46,13 +62,12 @@ _WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
-# The files diffusers reads besides the weights; the .json ones are parsed as a check.
-_SD_FILES = ("model_index.json", *(f"{c}/config.json" for c in _WEIGHT_STEMS))
-_SD_FILES += ("scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json")
-_SD_FILES += ("tokenizer/vocab.json", "tokenizer/merges.txt")
-# Config values every SD 1.x/2.x checkpoint shares (an absent key takes diffusers' default).
-_SD2_VALUES = [
+_TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt")
+# Config values every SD 1.x/2.x and SDXL checkpoint shares (an absent key takes diffusers'
+# default).
+_SD_VALUES = [
     ("unet", "_class_name", "UNet2DConditionModel"),
     ("vae", "_class_name", "AutoencoderKL"),
     ("unet", "in_channels", 4),
@@ -60,10 +75,12 @@ _SD2_VALUES = [
     ("vae", "latent_channels", 4),
 ]
 # Only what diffusers reads: the hub repo also holds .bin copies, full-precision copies and a
-# 5 GB single-file checkpoint.
-_SD_ALLOW_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*"]
+# 5 GB single-file checkpoint. Full-precision files are fetched only where a repository has no
+# fp16 ones (fine-tunes often have not).
+_SD_ALLOW_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*"]
 _SD_ALLOW_PATTERNS += [f"{c}/config.json" for c in _WEIGHT_STEMS]
-_SD_ALLOW_PATTERNS += [f"{c}/{stem}.fp16.safetensors" for c, stem in _WEIGHT_STEMS.items()]
+_FP16_PATTERNS = [f"{c}/{stem}.fp16.safetensors" for c, stem in _WEIGHT_STEMS.items()]
+_FULL_PATTERNS = [f"{c}/{stem}.safetensors" for c, stem in _WEIGHT_STEMS.items()]
 
 Features = dict[str, "torch.Tensor"]
 
@@ -77,34 +94,88 @@ def default_weights_dir() -> Path:
     return Path(os.environ.get(WEIGHTS_ENV) or "weights")
 
 
-def missing_parts(weights_dir: str | os.PathLike[str], verify: bool = False) -> list[str]:
-    """The parts (SD_DIRNAME, VGG16_RELPATH) download_weights would fetch or rebuild: absent,
-    broken, or (the trunk) in the old layout. `verify` also reads the trunk to check its hash."""
-    weights_dir = Path(weights_dir)
-    parts = [SD_DIRNAME] if _sd_problem(weights_dir / SD_DIRNAME) else []
+def default_model() -> str:
+    """The model folder: $SYNCDIFFUSION_MODEL if set, else SD 2.0-base's."""
+    return os.environ.get(MODEL_ENV) or SD_DIRNAME
+
+
+def model_dirname(model: str | None = None) -> str:
+    """The folder under weights/ of `model`: a folder name, or a hub repository id whose name
+    part names the folder (`stabilityai/stable-diffusion-xl-base-1.0`); None: the default."""
+    model = model or default_model()
+    name = model.rstrip("/").rsplit("/", 1)[-1]
+    if not name or name.startswith(".") or model.count("/") > 1:
+        raise WeightsError(
+            f"model must be a folder name under the weights folder or a hub repository id "
+            f"(owner/name); got {model!r}"
+        )
+    return name
+
+
+def repo_id(model: str | None = None) -> str:
+    """The hub repository `model` is downloaded from: itself if an id, else a known folder's."""
+    model = model or default_model()
+    if "/" in model:
+        return model
+    if model not in KNOWN_REPOS:
+        raise WeightsError(
+            f"model {model!r} is not a hub repository id (owner/name) nor one of the folders "
+            f"download_weights knows: {', '.join(KNOWN_REPOS)}"
+        )
+    return KNOWN_REPOS[model]
+
+
+def missing_parts(
+    weights_dir: str | os.PathLike[str], verify: bool = False, model: str | None = None
+) -> list[str]:
+    """The parts (the model's folder, VGG16_RELPATH) download_weights would fetch or rebuild:
+    absent, broken, or (the trunk) in the old layout. `verify` also checks the trunk's hash."""
+    weights_dir, name = Path(weights_dir), model_dirname(model)
+    parts = [name] if _sd_problem(weights_dir / name) else []
     return parts + ([VGG16_RELPATH] if _read_trunk(weights_dir / VGG16_RELPATH, verify)[1] else [])
 
 
-def check_weights(weights_dir: str | os.PathLike[str]) -> None:
+def check_weights(weights_dir: str | os.PathLike[str], model: str | None = None) -> None:
     """Raise WeightsError naming the problem of each part, or return if all is usable.
 
     Reads headers only: load_vgg16_features checks the trunk's hash as it reads it."""
-    weights_dir = Path(weights_dir)
+    weights_dir, name = Path(weights_dir), model_dirname(model)
     if not weights_dir.is_dir():
-        raise WeightsError(f"Weights folder {weights_dir} does not exist. {_fix(weights_dir)}")
+        raise WeightsError(
+            f"Weights folder {weights_dir} does not exist. {_fix(weights_dir, model)}"
+        )
     trunk = weights_dir / VGG16_RELPATH
     old_layout = not trunk.exists() and (weights_dir / LEGACY_VGG16_RELPATH).is_file()
-    problems = [_sd_problem(weights_dir / SD_DIRNAME)]
+    problems = [_sd_problem(weights_dir / name)]
     problems += [None if old_layout else _read_trunk(trunk)[1]]
     if any(problems):
-        raise WeightsError(" ".join(f"{p}." for p in problems if p) + f" {_fix(weights_dir)}")
+        fix = _fix(weights_dir, model)
+        raise WeightsError(" ".join(f"{p}." for p in problems if p) + f" {fix}")
+
+
+def read_family(sd_dir: str | os.PathLike[str]) -> Family:
+    """The family of a checked model folder (see `family.family_of`)."""
+    sd_dir = Path(sd_dir)
+    unet, index = (
+        json.loads((sd_dir / f).read_text()) for f in ("unet/config.json", "model_index.json")
+    )
+    family = family_of(unet, index)
+    if isinstance(family, str):
+        raise WeightsError(f"Weights folder {sd_dir} is not a Stable Diffusion model: {family}")
+    return family
+
+
+def read_model_index(sd_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The folder's model_index.json: its components and pipeline options."""
+    return json.loads((Path(sd_dir) / "model_index.json").read_text())
 
 
 def sd_variant(sd_dir: str | os.PathLike[str]) -> str | None:
     """Return "fp16" if only the fp16 variant files are all in sd_dir, else None (for variant=)."""
+    components = _weight_components(Path(sd_dir))
 
     def has(variant: str) -> bool:
-        return all(_weights_file(Path(sd_dir), c, variant).is_file() for c in _WEIGHT_STEMS)
+        return all(_weights_file(Path(sd_dir), c, variant).is_file() for c in components)
 
     return "fp16" if has("fp16") and not has("") else None
 
@@ -139,15 +210,20 @@ def save_vgg16_features(features: Features, path: str | os.PathLike[str]) -> Non
     save_file(features, path, metadata={_HASH_KEY: _tensors_sha256(features)})
 
 
-def download_weights(weights_dir: str | os.PathLike[str], progress: bool = True) -> None:
+def download_weights(
+    weights_dir: str | os.PathLike[str], progress: bool = True, model: str | None = None
+) -> None:
     """Fetch or rebuild what missing_parts(verify=True) reports; a rerun continues a failed one.
 
+    `model` is a hub repository id or a folder name KNOWN_REPOS knows (default: default_model()).
     `progress` governs this module's messages and torch.hub's bar; huggingface_hub's bars follow
     its own switch, HF_HUB_DISABLE_PROGRESS_BARS=1."""
     weights_dir = Path(weights_dir)
+    if _sd_problem(weights_dir / model_dirname(model)):
+        repo = repo_id(model)  # before anything is written: an unknown name fails cleanly
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        _download_sd(weights_dir, repo, progress)
     weights_dir.mkdir(parents=True, exist_ok=True)
-    if _sd_problem(weights_dir / SD_DIRNAME):
-        _download_sd(weights_dir, progress)
     if _read_trunk(weights_dir / VGG16_RELPATH, verify=True)[1]:
         _make_trunk(weights_dir, progress)
     with contextlib.suppress(OSError):  # not empty: something else is staged there
@@ -159,14 +235,30 @@ def download_weights(weights_dir: str | os.PathLike[str], progress: bool = True)
 # find a missing or broken file part way through a load, deep in a traceback.
 
 
-def _fix(weights_dir: Path | None) -> str:
+def _fix(weights_dir: Path | None, model: str | None = None) -> str:
+    model = model or default_model()
+    name = model_dirname(model)
+    if name == SD_DIRNAME:
+        chosen = ""
+    elif "/" in model or name in KNOWN_REPOS:
+        chosen = f" --model {shlex.quote(model)}"
+    else:  # a folder the download does not know: it needs the repository's owner too
+        chosen = f" --model OWNER/{shlex.quote(name)}"
     folder = f" --weights {shlex.quote(str(weights_dir))}" if weights_dir is not None else ""
-    return f"Run: {DOWNLOAD_COMMAND}{folder}"
+    return f"Run: {DOWNLOAD_COMMAND}{chosen}{folder}"
 
 
 def _one_line(exc: BaseException) -> str:
     """The exception's type and message on one line, for messages that quote it."""
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+def _weight_components(sd_dir: Path) -> tuple[str, ...]:
+    """The weight-bearing components of the folder's family (SD's where it cannot be read)."""
+    try:
+        return read_family(sd_dir).weight_components
+    except (OSError, ValueError, WeightsError):
+        return SD.weight_components
 
 
 def _weights_file(sd_dir: Path, component: str, variant: str | None) -> Path:
@@ -180,22 +272,40 @@ def _sd_problem(sd_dir: Path) -> str | None:
         return f"Weights folder {sd_dir} does not exist"
     incomplete = f"Weights folder {sd_dir} is incomplete"
     configs: dict[str, Any] = {}
-    for rel in _SD_FILES:
-        if not (sd_dir / rel).is_file():
-            return f"{incomplete}: {rel} is missing"
-        try:
-            if rel.endswith(".json"):
-                configs[rel.split("/")[0]] = json.loads((sd_dir / rel).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return f"{incomplete}: {rel} is not valid JSON ({exc})"
+
+    def read(files: tuple[str, ...]) -> str | None:
+        for rel in files:
+            if not (sd_dir / rel).is_file():
+                return f"{incomplete}: {rel} is missing"
+            try:
+                if rel.endswith(".json"):
+                    text = (sd_dir / rel).read_text(encoding="utf-8")
+                    configs[rel.split("/")[0]] = json.loads(text)
+            except (OSError, ValueError) as exc:
+                return f"{incomplete}: {rel} is not valid JSON ({exc})"
+        return None
+
+    if problem := read(("model_index.json", "unet/config.json")):
+        return problem
+    if not all(isinstance(configs[c], dict) for c in ("model_index.json", "unet")):
+        return f"{incomplete}: model_index.json or unet/config.json is not a JSON object"
+    family = family_of(configs["unet"], configs["model_index.json"])
+    if isinstance(family, str):
+        return f"Weights folder {sd_dir} is not Stable Diffusion 1.x/2.x or SDXL: {family}"
+    files = tuple(f"{c}/config.json" for c in family.weight_components[1:])
+    files += ("scheduler/scheduler_config.json",)
+    files += tuple(f"{t}/{f}" for t in family.tokenizers for f in _TOKENIZER_FILES)
+    if problem := read(files):
+        return problem
     variant = sd_variant(sd_dir)
-    for component in _WEIGHT_STEMS:
+    for component in family.weight_components:
         path = _weights_file(sd_dir, component, variant)
         other = _weights_file(sd_dir, component, None if variant else "fp16")
         if not path.is_file() and other.is_file():
             return (
-                f"{incomplete}: {component}/{path.name} is missing (unet, vae and text_encoder "
-                "must all have full-precision files or all have *.fp16.safetensors files)"
+                f"{incomplete}: {component}/{path.name} is missing "
+                f"({', '.join(family.weight_components)} must all have full-precision files "
+                "or all have *.fp16.safetensors files)"
             )
         if not path.is_file():
             return f"{incomplete}: {component}/ has no weights file ({path.name} or {other.name})"
@@ -205,30 +315,37 @@ def _sd_problem(sd_dir: Path) -> str | None:
         except Exception as exc:  # SafetensorError, or OSError for an unreadable file
             size = f"{path.stat().st_size:,} bytes"
             return f"{incomplete}: {component}/{path.name} is truncated or corrupt ({size}; {exc})"
-    problem = _architecture_problem(configs)
-    return f"Weights folder {sd_dir} is not Stable Diffusion 2 base: {problem}" if problem else None
+    problem = _architecture_problem(configs, family)
+    return f"Weights folder {sd_dir} is not {family.name}: {problem}" if problem else None
 
 
-def _architecture_problem(configs: dict[str, Any]) -> str | None:
-    """What in the component configs does not fit SD2-base's architecture, or None."""
-    if not all(isinstance(configs[c], dict) for c in _WEIGHT_STEMS):
-        return "a config.json of unet, vae or text_encoder is not a JSON object"
-    for component, key, expected in _SD2_VALUES:
+def _architecture_problem(configs: dict[str, Any], family: Family) -> str | None:
+    """What in the component configs does not fit the family's architecture, or None."""
+    if not all(isinstance(configs[c], dict) for c in family.weight_components):
+        return f"a config.json of {', '.join(family.weight_components)} is not a JSON object"
+    for component, key, expected in _SD_VALUES:
         found = configs[component].get(key, expected)
         if found != expected:
             return f"{component}/config.json has {key} {found}, expected {expected}"
-    unet, vae, text = (configs[c] for c in _WEIGHT_STEMS)
-    if "CLIPTextModel" not in (found := text.get("architectures") or ["CLIPTextModel"]):
-        return f"text_encoder/config.json is for {found}, expected a CLIPTextModel"
-    if not isinstance(levels := vae.get("block_out_channels"), list) or len(levels) != 4:
+    for component, cls in zip(family.text_encoders, family.text_encoder_classes, strict=True):
+        if cls not in (found := configs[component].get("architectures") or [cls]):
+            return f"{component}/config.json is for {found}, expected a {cls}"
+    # Both families' VAEs have four levels: 8 image pixels per latent pixel.
+    if not isinstance(levels := configs["vae"].get("block_out_channels"), list) or len(levels) != 4:
         return f"vae/config.json has block_out_channels {levels}, expected 4 levels (8x)"
-    cross = unet.get("cross_attention_dim")
+    cross = configs["unet"].get("cross_attention_dim")
     # transformers leaves values equal to CLIPTextConfig's defaults out of the files it writes.
-    hidden = text.get("hidden_size", 512)
-    if (set(cross) if isinstance(cross, list) else {cross}) != {hidden}:
+    # SDXL's UNet reads both encoders' states side by side: its width is their sum.
+    widths = [configs[c].get("hidden_size", 512) for c in family.text_encoders]
+    if (set(cross) if isinstance(cross, list) else {cross}) != {sum(widths)}:
+        hidden = " and ".join(
+            f"{c}/config.json has hidden_size {w}"
+            for c, w in zip(family.text_encoders, widths, strict=True)
+        )
+        total = f" (together {sum(widths)})" if len(widths) > 1 else ""
         return (
-            f"text_encoder/config.json has hidden_size {hidden} but unet/config.json has "
-            f"cross_attention_dim {cross}; they must be equal"
+            f"{hidden}{total} but unet/config.json has cross_attention_dim {cross}; "
+            "they must be equal"
         )
     return None
 
@@ -310,27 +427,33 @@ def _say(progress: bool, message: str) -> None:
         print(message, flush=True)
 
 
-def _download_sd(weights_dir: Path, progress: bool) -> None:
+def _download_sd(weights_dir: Path, repo: str, progress: bool) -> None:
     import huggingface_hub
 
     # Straight into place: huggingface_hub writes each file under .cache/ and moves it in whole,
     # so a file the loader finds is never half-written; it resumes those it had begun, and
     # re-hashes files it did not record (or that changed since) and fetches those that differ.
-    sd_dir = weights_dir / SD_DIRNAME
-    _say(progress, f"Downloading {SD_REPO_ID} (fp16 files) into {sd_dir}")
-    try:
-        huggingface_hub.snapshot_download(
-            SD_REPO_ID, local_dir=sd_dir, allow_patterns=_SD_ALLOW_PATTERNS
-        )
-    except Exception as exc:  # network and hub errors come in many types
-        raise WeightsError(
-            f"Downloading {SD_REPO_ID} into {sd_dir} failed ({_one_line(exc)}). The files "
-            f"fetched so far are kept and a rerun continues. {_fix(weights_dir)}"
-        ) from exc
+    sd_dir = weights_dir / model_dirname(repo)
+    fix = _fix(weights_dir, None if repo == SD_REPO_ID else repo)
+    _say(progress, f"Downloading {repo} (fp16 files where it has them) into {sd_dir}")
+
+    def fetch(patterns: list[str]) -> None:
+        try:
+            huggingface_hub.snapshot_download(repo, local_dir=sd_dir, allow_patterns=patterns)
+        except Exception as exc:  # network and hub errors come in many types
+            raise WeightsError(
+                f"Downloading {repo} into {sd_dir} failed ({_one_line(exc)}). The files "
+                f"fetched so far are kept and a rerun continues. {fix}"
+            ) from exc
+
+    fetch(_SD_ALLOW_PATTERNS + _FP16_PATTERNS)
+    components = _weight_components(sd_dir)
+    if not all(_weights_file(sd_dir, c, "fp16").is_file() for c in components):
+        fetch(_FULL_PATTERNS)
     problem = _sd_problem(sd_dir)
     if problem:
-        raise WeightsError(f"Downloaded {SD_REPO_ID}, but {problem}. {_fix(weights_dir)}")
-    _say(progress, f"Stable Diffusion 2 base is in {sd_dir}")
+        raise WeightsError(f"Downloaded {repo}, but {problem}. {fix}")
+    _say(progress, f"{repo} is in {sd_dir}")
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Window geometry: where a panorama's 64x64-latent views lie, and moving latents in and out."""
+"""Window geometry: where a panorama's square latent views lie, and moving latents in and out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 WINDOW = 64
-"""Side of one view in latent pixels: SD2-base's 512 px training size over the VAE factor 8."""
+"""SD2-base's view side in latent pixels (512 px over the VAE factor 8); a model's own is its
+UNet's `sample_size`, passed as `window`."""
 
 
 @dataclass(frozen=True)
@@ -25,30 +26,34 @@ class Window:
         return self.w1 <= self.w0
 
 
-def _offsets(length: int, stride: int, cover_edge: bool) -> list[int]:
+def _offsets(length: int, stride: int, cover_edge: bool, window: int) -> list[int]:
     """Window starts along one side: every `stride`, plus one flush with the end if asked."""
-    offsets = list(range(0, length - WINDOW + 1, stride))
-    if cover_edge and offsets[-1] != length - WINDOW:
-        offsets.append(length - WINDOW)
+    offsets = list(range(0, length - window + 1, stride))
+    if cover_edge and offsets[-1] != length - window:
+        offsets.append(length - window)
     return offsets
 
 
-def wrap_offsets(stride: int) -> list[int]:
+def wrap_offsets(stride: int, window: int = WINDOW) -> list[int]:
     """Where each row's wrap views end on the left edge: `k * stride` for the `k` listed.
 
-    The published wrapper's wrap views, `k = 1 .. WINDOW // stride - 2` (one short of the last
+    The published wrapper's wrap views, `k = 1 .. window // stride - 2` (one short of the last
     offset), where it has any: stride 8 and 16. At stride 24 and above that formula gives none,
     and nothing would join the right edge to the left in latent space; there one view does, the
     one at a multiple of the stride most nearly centred on the seam.
     """
-    published = [k * stride for k in range(1, WINDOW // stride - 1)]
+    published = [k * stride for k in range(1, window // stride - 1)]
     if published:
         return published
-    return [min(range(stride, WINDOW, stride), key=lambda w1: abs(2 * w1 - WINDOW))]
+    return [min(range(stride, window, stride), key=lambda w1: abs(2 * w1 - window))]
 
 
 def panorama_windows(
-    latent_height: int, latent_width: int, stride: int, loop_closure: bool = False
+    latent_height: int,
+    latent_width: int,
+    stride: int,
+    loop_closure: bool = False,
+    window: int = WINDOW,
 ) -> list[Window]:
     """The views: a row-major grid at `stride`, then, with loop closure, each row's wrap views.
 
@@ -56,16 +61,16 @@ def panorama_windows(
     grid. Other sizes get one more row or column flush with the bottom or right edge where the
     grid stops short, so every latent pixel is in a view. With loop closure every row then
     gets the wrap views of `wrap_offsets`, which straddle the seam between the right and left
-    edges.
+    edges. `window` is the view side in latent pixels.
     """
     cover_edges = bool(latent_height % stride or latent_width % stride)
-    rows = _offsets(latent_height, stride, cover_edges)
-    cols = _offsets(latent_width, stride, cover_edges)
-    windows = [Window(h0, h0 + WINDOW, w0, w0 + WINDOW) for h0 in rows for w0 in cols]
+    rows = _offsets(latent_height, stride, cover_edges, window)
+    cols = _offsets(latent_width, stride, cover_edges, window)
+    windows = [Window(h0, h0 + window, w0, w0 + window) for h0 in rows for w0 in cols]
     if loop_closure:
         for h0 in rows:
-            for w1 in wrap_offsets(stride):
-                windows.append(Window(h0, h0 + WINDOW, latent_width - WINDOW + w1, w1))
+            for w1 in wrap_offsets(stride, window):
+                windows.append(Window(h0, h0 + window, latent_width - window + w1, w1))
     return windows
 
 
@@ -75,7 +80,7 @@ def anchor_index(windows: list[Window]) -> int:
 
 
 def gather(latent: torch.Tensor, windows: list[Window]) -> torch.Tensor:
-    """Stack the views of a `(1, C, H, W)` latent into `(len(windows), C, WINDOW, WINDOW)`."""
+    """Stack the views of a `(1, C, H, W)` latent into `(len(windows), C, side, side)`."""
     views = []
     for w in windows:
         rows = latent[:, :, w.h0 : w.h1]
@@ -89,7 +94,7 @@ def gather(latent: torch.Tensor, windows: list[Window]) -> torch.Tensor:
 def scatter_add(
     value: torch.Tensor, count: torch.Tensor, windows: list[Window], views: torch.Tensor
 ) -> None:
-    """Add `views` (n, C, WINDOW, WINDOW) into `value`, and 1 into `count`, over each window."""
+    """Add `views` (n, C, side, side) into `value`, and 1 into `count`, over each window."""
     for w, view in zip(windows, views, strict=True):
         view = view.unsqueeze(0)
         if w.wraps:

@@ -28,3 +28,13 @@ def pipe(tiny_weights):
     from syncdiffusion import SyncDiffusionPipeline
 
     return SyncDiffusionPipeline.from_pretrained(tiny_weights, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def family_weights(tmp_path_factory) -> Path:
+    """A weights folder holding tiny SD 1.x, SD 2.x 768 v-prediction and SDXL models."""
+    from make_tiny_weights import make_tiny_weights
+
+    out = tmp_path_factory.mktemp("families")
+    make_tiny_weights(out, ("sd1", "sd2-v", "sdxl"))
+    return out

@@ -1,0 +1,97 @@
+"""Cog predictor for SDXL panoramas: predict.py's model on SDXL base 1.0, with 1024 px windows.
+
+Publish it with `predict: "predict_sdxl.py:Predictor"` in cog.yaml (README, "An SDXL model on
+Replicate"). `cog build` reads the `Input(...)` fields without running this file, so they are
+literals here too: the bounds that differ from predict.py's are the sides (at least one
+1024 px window), the stride (below the 128-latent window) and the defaults that follow.
+"""
+
+from __future__ import annotations
+
+from cog import Input, Path
+
+import predict
+
+
+class Predictor(predict.Predictor):
+    MODEL = "stable-diffusion-xl-base-1.0"
+
+    def run(
+        self,
+        prompt: str = Input(description="What the panorama shows."),
+        negative_prompt: str = Input(description="What the panorama should not show.", default=""),
+        width: int = Input(
+            description="Width in pixels, a multiple of 8. Wider than high: a horizontal panorama.",
+            default=4096,
+            ge=1024,
+            le=4096,
+        ),
+        height: int = Input(
+            description="Height in pixels, a multiple of 8. Higher than wide: a vertical panorama.",
+            default=1024,
+            ge=1024,
+            le=4096,
+        ),
+        guidance_scale: float = Input(
+            description="Classifier-free guidance: how closely to follow the prompt.",
+            default=7.5,
+            ge=0,
+            le=20,
+        ),
+        sync_weight: float = Input(
+            description="Strength of the SyncDiffusion gradient step that pulls every window "
+            "towards the anchor window; 0 gives plain MultiDiffusion.",
+            default=20.0,
+            ge=0,
+            le=30,
+        ),
+        sync_decay_rate: float = Input(
+            description="The sync weight is multiplied by this at every denoising step.",
+            default=0.99,
+            ge=0,
+            le=1,
+        ),
+        sync_freq: int = Input(
+            description="Run the sync gradient step every this many denoising steps.",
+            default=1,
+            ge=1,
+        ),
+        sync_threshold: int = Input(
+            description="Run the sync gradient step only in the first this many denoising steps.",
+            default=5,
+            ge=0,
+            le=50,
+        ),
+        num_inference_steps: int = Input(
+            description="Number of DDIM denoising steps.", default=50, ge=1, le=200
+        ),
+        stride: int = Input(
+            description="Offset between neighbouring 1024 px windows, in latent pixels (8 image "
+            "pixels each): a multiple of 8 below 128. Smaller is smoother and slower.",
+            default=32,
+            ge=8,
+            le=120,
+        ),
+        seed: int = Input(
+            description="Random seed: the same seed gives the same panorama.", default=2, ge=0
+        ),
+        loop_closure: bool = Input(
+            description="Make a 360-degree panorama whose right edge continues seamlessly into "
+            "its left edge.",
+            default=False,
+        ),
+        output_format: str = Input(
+            description="File format of the panorama. Every input is saved in the file.",
+            default="png",
+            choices=["png", "webp", "jpg"],
+        ),
+        output_quality: int = Input(
+            description="Quality of webp and jpg files, from 1 to 100 (png is lossless).",
+            default=80,
+            ge=1,
+            le=100,
+        ),
+    ) -> Path:
+        """Make one panorama file."""
+        # Every input by its name, as the schema above lists them.
+        return self.make_panorama(**{k: v for k, v in locals().items() if k != "self"})

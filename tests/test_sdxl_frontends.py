@@ -1,0 +1,78 @@
+"""SDXL through the command line, the SDXL Cog predictor's static schema and the Cog server."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cog_server import CogServer, decode_png
+from make_tiny_weights import TINY_MODELS
+from PIL import Image
+
+from syncdiffusion.files import read_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+SDXL = TINY_MODELS["sdxl"][0]
+
+
+def _inputs(path: Path) -> dict[str, dict]:
+    """The `run` method's Input(...) keywords, literal-evaluated as `cog build` reads them."""
+    tree = ast.parse(path.read_text())
+    predictor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
+    run = next(n for n in predictor.body if isinstance(n, ast.FunctionDef) and n.name == "run")
+    args = run.args.args[1:]
+    return {
+        a.arg: {k.arg: ast.literal_eval(k.value) for k in d.keywords}
+        for a, d in zip(args, run.args.defaults, strict=True)
+    }
+
+
+def test_sdxl_predictor_has_literal_bounds_for_1024_px_windows():
+    sdxl, sd2 = _inputs(ROOT / "predict_sdxl.py"), _inputs(ROOT / "predict.py")
+    assert list(sdxl) == list(sd2)
+    for side, default in (("width", 4096), ("height", 1024)):
+        assert (sdxl[side]["default"], sdxl[side]["ge"], sdxl[side]["le"]) == (default, 1024, 4096)
+    assert (sdxl["stride"]["default"], sdxl["stride"]["ge"], sdxl["stride"]["le"]) == (32, 8, 120)
+    same = set(sd2) - {"width", "height", "stride"}
+    assert {k: sdxl[k] for k in same} == {k: sd2[k] for k in same}
+
+
+def test_cli_makes_an_sdxl_panorama(family_weights, tmp_path):
+    out = tmp_path / "pano.png"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "syncdiffusion", "--prompt", "a fjord", "--output", str(out)),
+            *("--weights", str(family_weights), "--model", SDXL, "--width", "320"),
+            *("--height", "256", "--stride", "8", "--num-inference-steps", "2"),
+            *("--sync-threshold", "1"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as image:
+        assert image.size == (320, 256)
+    assert read_parameters(out)["width"] == 320
+
+
+@pytest.mark.server
+def test_cog_server_serves_the_sdxl_predictor(family_weights):
+    env = {"COG_PREDICT_TYPE_STUB": "predict_sdxl.py:Predictor", "SYNCDIFFUSION_MODEL": SDXL}
+    with CogServer(family_weights, **env) as server:
+        assert server.health()["status"] == "READY", server.logs()
+        small = {"prompt": "a fjord", "width": 1024, "height": 1024, "stride": 24}
+        small |= {"num_inference_steps": 2, "sync_threshold": 0, "seed": 5}
+        result = server.predict(small)
+        assert result["status"] == "succeeded", result
+        assert decode_png(result["output"]).size == (1024, 1024)
+        # The schema's stride bound is the real SDXL's; the model's own window sets the rule.
+        refused = server.predict({**small, "stride": 32})
+        assert refused["status"] == "failed"
+        assert "stride must be a multiple of 8 from 8 to 24 (less than the 32-latent" in (
+            refused["error"]
+        )
