@@ -17,6 +17,8 @@ figures) after every section, so a run cut short still leaves what it measured. 
 
 --smoke runs the same sections at sizes that take minutes on two cores (chunks of 1 and 2).
 6. huge: 4096x4096 at stride 56, 2 steps: peak memory (the 24 GB GPU claim).
+7. sdxl: SDXL base's architecture (random weights, fp16, its VAE upcast), 4096x1024, 50
+   steps, sync_threshold 5, stride 32: seconds and peak memory.
 
 The GPU machine needs this project's pinned diffusers, transformers and lpips:
 `scripts/fetch_gpu_wheels.sh` downloads them into `.whl/` to take along.
@@ -28,6 +30,7 @@ import argparse
 import datetime
 import json
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -39,8 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark import machine, sd2_pipeline, timed  # noqa: E402
-from make_tiny_weights import make_tiny_weights  # noqa: E402
+from benchmark import machine, sd2_pipeline, sdxl_pipeline, timed  # noqa: E402
+from make_tiny_weights import TINY_MODELS, make_tiny_weights  # noqa: E402
 from oracle import oracle_panorama  # noqa: E402
 
 import syncdiffusion.sampling as sampling  # noqa: E402
@@ -61,6 +64,7 @@ SETTINGS = {
         "memory": dict(width=1024, height=512, num_inference_steps=1, sync_threshold=1),
         "chunks": (1, 2, 4),
         "huge": dict(width=4096, height=4096, stride=56, num_inference_steps=2),
+        "sdxl": dict(width=4096, height=1024, stride=32, num_inference_steps=50, sync_threshold=5),
     },
     "smoke": {
         "published": dict(width=640, height=512, num_inference_steps=2, sync_threshold=1),
@@ -68,6 +72,7 @@ SETTINGS = {
         "memory": dict(width=768, height=512, num_inference_steps=1, sync_threshold=1),
         "chunks": (1, 2),
         "huge": dict(width=1024, height=1024, stride=56, num_inference_steps=1, sync_threshold=0),
+        "sdxl": dict(width=768, height=256, stride=16, num_inference_steps=2, sync_threshold=1),
     },
 }
 
@@ -361,6 +366,34 @@ def check_huge(report, fast, inputs, device) -> None:
     )
 
 
+def check_sdxl(report, smoke: bool, inputs, device) -> None:
+    if smoke:
+        tiny = make_tiny_weights(Path(tempfile.mkdtemp()) / "tiny", models=("sdxl",))
+        pipe = SyncDiffusionPipeline.from_pretrained(tiny, device, model=TINY_MODELS["sdxl"][0])
+    else:
+        pipe = sdxl_pipeline(device, torch.float16)
+    release_memory()
+    (_, finite), seconds, peak = timed(
+        lambda: finite_latents(pipe, prompt=PROMPT, **inputs), device
+    )
+    f, side = pipe.vae_scale_factor, pipe.window
+    n = len(
+        panorama_windows(inputs["height"] // f, inputs["width"] // f, inputs["stride"], False, side)
+    )
+    figures = {"inputs": inputs, "windows": n, "seconds": seconds, "peak_gib": peak / 2**30}
+    report.add(
+        "sdxl",
+        figures,
+        [
+            f"{'tiny SDXL-shaped model' if smoke else 'SDXL base architecture'}, "
+            f"{inputs['width']}x{inputs['height']}, stride {inputs['stride']}, {n} windows of "
+            f"{f * side} px, {inputs['num_inference_steps']} steps, sync_threshold "
+            f"{inputs['sync_threshold']}: {seconds:.1f} s, peak {peak / 2**30:.2f} GiB, latents "
+            f"finite {finite}.",
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-check"))
@@ -407,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     window_bytes = max(memory["window_bytes"], *measured)
     check_out_of_memory(report, fast, settings["memory"], chunks[-1], device, window_bytes)
     check_huge(report, fast, settings["huge"], device)
+    del fast
+    check_sdxl(report, args.smoke, settings["sdxl"], device)
     seconds = time.perf_counter() - started
     report.add("total", {"seconds": seconds}, [f"{seconds:.0f} s in all."])
     return 0

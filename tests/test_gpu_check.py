@@ -23,6 +23,7 @@ def test_the_gpu_check_runs_every_section_on_the_cpu(tiny_weights, tmp_path):
         "memory",
         "out-of-memory",
         "huge",
+        "sdxl",
         "total",
     ]
     published = figures["published"]
