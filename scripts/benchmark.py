@@ -82,9 +82,10 @@ def _random_pipeline(
     from make_tiny_weights import TINY_MODELS
     from transformers import CLIPTextConfig, CLIPTokenizer
 
+    from syncdiffusion.model_folder import read_family
     from syncdiffusion.pipeline import load_lpips
     from syncdiffusion.precision import vae_dtype
-    from syncdiffusion.weights import VGG16_RELPATH, read_family
+    from syncdiffusion.weights import VGG16_RELPATH
 
     tiny = Path(tempfile.mkdtemp()) / "tiny"
     make_tiny_weights(tiny, (shape,))  # for its tokenizers, scheduler config and VGG16 trunk

@@ -30,7 +30,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from syncdiffusion.weights import SD_DIRNAME, VGG16_RELPATH, save_vgg16_features  # noqa: E402
+from syncdiffusion.lpips_trunk import save_trunk  # noqa: E402
+from syncdiffusion.weights import SD_DIRNAME, VGG16_RELPATH  # noqa: E402
 
 # SD2-base's scheduler config, verbatim, so the tiny model is sampled with the real schedule.
 SCHEDULER_CONFIG = {
@@ -310,7 +311,7 @@ def make_tiny_weights(out: Path, models: tuple[str, ...] = ("sd2",)) -> Path:
     torch.manual_seed(0)
     vgg_path = out / VGG16_RELPATH
     vgg_path.parent.mkdir(parents=True, exist_ok=True)
-    save_vgg16_features(_vgg16_features(), vgg_path)
+    save_trunk(_vgg16_features(), vgg_path)
     return out
 
 

@@ -3,7 +3,8 @@
 Everything else that differs between checkpoints (the window side, the VAE's scaling factor and
 depth, the prediction type, the text encoders' widths) is read from the components' configs
 where it is used. A folder's family is read from its files (the UNet's config, then
-`model_index.json`), never from its name.
+`model_index.json`), never from its name, and `architecture_problem` holds the components'
+configs to what the family's architecture needs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ SDXL = Family(
     addition_embed_type="text_time",
 )
 FAMILIES = (SD, SDXL)
+# Config values every SD 1.x/2.x and SDXL checkpoint shares (an absent key takes diffusers'
+# default).
+_SHARED_VALUES = [
+    ("unet", "_class_name", "UNet2DConditionModel"),
+    ("vae", "_class_name", "AutoencoderKL"),
+    ("unet", "in_channels", 4),
+    ("unet", "out_channels", 4),
+    ("vae", "latent_channels", 4),
+]
 
 
 def unet_family(unet_config: dict[str, Any]) -> Family | None:
@@ -84,3 +94,35 @@ def family_of(unet_config: dict[str, Any], model_index: dict[str, Any]) -> Famil
             f"{', '.join(missing)}"
         )
     return family
+
+
+def architecture_problem(configs: dict[str, Any], family: Family) -> str | None:
+    """What in the components' configs (component name -> config.json) does not fit the
+    family's architecture, or None."""
+    if not all(isinstance(configs[c], dict) for c in family.weight_components):
+        return f"a config.json of {', '.join(family.weight_components)} is not a JSON object"
+    for component, key, expected in _SHARED_VALUES:
+        found = configs[component].get(key, expected)
+        if found != expected:
+            return f"{component}/config.json has {key} {found}, expected {expected}"
+    for component, cls in zip(family.text_encoders, family.text_encoder_classes, strict=True):
+        if cls not in (found := configs[component].get("architectures") or [cls]):
+            return f"{component}/config.json is for {found}, expected a {cls}"
+    # Both families' VAEs have four levels: 8 image pixels per latent pixel.
+    if not isinstance(levels := configs["vae"].get("block_out_channels"), list) or len(levels) != 4:
+        return f"vae/config.json has block_out_channels {levels}, expected 4 levels (8x)"
+    # transformers leaves values equal to CLIPTextConfig's defaults out of the files it writes.
+    # SDXL's UNet reads both encoders' states side by side: its width is their sum.
+    widths = [configs[c].get("hidden_size", 512) for c in family.text_encoders]
+    cross = configs["unet"].get("cross_attention_dim")
+    if (set(cross) if isinstance(cross, list) else {cross}) != {sum(widths)}:
+        hidden = " and ".join(
+            f"{c}/config.json has hidden_size {w}"
+            for c, w in zip(family.text_encoders, widths, strict=True)
+        )
+        total = f" (together {sum(widths)})" if len(widths) > 1 else ""
+        return (
+            f"{hidden}{total} but unet/config.json has cross_attention_dim {cross}; "
+            "they must be equal"
+        )
+    return None

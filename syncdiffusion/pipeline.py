@@ -14,7 +14,7 @@ from typing import Literal
 import lpips
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -32,6 +32,7 @@ from .checks import InputError, check_inputs
 from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .family import SDXL, unet_family
 from .files import model_identity
+from .model_folder import read_family, sd_variant
 from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype
 from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
 from .sync import SyncSchedule, lpips_features, sync_loss
@@ -41,9 +42,6 @@ from .weights import (
     default_weights_dir,
     load_vgg16_features,
     model_dirname,
-    read_family,
-    read_model_index,
-    sd_variant,
 )
 from .windows import panorama_windows
 
@@ -154,6 +152,7 @@ class SyncDiffusionPipeline:
         kwargs = {**local, "torch_dtype": dtype, "variant": sd_variant(sd)}
         encoders = zip(family.text_encoders, family.text_encoder_classes, strict=True)
         with _no_progress_bars():
+            index = DiffusionPipeline.load_config(sd, **local)  # model_index.json
             vae_config = AutoencoderKL.load_config(sd, subfolder="vae", **local)
             upcast = vae_dtype(dtype, bool(vae_config.get("force_upcast", False)))
             pipe = cls(
@@ -171,9 +170,7 @@ class SyncDiffusionPipeline:
                 },
                 scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler", **local),
                 perceptual=load_lpips(weights_dir / VGG16_RELPATH),
-                force_zeros_for_empty_prompt=bool(
-                    read_model_index(sd).get("force_zeros_for_empty_prompt", False)
-                ),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt")),
             )
         return pipe.to(device)
 

@@ -146,7 +146,7 @@ def test_download_any_model_into_its_repository_s_folder(family_weights, tmp_pat
     import huggingface_hub
     from test_weights import FakeHub
 
-    from syncdiffusion import weights
+    from syncdiffusion import model_folder, weights
 
     # A fine-tune with full-precision files only: the fp16 pass finds none, the second fetches.
     hub = FakeHub(family_weights / MODELS["sdxl"])
@@ -157,8 +157,8 @@ def test_download_any_model_into_its_repository_s_folder(family_weights, tmp_pat
     weights.download_weights(target, progress=False, model="someone/my-sdxl")
     assert hub.calls == ["someone/my-sdxl"] * 2
     weights.check_weights(target, "my-sdxl")
-    assert weights.read_family(target / "my-sdxl") is SDXL
-    assert weights.sd_variant(target / "my-sdxl") is None
+    assert model_folder.read_family(target / "my-sdxl") is SDXL
+    assert model_folder.sd_variant(target / "my-sdxl") is None
     with pytest.raises(WeightsError, match="'my-sd' is not a hub repository id"):
         weights.download_weights(target, progress=False, model="my-sd")
     assert weights.repo_id("stable-diffusion-xl-base-1.0").startswith("stabilityai/")

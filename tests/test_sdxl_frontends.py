@@ -73,6 +73,5 @@ def test_cog_server_serves_the_sdxl_predictor(family_weights):
         # The schema's stride bound is the real SDXL's; the model's own window sets the rule.
         refused = server.predict({**small, "stride": 32})
         assert refused["status"] == "failed"
-        assert "stride must be a multiple of 8 from 8 to 24 (less than the 32-latent" in (
-            refused["error"]
-        )
+        rule = "stride must be a multiple of 8 from 8 to 24 (less than the 32-latent"
+        assert rule in refused["error"]

@@ -19,7 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from syncdiffusion import weights
+from syncdiffusion import lpips_trunk
+from syncdiffusion.lpips_trunk import save_trunk
+from syncdiffusion.model_folder import sd_variant
 from syncdiffusion.weights import (
     DOWNLOAD_COMMAND,
     LEGACY_VGG16_RELPATH,
@@ -33,8 +35,6 @@ from syncdiffusion.weights import (
     download_weights,
     load_vgg16_features,
     missing_parts,
-    save_vgg16_features,
-    sd_variant,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -188,9 +188,9 @@ BROKEN = {  # what breaks the folder: (how, which part is then missing, what the
     "no text weights": (
         _remove(f"{SD}/text_encoder/model.safetensors"),
         SD,
-        "text_encoder/ has no weights file (model.safetensors or model.fp16.safetensors)",
+        "text_encoder/model.safetensors is missing (unet, vae, text_encoder must all have",
     ),
-    "mixed variants": (_mixed_variants, SD, "all have full-precision files or all have"),
+    "mixed variants": (_mixed_variants, SD, "all have full-precision *.safetensors files or all"),
     "unet half": (_cut(UNET, 0.5), SD, "diffusion_pytorch_model.safetensors is truncated or"),
     "unet 20 bytes": (_cut(UNET, 20), SD, "unet/diffusion_pytorch_model.safetensors is trunc"),
     "unet 4 bytes": (_cut(UNET, 4), SD, "is truncated or corrupt (4 bytes;"),
@@ -222,13 +222,17 @@ BROKEN = {  # what breaks the folder: (how, which part is then missing, what the
     "trunk shape": (
         _trunk(lambda f: f.update({"features.0.weight": torch.zeros(64, 1, 3, 3)})),
         TRUNK,
-        "features.0.weight has shape (64, 1, 3, 3), expected (64, 3, 3, 3)",
+        "size mismatch for features.0.weight: copying a param with shape torch.Size([64, 1, 3, 3])",
     ),
-    "trunk lacks": (_trunk(lambda f: f.pop("features.28.bias")), TRUNK, "28.bias is missing"),
+    "trunk lacks": (
+        _trunk(lambda f: f.pop("features.28.bias")),
+        TRUNK,
+        'Missing key(s) in state_dict: "features.28.bias"',
+    ),
     "trunk extra": (
         _trunk(lambda f: f.update({"classifier.0.bias": torch.zeros(2)})),
         TRUNK,
-        "classifier.0.bias should not be there",
+        'Unexpected key(s) in state_dict: "classifier.0.bias"',
     ),
     "trunk no hash": (_trunk(lambda f: None), TRUNK, "does not record its tensors_sha256"),
 }
@@ -377,7 +381,7 @@ class FakeHub:
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path) -> FakeHub:
     """The SD2-base repo (fp16 files, plus files the download must skip) behind a fake hub, and
-    a stand-in for torchvision's VGG16 file behind weights.VGG16_URL with its sha256."""
+    a stand-in for torchvision's VGG16 file behind lpips_trunk.VGG16_URL with its sha256."""
     import huggingface_hub
 
     repo = Path(shutil.copytree(tiny / SD_DIRNAME, tmp_path / "hub"))
@@ -389,20 +393,21 @@ def network(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path) -> Fake
     hub = FakeHub(repo)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     source = _torchvision_file(tiny, tmp_path / "server" / "vgg16-397923af.pth")
-    monkeypatch.setattr(weights, "VGG16_URL", source.as_uri())
-    monkeypatch.setattr(weights, "VGG16_SHA256", hashlib.sha256(source.read_bytes()).hexdigest())
+    monkeypatch.setattr(lpips_trunk, "VGG16_URL", source.as_uri())
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    monkeypatch.setattr(lpips_trunk, "VGG16_SHA256", digest)
     return hub
 
 
 def _server_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(weights, "VGG16_URL", (tmp_path / "gone" / "vgg16.pth").as_uri())
+    monkeypatch.setattr(lpips_trunk, "VGG16_URL", (tmp_path / "gone" / "vgg16.pth").as_uri())
 
 
 def test_download_fails_cleanly_and_a_rerun_finishes(
     tiny: Path, tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "downloaded"
-    url = weights.VGG16_URL
+    url = lpips_trunk.VGG16_URL
     network.fail = True
     with pytest.raises(WeightsError) as exc:
         download_weights(target, progress=False)
@@ -419,7 +424,7 @@ def test_download_fails_cleanly_and_a_rerun_finishes(
     _assert_actionable(exc, target / ".partial")
     assert missing_parts(target) == [VGG16_RELPATH]
 
-    monkeypatch.setattr(weights, "VGG16_URL", url)
+    monkeypatch.setattr(lpips_trunk, "VGG16_URL", url)
     download_weights(target, progress=False)
     check_weights(target)
     assert missing_parts(target, verify=True) == []
@@ -436,7 +441,7 @@ def test_download_fails_cleanly_and_a_rerun_finishes(
 def test_download_rejects_a_file_with_the_wrong_sha256(
     tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(weights, "VGG16_SHA256", "397923af" + "0" * 56)
+    monkeypatch.setattr(lpips_trunk, "VGG16_SHA256", "397923af" + "0" * 56)
     target = tmp_path / "w"
     with pytest.raises(WeightsError, match="invalid hash value") as exc:
         download_weights(target, progress=False)
@@ -457,7 +462,8 @@ def test_download_converts_the_old_layout_without_the_network(
     tiny: Path, weights_dir: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
     (weights_dir / VGG16_RELPATH).unlink()
-    shutil.copy(Path(weights.VGG16_URL.removeprefix("file://")), weights_dir / LEGACY_VGG16_RELPATH)
+    source = Path(lpips_trunk.VGG16_URL.removeprefix("file://"))
+    shutil.copy(source, weights_dir / LEGACY_VGG16_RELPATH)
     _server_down(monkeypatch, tmp_path)
     download_weights(weights_dir, progress=False)
     assert not (weights_dir / LEGACY_VGG16_RELPATH).exists()
@@ -475,8 +481,8 @@ def test_download_rebuilds_a_changed_trunk(weights_dir: Path, network: FakeHub) 
 
 def test_saved_trunk_records_the_hash_of_its_tensors(tmp_path: Path) -> None:
     features = {"features.0.bias": torch.arange(3.0)}
-    save_vgg16_features(features, tmp_path / "a.safetensors")
-    save_vgg16_features({"features.0.bias": torch.arange(3.0) + 1}, tmp_path / "b.safetensors")
+    save_trunk(features, tmp_path / "a.safetensors")
+    save_trunk({"features.0.bias": torch.arange(3.0) + 1}, tmp_path / "b.safetensors")
     hashes = []
     for name in ("a", "b"):
         with safe_open(tmp_path / f"{name}.safetensors", framework="pt") as f:

@@ -1,0 +1,108 @@
+"""A model's folder in diffusers' layout: what each family's folder holds, checked unloaded.
+
+By hand because no library checks a folder without loading it: diffusers and transformers find
+a missing or broken file part way through a load, deep in a traceback. Here every file the
+family needs is looked for, every JSON file parsed, every weights file's header checked by
+safetensors against the file's size, and the configs held to the family's architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from .family import SD, Family, architecture_problem, family_of
+
+# diffusers' and transformers' weights file stems; the fp16 variant adds ".fp16" before the suffix.
+_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+_STEMS |= {"text_encoder": "model", "text_encoder_2": "model"}
+_TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt")
+_FAMILY_FILES = ("unet/config.json", "model_index.json")  # what a folder's family is read from
+
+
+def read_family(sd_dir: str | os.PathLike[str]) -> Family:
+    """The family of a model folder (see `family.family_of`); ValueError if it is neither."""
+    unet, index = (json.loads((Path(sd_dir) / f).read_text()) for f in _FAMILY_FILES)
+    family = family_of(unet, index)
+    if isinstance(family, str):
+        raise ValueError(f"Weights folder {sd_dir} is not a Stable Diffusion model: {family}")
+    return family
+
+
+def sd_variant(sd_dir: str | os.PathLike[str]) -> str | None:
+    """The weights files' variant for diffusers' `variant=`: "fp16" if the folder holds only
+    the fp16 files, else None."""
+    try:
+        components = read_family(sd_dir).weight_components
+    except (OSError, ValueError):  # unreadable: folder_problem says why
+        components = SD.weight_components
+
+    def has(variant: str | None) -> bool:
+        return all((Path(sd_dir) / weights_file(c, variant)).is_file() for c in components)
+
+    return "fp16" if has("fp16") and not has(None) else None
+
+
+def weights_file(component: str, variant: str | None) -> str:
+    """A component's weights file in the folder, e.g. unet/diffusion_pytorch_model.safetensors."""
+    return f"{component}/{_STEMS[component]}{'.' + variant if variant else ''}.safetensors"
+
+
+def hub_patterns(variant: str | None) -> list[str]:
+    """What to fetch of a hub repository: only what diffusers reads (the repositories also
+    hold .bin copies, other precisions and single-file checkpoints)."""
+    files = ["model_index.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*"]
+    return files + [f"{c}/config.json" for c in _STEMS] + [weights_file(c, variant) for c in _STEMS]
+
+
+def folder_problem(sd_dir: Path) -> str | None:
+    """One sentence on what is wrong with the model folder, or None."""
+    if not sd_dir.is_dir():
+        return f"Weights folder {sd_dir} does not exist"
+    incomplete = f"Weights folder {sd_dir} is incomplete"
+    configs: dict[str, Any] = {}  # component (or model_index.json) -> its JSON
+
+    def problem(rel: str) -> str | None:
+        path = sd_dir / rel
+        if not path.is_file():
+            return f"{incomplete}: {rel} is missing"
+        if rel.endswith(".safetensors"):
+            try:
+                with safe_open(path, framework="pt"):  # checks the header against the file size
+                    return None
+            except Exception as exc:  # SafetensorError, or OSError for an unreadable file
+                size = f"{path.stat().st_size:,} bytes"
+                return f"{incomplete}: {rel} is truncated or corrupt ({size}; {exc})"
+        try:
+            if rel.endswith(".json"):
+                configs[rel.split("/")[0]] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"{incomplete}: {rel} is not valid JSON ({exc})"
+        return None
+
+    if found := next(filter(None, map(problem, _FAMILY_FILES)), None):
+        return found
+    if not all(isinstance(configs[c], dict) for c in ("model_index.json", "unet")):
+        return f"{incomplete}: model_index.json or unet/config.json is not a JSON object"
+    family = family_of(configs["unet"], configs["model_index.json"])
+    if isinstance(family, str):
+        return f"Weights folder {sd_dir} is not Stable Diffusion 1.x/2.x or SDXL: {family}"
+    variant, components = sd_variant(sd_dir), family.weight_components
+    files = [f"{c}/config.json" for c in components[1:]] + ["scheduler/scheduler_config.json"]
+    files += [f"{t}/{f}" for t in family.tokenizers for f in _TOKENIZER_FILES]
+    if found := next(filter(None, map(problem, files)), None):
+        return found
+    for rel in (weights_file(c, variant) for c in components):
+        if not (sd_dir / rel).is_file():
+            return (
+                f"{incomplete}: {rel} is missing ({', '.join(components)} must all have "
+                "full-precision *.safetensors files or all have *.fp16.safetensors files)"
+            )
+        if found := problem(rel):
+            return found
+    found = architecture_problem(configs, family)
+    return f"Weights folder {sd_dir} is not {family.name}: {found}" if found else None
