@@ -3,8 +3,9 @@
     python scripts/demo.py [CLI options]        (scripts/demo makes the environment, then this)
 
 1. With no model in the weights folder, download it with scripts/download_weights.py (about
-   3.1 GB, once). Only when the model hub cannot be reached, or HF_HUB_OFFLINE is set, fall
-   back to the tiny random test model, whose picture is noise, and say so.
+   3.1 GB, once). Only when a server the download needs (the model hub, download.pytorch.org)
+   cannot be reached, or HF_HUB_OFFLINE is set, fall back to the tiny random test model, whose
+   picture is noise, and say so.
 2. On a GPU, the published defaults. On the CPU, a smaller panorama (CPU_SETTINGS), with an
    estimate of the time first. Any option given on the command line wins over the demo's.
 3. Run the CLI (`python -m syncdiffusion`) with them, writing demo.png.
@@ -32,6 +33,7 @@ import download_weights  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from syncdiffusion.lpips_trunk import VGG16_RELPATH  # noqa: E402
 from syncdiffusion.sync import SyncSchedule  # noqa: E402
 from syncdiffusion.weights import SD_REPO_ID, default_weights_dir, missing_parts  # noqa: E402
 from syncdiffusion.windows import panorama_windows  # noqa: E402
@@ -59,7 +61,7 @@ COST_DECODE_S = 32.0  # the VAE decode of 512x512 pixels
 CPU_PEAK_GIB = 15.8
 WINDOW_PIXELS = 512 * 512
 
-HUB_TIMEOUT_S = 10
+NETWORK_TIMEOUT_S = 10
 
 
 def published_defaults() -> dict[str, Any]:
@@ -130,19 +132,34 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
-    """Why the model hub cannot be used now (offline mode, no answer), or None if it answers."""
-    from huggingface_hub import constants, hf_hub_url
+def download_sources(parts: list[str]) -> list[str]:
+    """A URL on each server the download of `parts` (missing_parts' names) needs."""
+    from huggingface_hub import hf_hub_url
+
+    from syncdiffusion import lpips_trunk
+
+    hub = [hf_hub_url(SD_REPO_ID, "model_index.json")] if set(parts) - {VGG16_RELPATH} else []
+    return hub + ([lpips_trunk.VGG16_URL] if VGG16_RELPATH in parts else [])
+
+
+def download_unreachable(parts: list[str]) -> str | None:
+    """Why the download of `parts` cannot run now (offline mode, a server that does not
+    answer), or None if every server it needs answers."""
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    url = hf_hub_url(SD_REPO_ID, "model_index.json")
+    return next(filter(None, map(unanswered, download_sources(parts))), None)
+
+
+def unanswered(url: str, timeout: float = NETWORK_TIMEOUT_S) -> str | None:
+    """Why the server of `url` does not answer a HEAD request, or None if it answers."""
     host = urllib.parse.urlsplit(url).netloc
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
             return None
     except urllib.error.HTTPError as exc:
-        # Any answer short of a server error means the hub is there; the download itself
+        # Any answer short of a server error means the server is there; the download itself
         # reports anything else, with its fix.
         return None if exc.code < 500 else f"{host} answered HTTP {exc.code}"
     except (OSError, http.client.HTTPException) as exc:  # refused, unknown host, timeout, ...
@@ -187,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. The model: download it, or say why the tiny one stands in.
     weights = given.get("weights") or default_weights_dir()
     offline = None
-    if missing_parts(weights):
-        offline = hub_unreachable()
+    if parts := missing_parts(weights):
+        offline = download_unreachable(parts)
         if offline is None:
             print(
                 f"First run: downloading the model into {weights}/ ({DOWNLOAD_SIZE}, once; "
@@ -202,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         again = (
             "unset HF_HUB_OFFLINE and run scripts/demo again"
             if "HF_HUB_OFFLINE" in offline
-            else "run scripts/demo again where the hub can be reached"
+            else "run scripts/demo again with network access"
         )
         fix = f"For a real picture, {again}: it downloads the model ({DOWNLOAD_SIZE}) first."
         print(

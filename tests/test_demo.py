@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import demo
@@ -74,6 +76,41 @@ def test_an_unreachable_hub_falls_back_to_the_tiny_model(in_tmp):
     assert read_parameters(in_tmp / "demo.png")["prompt"] == demo.PROMPT
 
 
+class _Answers(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_every_server_the_download_needs_must_answer(monkeypatch):
+    from huggingface_hub import constants
+
+    from syncdiffusion import lpips_trunk
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    everything = [demo.SD_REPO_ID.split("/")[1], demo.VGG16_RELPATH]
+    hub, trunk = demo.download_sources(everything)
+    assert hub.endswith("/model_index.json") and trunk == lpips_trunk.VGG16_URL
+    assert demo.download_sources([demo.VGG16_RELPATH]) == [trunk]  # the model is in place
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        answering = f"http://127.0.0.1:{server.server_address[1]}/model_index.json"
+        assert demo.unanswered(answering) is None
+        # The hub answers but the trunk's server does not: the demo must not start a download
+        # that cannot finish.
+        monkeypatch.setattr(
+            demo, "download_sources", lambda parts: [answering, "http://127.0.0.1:9/v"]
+        )
+        why = demo.download_unreachable(everything)
+        assert why is not None and why.startswith("127.0.0.1:9 cannot be reached")
+    finally:
+        server.shutdown()
+
+
 def test_no_model_and_the_hub_answers_downloads_first(in_tmp, tiny_weights, monkeypatch, capsys):
     calls = []
 
@@ -82,7 +119,7 @@ def test_no_model_and_the_hub_answers_downloads_first(in_tmp, tiny_weights, monk
         shutil.copytree(tiny_weights, argv[1])
         return 0
 
-    monkeypatch.setattr(demo, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(demo, "download_unreachable", lambda parts: None)
     monkeypatch.setattr(download_weights, "main", fake_download)
     assert demo.main([*QUICK, "--stride", "8"]) == 0
     assert calls == [["--weights", "weights"]]
@@ -93,7 +130,7 @@ def test_no_model_and_the_hub_answers_downloads_first(in_tmp, tiny_weights, monk
 
 
 def test_a_failed_download_stops_the_demo(in_tmp, monkeypatch):
-    monkeypatch.setattr(demo, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(demo, "download_unreachable", lambda parts: None)
     monkeypatch.setattr(download_weights, "main", lambda argv: 1)
     assert demo.main(QUICK) == 1
     assert not (in_tmp / "demo.png").exists()
