@@ -84,7 +84,7 @@ def _random_pipeline(
 
     from syncdiffusion.model_folder import read_family
     from syncdiffusion.pipeline import load_lpips
-    from syncdiffusion.precision import vae_dtype
+    from syncdiffusion.precision import vae_dtype, vae_upcast
     from syncdiffusion.weights import VGG16_RELPATH
 
     tiny = Path(tempfile.mkdtemp()) / "tiny"
@@ -105,7 +105,8 @@ def _random_pipeline(
         vae = AutoencoderKL.from_config(configs["vae"])
         pipe = SyncDiffusionPipeline(
             unet=UNet2DConditionModel.from_config(configs["unet"]).to(dtype),
-            vae=vae.to(vae_dtype(dtype, vae.config.force_upcast)),
+            # From the file, as from_pretrained decides: vae.config fills a missing key with true.
+            vae=vae.to(vae_dtype(dtype, vae_upcast(configs["vae"], family))),
             **encoders,
             **{name: CLIPTokenizer.from_pretrained(sd, subfolder=name) for name in tokenizers},
             scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler"),

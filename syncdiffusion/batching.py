@@ -17,8 +17,14 @@ _MEMORY_SHARE = 0.7
 # twos, 3.7-4.1 s in fours, on two cores): larger chunks would only cost memory.
 _CPU_MAX_CHUNK = 2
 # accelerate's list of out-of-memory messages lacks the allocation failures that cuBLAS and
-# cuDNN report as plain RuntimeErrors when they cannot get a workspace.
-_LIBRARY_OUT_OF_MEMORY = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+# cuDNN report as plain RuntimeErrors when they cannot get a workspace, and CUDA's own (its
+# list has " out of memory." with a period; CUDA's message goes on "out of memory\nCUDA kernel
+# errors might be...").
+_LIBRARY_OUT_OF_MEMORY = (
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDA error: out of memory",
+)
 
 
 def saved_bytes(forward: Callable[[], torch.Tensor], parameters: Iterable[torch.Tensor]) -> int:

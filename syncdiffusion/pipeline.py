@@ -33,7 +33,7 @@ from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .family import SDXL, unet_family
 from .files import model_identity
 from .model_folder import read_family, sd_variant
-from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype
+from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
 from .sync import SyncSchedule, lpips_features, sync_loss
 from .weights import (
@@ -154,7 +154,7 @@ class SyncDiffusionPipeline:
         with _no_progress_bars():
             index = DiffusionPipeline.load_config(sd, **local)  # model_index.json
             vae_config = AutoencoderKL.load_config(sd, subfolder="vae", **local)
-            upcast = vae_dtype(dtype, bool(vae_config.get("force_upcast", False)))
+            upcast = vae_dtype(dtype, vae_upcast(vae_config, family))
             pipe = cls(
                 unet=UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kwargs),
                 vae=AutoencoderKL.from_pretrained(

@@ -4,11 +4,12 @@ The policy, in one place:
 
 - **UNet, VAE and text encoders** run in the pipeline's `dtype`: fp16 on CUDA (half the memory
   and several times the speed of fp32 on tensor cores), fp32 on the CPU.
-- **Except a VAE whose config sets `force_upcast`** (SDXL's): it stays fp32 when `dtype` is
+- **Except a VAE that must be upcast** (`vae_upcast`: SDXL's): it stays fp32 when `dtype` is
   fp16, because SDXL's VAE decoder overflows fp16 (its activations pass 65504 and the picture
   comes out black or NaN), as diffusers' own SDXL pipeline upcasts it. A fix-up VAE that is
   fp16-safe says `force_upcast: false` in its config (madebyollin's sdxl-vae-fp16-fix does):
-  put it in the model folder's vae/ and it runs in fp16. Latents are cast to the VAE's dtype on
+  put it in the model folder's vae/ and it runs in fp16. SD 1.x/2.x VAEs run in fp16, as in
+  diffusers' Stable Diffusion pipeline. Latents are cast to the VAE's dtype on
   the way in, so the sync gradient flows through the fp32 decoder into the fp16 UNet.
 - **The perceptual network (LPIPS on VGG16) and all its arithmetic** run in fp32 whatever
   `dtype` is: the scaling layer, the VGG features, `lpips.normalize_tensor` and the distances.
@@ -30,9 +31,12 @@ The policy, in one place:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+
+from .family import SDXL, Family
 
 PERCEPTUAL_DTYPE = torch.float32
 
@@ -44,6 +48,16 @@ FP16_LOSS_SCALE = 2.0**16
 BACKOFF = 1 / 16
 # Below this even the unscaled gradient overflows fp16: no scale can help.
 MIN_LOSS_SCALE = 2.0**-8
+
+
+def vae_upcast(vae_config: Mapping[str, Any], family: Family) -> bool:
+    """Whether the VAE must run in fp32 under fp16 networks: its config's `force_upcast` where
+    the file says, else as diffusers' pipelines treat a file without the key: SDXL's upcasts
+    (its pipeline reads a missing key as true), SD 1.x/2.x's never (theirs ignore it).
+
+    `vae_config` is the file as written: diffusers' `AutoencoderKL` fills a missing key with
+    true, so a loaded model's `config.force_upcast` cannot tell the two apart."""
+    return bool(vae_config.get("force_upcast", family is SDXL))
 
 
 def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:

@@ -36,12 +36,22 @@ def test_run_in_chunks_gives_up_only_at_one_window():
         run_in_chunks(fn, range(3), 4)
 
 
-def test_run_in_chunks_halves_on_cublas_and_cudnn_allocation_failures_too():
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`",
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+        # CUDA itself, not PyTorch's allocator (a kernel's own allocation, a context's start).
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some "
+        "other API call, so the stacktrace below might be incorrect.",
+    ],
+)
+def test_run_in_chunks_halves_on_cuda_cublas_and_cudnn_allocation_failures_too(message):
     seen = []
 
     def fn(chunk):
         if len(chunk) > 1:
-            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`")
+            raise RuntimeError(message)
         seen.extend(chunk)
 
     assert run_in_chunks(fn, range(3), 4) == 1

@@ -41,3 +41,39 @@ def test_the_gpu_check_runs_every_section_on_the_cpu(tiny_weights, tmp_path):
     report = (tmp_path / "gpu-check.md").read_text()
     assert report.startswith("### ") and "gpu_check --smoke" in report
     assert "| published (fp32 weights, autocast) |" in report
+
+
+def test_the_memory_cap_takes_cuda_as_cuda_does_and_frees_the_cache_first(monkeypatch):
+    # A stand-in for torch.cuda as the check calls it, strict about the device argument as
+    # set_per_process_memory_fraction is: torch.device("cuda") without an index is refused.
+    from torch._utils import _get_device_index
+
+    calls = []
+
+    class Properties:
+        total_memory = 80 * 2**30
+
+    def fraction(value, device):
+        calls.append(("fraction", round(value, 4), _get_device_index(device)))
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gpu_check.torch.cuda, "get_device_properties", lambda d: Properties)
+    monkeypatch.setattr(gpu_check.torch.cuda, "memory_allocated", lambda d: 8 * 2**30)
+    monkeypatch.setattr(gpu_check.torch.cuda, "set_per_process_memory_fraction", fraction)
+    monkeypatch.setattr(gpu_check, "release_memory", lambda: calls.append("release"))
+    with gpu_check.memory_cap(gpu_check.torch.device("cuda"), 2, 4 * 2**30, 8 * 2**30):
+        calls.append("work")
+    # 8 GiB allocated + 8 GiB fixed + 2 windows of 4 GiB = 24 GiB of 80; cached blocks are
+    # handed back before the work, since the allocator reuses them without checking the cap.
+    assert calls == [("fraction", 0.3, 0), "release", "work", ("fraction", 1.0, 0)]
+
+
+def test_the_window_cost_comes_from_how_the_peak_grows_with_the_chunk():
+    gib = 2**30
+    memory = {
+        "window_bytes": 3 * gib,
+        "chunks": {1: {"measured": 6 * gib}, 4: {"measured": 15 * gib}},
+    }
+    assert gpu_check.window_cost(memory) == (3 * gib, 3 * gib)  # 3 GiB a window, 3 GiB fixed
+    flat = {"window_bytes": 3 * gib, "chunks": {1: {"measured": 6 * gib}, 2: {"measured": 6 * gib}}}
+    assert gpu_check.window_cost(flat) == (3 * gib, 0.0)  # no growth: the estimate

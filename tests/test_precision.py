@@ -115,3 +115,28 @@ def test_without_a_loss_scale_the_fp16_gradient_underflows(view_gradients):
     g32, unscaled = view_gradients["fp32"], view_gradients["fp16 unscaled"]
     assert cosine(unscaled, g32) < cosine(view_gradients["fp16"], g32)
     assert (unscaled == 0).float().mean() > 10 * (view_gradients["fp16"] == 0).float().mean()
+
+
+def test_the_vae_is_upcast_as_diffusers_pipelines_would_and_read_from_the_file():
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    from syncdiffusion.family import SD, SDXL
+    from syncdiffusion.precision import vae_dtype, vae_upcast
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sd2 = json.loads((benchmarks / "sd2-base" / "vae.json").read_text())
+    sdxl = json.loads((benchmarks / "sdxl-base" / "vae.json").read_text())
+    # SD2-base's file predates the key: its VAE runs in fp16, as in diffusers' SD pipeline,
+    # although a model built from the file reports force_upcast true (diffusers' default).
+    assert "force_upcast" not in sd2 and not vae_upcast(sd2, SD)
+    with torch.device("meta"):  # the architecture only: nothing allocated
+        assert AutoencoderKL.from_config(sd2).config.force_upcast is True
+    assert vae_dtype(torch.float16, vae_upcast(sd2, SD)) == torch.float16
+    assert vae_upcast(sdxl, SDXL) and vae_dtype(torch.float16, True) == torch.float32
+    # An SDXL file without the key upcasts, as diffusers' SDXL pipeline reads it; a fix-up VAE
+    # that says false does not.
+    assert vae_upcast({}, SDXL) and not vae_upcast({"force_upcast": False}, SDXL)
+    assert vae_dtype(torch.bfloat16, True) == torch.bfloat16  # bf16 has fp32's range
