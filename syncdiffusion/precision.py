@@ -8,8 +8,8 @@ The policy, in one place:
   fp16, because SDXL's VAE decoder overflows fp16 (its activations pass 65504 and the picture
   comes out black or NaN), as diffusers' own SDXL pipeline upcasts it. A fix-up VAE that is
   fp16-safe says `force_upcast: false` in its config (madebyollin's sdxl-vae-fp16-fix does):
-  put it in the model folder's vae/ and it runs in fp16. SD 1.x/2.x VAEs run in fp16, as in
-  diffusers' Stable Diffusion pipeline. Latents are cast to the VAE's dtype on
+  put it in the model folder's vae/ and it runs in fp16. SD 1.x/2.x VAEs run in fp16 whatever
+  their config says, as in diffusers' Stable Diffusion pipeline. Latents are cast to the VAE's dtype on
   the way in, so the sync gradient flows through the fp32 decoder into the fp16 UNet.
 - **The perceptual network (LPIPS on VGG16) and all its arithmetic** run in fp32 whatever
   `dtype` is: the scaling layer, the VGG features, `lpips.normalize_tensor` and the distances.
@@ -51,13 +51,13 @@ MIN_LOSS_SCALE = 2.0**-8
 
 
 def vae_upcast(vae_config: Mapping[str, Any], family: Family) -> bool:
-    """Whether the VAE must run in fp32 under fp16 networks: its config's `force_upcast` where
-    the file says, else as diffusers' pipelines treat a file without the key: SDXL's upcasts
-    (its pipeline reads a missing key as true), SD 1.x/2.x's never (theirs ignore it).
+    """Whether the VAE must run in fp32 under fp16 networks, as diffusers' pipelines decide:
+    SDXL's as its config's `force_upcast` says (a file without the key: true), SD 1.x/2.x's
+    never (diffusers' SD pipeline ignores the key, which any VAE saved by diffusers 0.19 or
+    later carries, true by default; their decoders are fp16-safe).
 
-    `vae_config` is the file as written: diffusers' `AutoencoderKL` fills a missing key with
-    true, so a loaded model's `config.force_upcast` cannot tell the two apart."""
-    return bool(vae_config.get("force_upcast", family is SDXL))
+    `vae_config` is the file as written: a model built from it fills a missing key with true."""
+    return family is SDXL and bool(vae_config.get("force_upcast", True))
 
 
 def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:

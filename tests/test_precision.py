@@ -139,4 +139,7 @@ def test_the_vae_is_upcast_as_diffusers_pipelines_would_and_read_from_the_file()
     # An SDXL file without the key upcasts, as diffusers' SDXL pipeline reads it; a fix-up VAE
     # that says false does not.
     assert vae_upcast({}, SDXL) and not vae_upcast({"force_upcast": False}, SDXL)
+    # SD 1.x/2.x VAEs saved by newer diffusers carry the default, true: diffusers' SD pipeline
+    # ignores it and runs them in fp16, and so does this one.
+    assert not vae_upcast({"force_upcast": True}, SD)
     assert vae_dtype(torch.bfloat16, True) == torch.bfloat16  # bf16 has fp32's range
