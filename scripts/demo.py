@@ -53,12 +53,12 @@ CPU_SETTINGS = {"width": 1024, "stride": 32, "num_inference_steps": 10, "sync_th
 # step, measured by scripts/demo_costs.py (BENCHMARKS.md). CPU seconds do not change when other
 # work shares the cores; the speed probe's wall-clock time on the user's machine turns them
 # into that machine's seconds, its cores and its load included.
-COST_PROBE_CPU_S = 0.080  # the speed probe
-COST_UNET_S = 32.8  # a guided UNet pass (two network passes) of one window
-COST_SYNCED_S = 103.1  # a synced window beyond its UNet pass: gradient through LPIPS, VAE, UNet
-COST_DECODE_S = 32.0  # the VAE decode of 512x512 pixels
-# Peak memory of the CPU run with one window per call (the least the sampler uses).
-CPU_PEAK_GIB = 15.8
+COST_PROBE_CPU_S = 0.089  # the speed probe
+COST_UNET_S = 18.3  # a guided UNet pass (two network passes) of one window
+COST_SYNCED_S = 151.0  # a synced window beyond its UNet pass: gradient through LPIPS, VAE, UNet
+COST_DECODE_S = 28.3  # the VAE decode of 512x512 pixels
+# Peak memory of the CPU run (its synced step), as demo_costs.py measured it.
+CPU_PEAK_GIB = 16.2
 WINDOW_PIXELS = 512 * 512
 
 NETWORK_TIMEOUT_S = 10
@@ -73,15 +73,16 @@ def published_defaults() -> dict[str, Any]:
 
 
 def speed_probe_seconds(clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds one UNet-sized convolution takes on this CPU (best of three after a warm-up),
+    """Seconds one UNet-sized convolution takes on this CPU (best of ten after two warm-ups),
     by `clock`: wall-clock by default, `time.process_time` for CPU seconds."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 320, 64, 64, generator=generator)
     weight = torch.randn(320, 320, 3, 3, generator=generator)
     best = float("inf")
     with torch.no_grad():
-        torch.nn.functional.conv2d(x, weight, padding=1)
-        for _ in range(3):
+        for _ in range(2):
+            torch.nn.functional.conv2d(x, weight, padding=1)
+        for _ in range(10):
             start = clock()
             torch.nn.functional.conv2d(x, weight, padding=1)
             best = min(best, clock() - start)

@@ -8,6 +8,11 @@ Builds SD2-base's real architecture with random weights (benchmarks/sd2-base, as
 threads together), which other work on the same cores does not inflate, derives the per-window
 costs `scripts/demo.py` estimates with, prints them and appends them to BENCHMARKS.md. Random
 weights do the same arithmetic as the real ones, so the seconds carry over.
+
+    python scripts/demo_costs.py --whole-run
+
+checks the estimate instead: the demo's speed probe and estimate, then a whole panorama at the
+demo's CPU settings, timed by the wall clock.
 """
 
 from __future__ import annotations
@@ -26,14 +31,55 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import PeakMemory, machine, publish, sd2_pipeline  # noqa: E402
-from demo import WINDOW_PIXELS, speed_probe_seconds  # noqa: E402
+from demo import (  # noqa: E402
+    CPU_SETTINGS,
+    PROMPT,
+    WINDOW_PIXELS,
+    as_options,
+    describe,
+    estimate_cpu_seconds,
+    speed_probe_seconds,
+)
+
+from syncdiffusion.__main__ import INPUTS, parse_args  # noqa: E402
+
+
+def whole_run(record: Path | None) -> None:
+    """The demo's estimate against a whole run at its CPU settings."""
+    device = torch.device("cpu")
+    args = parse_args(as_options({**CPU_SETTINGS, "prompt": PROMPT}))
+    settings = {name: getattr(args, name) for name in INPUTS}
+    probe = speed_probe_seconds()
+    estimate = estimate_cpu_seconds(settings, probe)
+    pipe = sd2_pipeline(device, torch.float32)
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        pipe(**settings)
+        seconds = time.perf_counter() - start
+    report = "\n".join(
+        [
+            f"### {datetime.date.today().isoformat()} · demo estimate against a whole run · cpu",
+            "",
+            f"- Machine: {machine(device)}",
+            f"- Settings: SD2-base architecture, random weights, fp32; {describe(settings)}",
+            "- Command: `python scripts/demo_costs.py --whole-run`",
+            f"- Speed probe {probe:.3f} s; estimate {estimate / 60:.1f} min; the run "
+            f"{seconds / 60:.1f} min (without loading); peak RSS {memory.peak / 2**30:.2f} GiB",
+            "",
+        ]
+    )
+    publish(report, record)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--whole-run", action="store_true", help="check the estimate instead")
     args = parser.parse_args()
+    if args.whole_run:
+        whole_run(None if args.no_record else args.record)
+        return
 
     device = torch.device("cpu")
     probe_wall = speed_probe_seconds()
