@@ -9,8 +9,8 @@ The policy, in one place:
   comes out black or NaN), as diffusers' own SDXL pipeline upcasts it. A fix-up VAE that is
   fp16-safe says `force_upcast: false` in its config (madebyollin's sdxl-vae-fp16-fix does):
   put it in the model folder's vae/ and it runs in fp16. SD 1.x/2.x VAEs run in fp16 whatever
-  their config says, as in diffusers' Stable Diffusion pipeline. Latents are cast to the VAE's dtype on
-  the way in, so the sync gradient flows through the fp32 decoder into the fp16 UNet.
+  their config says, as in diffusers' Stable Diffusion pipeline. Latents are cast to the VAE's
+  dtype on the way in, so the sync gradient flows through the fp32 decoder into the fp16 UNet.
 - **The perceptual network (LPIPS on VGG16) and all its arithmetic** run in fp32 whatever
   `dtype` is: the scaling layer, the VGG features, `lpips.normalize_tensor` and the distances.
   `normalize_tensor` divides by `sqrt(sum(x**2)) + 1e-10`: in fp16 1e-10 is 0, so a position
