@@ -35,20 +35,17 @@ from demo import (  # noqa: E402
     CPU_SETTINGS,
     PROMPT,
     WINDOW_PIXELS,
-    as_options,
     describe,
     estimate_cpu_seconds,
+    published_defaults,
     speed_probe_seconds,
 )
-
-from syncdiffusion.__main__ import INPUTS, parse_args  # noqa: E402
 
 
 def whole_run(record: Path | None) -> None:
     """The demo's estimate against a whole run at its CPU settings."""
     device = torch.device("cpu")
-    args = parse_args(as_options({**CPU_SETTINGS, "prompt": PROMPT}))
-    settings = {name: getattr(args, name) for name in INPUTS}
+    settings = {"prompt": PROMPT, **published_defaults(), **CPU_SETTINGS}
     probe = speed_probe_seconds()
     estimate = estimate_cpu_seconds(settings, probe)
     pipe = sd2_pipeline(device, torch.float32)

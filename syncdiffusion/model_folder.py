@@ -40,9 +40,12 @@ def sd_variant(sd_dir: str | os.PathLike[str]) -> str | None:
         components = read_family(sd_dir).weight_components
     except (OSError, ValueError):  # unreadable: folder_problem says why
         components = SD.weight_components
+    return _variant(Path(sd_dir), components)
 
+
+def _variant(sd_dir: Path, components: tuple[str, ...]) -> str | None:
     def has(variant: str | None) -> bool:
-        return all((Path(sd_dir) / weights_file(c, variant)).is_file() for c in components)
+        return all((sd_dir / weights_file(c, variant)).is_file() for c in components)
 
     return "fp16" if has("fp16") and not has(None) else None
 
@@ -91,7 +94,8 @@ def folder_problem(sd_dir: Path) -> str | None:
     family = family_of(configs["unet"], configs["model_index.json"])
     if isinstance(family, str):
         return f"Weights folder {sd_dir} is not Stable Diffusion 1.x/2.x or SDXL: {family}"
-    variant, components = sd_variant(sd_dir), family.weight_components
+    components = family.weight_components
+    variant = _variant(sd_dir, components)
     files = [f"{c}/config.json" for c in components[1:]] + ["scheduler/scheduler_config.json"]
     files += [f"{t}/{f}" for t in family.tokenizers for f in _TOKENIZER_FILES]
     if found := next(filter(None, map(problem, files)), None):
