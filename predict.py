@@ -20,8 +20,8 @@ import torch
 from cog import BaseRunner, Input, Path
 
 from syncdiffusion import SyncDiffusionPipeline, WeightsError
-from syncdiffusion.checks import check_output
 from syncdiffusion.files import save_image
+from syncdiffusion.inputs import check_output
 from syncdiffusion.weights import MODEL_ENV, default_weights_dir, download_weights, missing_parts
 
 try:

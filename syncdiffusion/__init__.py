@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from .checks import InputError
+from .inputs import InputError
 from .weights import WeightsError
 
 if TYPE_CHECKING:

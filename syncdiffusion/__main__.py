@@ -4,56 +4,46 @@ or `python -m syncdiffusion --from-png pano.png` to make a saved panorama again.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import InputError, SyncDiffusionPipeline, WeightsError
-from .checks import check_output
 from .files import model_identity, read_parameters, save_image
-
-# The panorama inputs, as the pipeline (and the Cog model) names them; defaults come from there.
-INPUTS = (
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "guidance_scale",
-    "sync_weight",
-    "sync_decay_rate",
-    "sync_freq",
-    "sync_threshold",
-    "num_inference_steps",
-    "stride",
-    "seed",
-    "loop_closure",
-)
-
+from .inputs import OUTPUT_INPUTS, Input, check_output, panorama_inputs
+from .windows import Geometry
 
 SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
+INPUTS = panorama_inputs()  # SD2-base's; those that follow a model's window say so
+
+
+def _default(spec: Input) -> str:
+    """The default, as `--help` says it; where it follows the model's window, how."""
+    sdxl = panorama_inputs(Geometry(window=128)).get(spec.name, spec)
+    if sdxl.default == spec.default:
+        return f"default: {spec.default!r}"
+    return f"default: {spec.default!r}; {sdxl.default!r} on SDXL, as it follows the window"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every pipeline input as `--input-name`, with the pipeline's own default."""
+    """Every panorama input as `--input-name`, from the library's description of the inputs."""
     parser = argparse.ArgumentParser(
         prog="python -m syncdiffusion",
         description="Make a coherent panorama with SyncDiffusion on Stable Diffusion "
         "(2.0-base unless --model names another SD 1.x/2.x or SDXL folder).",
     )
-    defaults = inspect.signature(SyncDiffusionPipeline.__call__).parameters
-    for name in INPUTS:
-        flag = "--" + name.replace("_", "-")
-        default = defaults[name].default
-        if name == "prompt":
-            parser.add_argument(flag, help="what the panorama shows (required without --from-png)")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help="360-degree panorama")
-        else:
+    # Inputs not given stay None: the model's defaults (or the --from-png file's) fill them in.
+    for spec in INPUTS.values():
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.required:
+            parser.add_argument(flag, help=f"{spec.help} Required without --from-png.")
+        elif spec.type is bool:
             parser.add_argument(
-                flag, type=type(default), default=default, help=f"default: {default!r}"
+                flag, action=argparse.BooleanOptionalAction, help=f"{spec.help} ({_default(spec)})"
             )
+        else:
+            parser.add_argument(flag, type=spec.type, help=f"{spec.help} ({_default(spec)})")
     parser.add_argument(
         "--from-png",
         type=Path,
@@ -67,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("panorama.png"),
         help="file to write: .png, .webp or .jpg (default: panorama.png)",
     )
+    quality = OUTPUT_INPUTS["output_quality"]
     parser.add_argument(
-        "--output-quality", type=int, default=80, help="webp and jpg quality, 1-100 (default: 80)"
+        "--output-quality",
+        type=int,
+        default=quality.default,
+        help=f"{quality.help} ({_default(quality)})",
     )
     parser.add_argument(
         "--weights",
@@ -128,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 "the panorama will differ",
                 file=sys.stderr,
             )
-        with tqdm(total=args.num_inference_steps, unit="step") as bar:
+        inputs = {name: getattr(args, name) for name in INPUTS if getattr(args, name) is not None}
+        with tqdm(unit="step") as bar:
 
             def progress(state: dict) -> None:
+                bar.total = state["steps"]
                 bar.set_postfix_str("sync" if state["sync"] else "")
                 bar.update(1)
 
             image = pipe(
-                **{name: getattr(args, name) for name in INPUTS},
+                **inputs,
                 view_batch_size=args.view_batch_size,
                 callback=progress,
             )

@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .checks import OUTPUT_FORMATS
+from .inputs import OUTPUT_FORMATS
 
 logger = logging.getLogger(__name__)
 

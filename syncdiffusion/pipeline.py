@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lpips
 import torch
@@ -28,10 +28,10 @@ from .batching import (
     release_memory,
     sync_window_bytes,
 )
-from .checks import InputError, check_inputs
 from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .family import SDXL, unet_family
 from .files import model_identity
+from .inputs import InputError, panorama_request
 from .model_folder import read_family, sd_variant
 from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
@@ -43,7 +43,7 @@ from .weights import (
     load_vgg16_features,
     model_dirname,
 )
-from .windows import panorama_windows
+from .windows import Geometry
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,12 @@ class SyncDiffusionPipeline:
     @property
     def window_pixels(self) -> int:
         """A view's side in image pixels (512 SD2-base, 768 SD 2.1, 1024 SDXL)."""
-        return self.window * self.vae_scale_factor
+        return self.geometry.window_pixels
+
+    @property
+    def geometry(self) -> Geometry:
+        """The model's windows: what its inputs' bounds and its panoramas' views follow."""
+        return Geometry(self.window, self.vae_scale_factor)
 
     def window_bytes(self, eps: Callable, scheduler: DDIMScheduler) -> int:
         """One window's memory in a sync chunk (`batching.sync_window_bytes`), counted once per
@@ -311,50 +316,29 @@ class SyncDiffusionPipeline:
         with torch.no_grad():
             return to_pil(decode_panorama(self.vae, latents.to(self.device), loop_closure)[0])
 
+    def request(self, **inputs: Any) -> dict[str, Any]:
+        """Every input of one panorama on this model by name: those given, checked, and the
+        model's defaults for the rest (`inputs.panorama_inputs`). Raises `InputError`."""
+        return panorama_request(inputs, self.geometry)
+
     def __call__(
         self,
-        prompt: str,
-        negative_prompt: str = "",
-        width: int = 2048,
-        height: int = 512,
-        guidance_scale: float = 7.5,
-        sync_weight: float = 20.0,
-        sync_decay_rate: float = 0.99,
-        sync_freq: int = 1,
-        sync_threshold: int = 5,
-        num_inference_steps: int = 50,
-        stride: int = 16,
-        seed: int = 2,
-        loop_closure: bool = False,
         *,
         view_batch_size: int | None = None,
         output_type: Literal["pil", "latent"] = "pil",
         callback: Callback | None = None,
+        **inputs: Any,
     ) -> Image.Image | torch.Tensor:
         """One panorama: a PIL image, or with `output_type="latent"` its (1, 4, H/8, W/8) latent.
 
-        Sides are at least one window (`window_pixels`) and `stride` is below one window.
-        `callback` gets a dict after every denoising step (step, steps, t, sync, latent). The
-        image's `info["parameters"]` holds every input, the model's identity and the version.
+        `inputs` are the panorama's, by name (`prompt`, `width`, `seed`, ...: see
+        `inputs.panorama_inputs`); the model's defaults fill in the rest. Sides are at least
+        one window (`window_pixels`) and `stride` is below one window. `callback` gets a dict
+        after every denoising step (step, steps, t, sync, latent). The image's
+        `info["parameters"]` holds every input, the model's identity and the version.
         """
         # 1. Check every input.
-        check_inputs(
-            prompt,
-            negative_prompt,
-            width,
-            height,
-            guidance_scale,
-            sync_weight,
-            sync_decay_rate,
-            sync_freq,
-            sync_threshold,
-            num_inference_steps,
-            stride,
-            seed,
-            loop_closure,
-            window=self.window,
-            vae_scale_factor=self.vae_scale_factor,
-        )
+        request = self.request(**inputs)
         if output_type not in ("pil", "latent"):
             raise InputError(f"output_type must be 'pil' or 'latent'; got {output_type!r}")
         if view_batch_size is not None and (
@@ -367,24 +351,27 @@ class SyncDiffusionPipeline:
             )
 
         # 2. Encode the prompt.
-        text_embeddings, added_conditions = self._encode(prompt, negative_prompt)
+        text_embeddings, added_conditions = self._encode(
+            request["prompt"], request["negative_prompt"]
+        )
 
         # 3. The initial noise: drawn on the CPU in fp32 as published, from a private generator.
-        generator = torch.Generator("cpu").manual_seed(seed)
+        generator = torch.Generator("cpu").manual_seed(request["seed"])
         f = self.vae_scale_factor
+        latent_size = (request["height"] // f, request["width"] // f)
         latent = torch.randn(
-            (1, self.unet.config.in_channels, height // f, width // f), generator=generator
+            (1, self.unet.config.in_channels, *latent_size), generator=generator
         ).to(self.device)
 
         # 4. The views and the schedule.
-        windows = panorama_windows(height // f, width // f, stride, loop_closure, self.window)
+        windows = self.geometry.windows(request)
         scheduler = self.new_scheduler()
-        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_timesteps(request["num_inference_steps"])
         eps = partial(
             guided_eps,
             self.unet,
             text_embeddings=text_embeddings,
-            guidance_scale=guidance_scale,
+            guidance_scale=request["guidance_scale"],
             added_conditions=added_conditions,
         )
 
@@ -404,12 +391,20 @@ class SyncDiffusionPipeline:
                     scheduler=scheduler,
                     decode=partial(decode, self.vae),
                     perceptual=self.perceptual,
-                    sync=SyncSchedule(sync_weight, sync_decay_rate, sync_freq, sync_threshold),
+                    sync=SyncSchedule(
+                        request["sync_weight"],
+                        request["sync_decay_rate"],
+                        request["sync_freq"],
+                        request["sync_threshold"],
+                    ),
                     view_batch_size=view_batch_size,
                     initial_loss_scale=initial_loss_scale(self.dtype),
                     callback=callback,
                 )
-                image = None if output_type == "latent" else self.decode(latent, loop_closure)
+                if output_type == "latent":
+                    image = None
+                else:
+                    image = self.decode(latent, request["loop_closure"])
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -429,19 +424,7 @@ class SyncDiffusionPipeline:
 
         # 6. Keep what made the picture with it.
         image.info["parameters"] = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "width": width,
-            "height": height,
-            "guidance_scale": guidance_scale,
-            "sync_weight": sync_weight,
-            "sync_decay_rate": sync_decay_rate,
-            "sync_freq": sync_freq,
-            "sync_threshold": sync_threshold,
-            "num_inference_steps": num_inference_steps,
-            "stride": stride,
-            "seed": seed,
-            "loop_closure": loop_closure,
+            **request,
             "model": model_identity(self.unet.config),
             "syncdiffusion": __version__,
         }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -72,6 +74,35 @@ def panorama_windows(
             for w1 in wrap_offsets(stride, window):
                 windows.append(Window(h0, h0 + window, latent_width - window + w1, w1))
     return windows
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a model's windows are: their side in latent pixels (its UNet's `sample_size`) and
+    the image pixels per latent pixel (its VAE's factor). SD2-base's by default."""
+
+    window: int = WINDOW
+    vae_scale_factor: int = 8
+
+    @property
+    def window_pixels(self) -> int:
+        """A window's side in image pixels (512 SD2-base, 768 SD 2.1, 1024 SDXL)."""
+        return self.window * self.vae_scale_factor
+
+    def windows(self, request: Mapping[str, Any]) -> list[Window]:
+        """The views of a request's panorama: its `width` x `height` pixels at its `stride`,
+        with its `loop_closure` (default false). Every count of a request's windows is this."""
+        f = self.vae_scale_factor
+        return panorama_windows(
+            request["height"] // f,
+            request["width"] // f,
+            request["stride"],
+            request.get("loop_closure", False),
+            self.window,
+        )
+
+
+SD2_BASE = Geometry()
 
 
 def anchor_index(windows: list[Window]) -> int:

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import ast
-import inspect
 import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from syncdiffusion import InputError, SyncDiffusionPipeline, __version__, checks
+from syncdiffusion import InputError, __version__
 from syncdiffusion.files import read_parameters
+from syncdiffusion.inputs import OUTPUT_INPUTS, REQUIRED, panorama_inputs
+from syncdiffusion.windows import Geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
     # name: (type, default, ge, le) as the published wrapper has them (docs/ALGORITHM.md),
-    # but for the sides, which go up to 4096 (any multiple of 8), and the two output inputs at
-    # the end.
+    # but for the sides, which go up to 4096 (any multiple of 8), the seed's top bound (the
+    # library's, not published) and the two output inputs at the end.
     "prompt": ("str", None, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),
@@ -36,8 +37,9 @@ PUBLISHED = {
 }
 
 
-def _predict_inputs() -> dict[str, tuple[str, dict[str, ast.expr]]]:
-    tree = ast.parse((ROOT / "predict.py").read_text())
+def _predictor_inputs(path: Path) -> dict[str, tuple[str, dict[str, ast.expr]]]:
+    """Each input of the `run` method: its annotation and its `Input(...)` keywords."""
+    tree = ast.parse(path.read_text())
     predictor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
     predict = next(n for n in predictor.body if isinstance(n, ast.FunctionDef) and n.name == "run")
     args = predict.args.args[1:]
@@ -51,9 +53,9 @@ def _predict_inputs() -> dict[str, tuple[str, dict[str, ast.expr]]]:
     return inputs
 
 
-def _constants(tree: ast.Module) -> set[str]:
+def _constants(tree: ast.Module) -> dict[str, ast.expr]:
     return {
-        t.id
+        t.id: n.value
         for n in tree.body
         if isinstance(n, ast.Assign)
         for t in n.targets
@@ -61,45 +63,59 @@ def _constants(tree: ast.Module) -> set[str]:
     }
 
 
-def test_every_input_field_is_a_literal_cog_build_can_read():
-    constants = _constants(ast.parse((ROOT / "predict.py").read_text()))
-    for name, (_, keywords) in _predict_inputs().items():
+PREDICTORS = {"predict.py": Geometry(), "predict_sdxl.py": Geometry(window=128)}
+# cog's schema parser reads an integer literal as a signed 64-bit one: the seed's top bound,
+# 2**64 - 1, cannot be published, and the library's check holds it instead.
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("filename", PREDICTORS)
+def test_every_input_field_is_a_literal_cog_build_can_read(filename):
+    constants = _constants(ast.parse((ROOT / filename).read_text()))
+    for name, (_, keywords) in _predictor_inputs(ROOT / filename).items():
         for key, value in keywords.items():
             if isinstance(value, ast.Name):
                 assert value.id in constants, f"{name}.{key} must be a literal or module constant"
             else:
                 # literal_eval refuses calls, attributes and names: what `cog build` cannot read.
                 ast.literal_eval(value)
-        assert isinstance(keywords.get("description"), ast.Constant), f"{name} needs a description"
+        assert "description" in keywords, f"{name} needs a description"
 
 
-def test_inputs_are_the_published_ones():
-    inputs = _predict_inputs()
-    assert list(inputs) == list(PUBLISHED)
-    for name, (kind, default, ge, le) in PUBLISHED.items():
+@pytest.mark.parametrize("filename, geometry", PREDICTORS.items())
+def test_every_predictor_input_is_the_library_description(filename, geometry):
+    """Input by input: type, default, bounds, choices and help, as the library describes them
+    for the predictor's model."""
+    tree = ast.parse((ROOT / filename).read_text())
+    constants = _constants(tree)
+    inputs = _predictor_inputs(ROOT / filename)
+    described = {**panorama_inputs(geometry), **OUTPUT_INPUTS}
+    assert list(inputs) == list(described)
+    for name, spec in described.items():
         annotation, keywords = inputs[name]
-        values = {k: ast.literal_eval(v) for k, v in keywords.items()}
-        assert annotation == kind, name
-        assert values.get("default") == default, name
-        assert values.get("ge") == ge, name
-        assert values.get("le") == le, name
+        values = {
+            key: ast.literal_eval(constants.get(getattr(node, "id", None), node))
+            for key, node in keywords.items()
+        }
+        assert annotation == spec.type.__name__, name
+        assert values.pop("description") == spec.help, name
+        assert values.pop("default", REQUIRED) == spec.default, name
+        assert values.pop("ge", None) == spec.ge, name
+        le = spec.le if spec.le is None or spec.le <= INT64_MAX else None
+        assert values.pop("le", None) == le, name
+        choices = values.pop("choices", None)
+        assert (tuple(choices) if choices else None) == spec.choices, name
+        assert not values, f"{name}: {values} are not in the library's description"
 
 
-def test_pipeline_and_checks_agree_with_the_schema():
-    signature = inspect.signature(SyncDiffusionPipeline.__call__).parameters
-    for name, (_, default, _, _) in PUBLISHED.items():
-        if name not in ("prompt", "output_format", "output_quality"):
-            assert signature[name].default == default, name
-    assert (checks.MIN_SIDE, checks.MAX_SIDE) == (512, 4096)
-    choices = ast.literal_eval(_predict_inputs()["output_format"][1]["choices"])
-    assert tuple(choices) == checks.OUTPUT_FORMATS
-    assert checks.OUTPUT_QUALITY_RANGE == (1, 100)
-    assert checks.GUIDANCE_SCALE_RANGE == (0, 20)
-    assert checks.SYNC_WEIGHT_RANGE == (0, 30)
-    assert checks.SYNC_DECAY_RATE_RANGE == (0, 1)
-    assert checks.SYNC_THRESHOLD_RANGE == (0, 50)
-    assert checks.NUM_INFERENCE_STEPS_RANGE == (1, 200)
-    assert checks.STRIDE_RANGE == (8, 56)
+def test_the_library_describes_the_published_inputs():
+    described = {**panorama_inputs(), **OUTPUT_INPUTS}
+    assert list(described) == list(PUBLISHED)
+    for name, (kind, default, ge, le) in PUBLISHED.items():
+        spec = described[name]
+        assert spec.type.__name__ == kind, name
+        assert spec.default == (REQUIRED if default is None else default), name
+        assert (spec.ge, spec.le if spec.le is None or spec.le <= INT64_MAX else None) == (ge, le)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -16,28 +15,6 @@ from syncdiffusion.files import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL = TINY_MODELS["sdxl"][0]
-
-
-def _inputs(path: Path) -> dict[str, dict]:
-    """The `run` method's Input(...) keywords, literal-evaluated as `cog build` reads them."""
-    tree = ast.parse(path.read_text())
-    predictor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
-    run = next(n for n in predictor.body if isinstance(n, ast.FunctionDef) and n.name == "run")
-    args = run.args.args[1:]
-    return {
-        a.arg: {k.arg: ast.literal_eval(k.value) for k in d.keywords}
-        for a, d in zip(args, run.args.defaults, strict=True)
-    }
-
-
-def test_sdxl_predictor_has_literal_bounds_for_1024_px_windows():
-    sdxl, sd2 = _inputs(ROOT / "predict_sdxl.py"), _inputs(ROOT / "predict.py")
-    assert list(sdxl) == list(sd2)
-    for side, default in (("width", 4096), ("height", 1024)):
-        assert (sdxl[side]["default"], sdxl[side]["ge"], sdxl[side]["le"]) == (default, 1024, 4096)
-    assert (sdxl["stride"]["default"], sdxl["stride"]["ge"], sdxl["stride"]["le"]) == (32, 8, 120)
-    same = set(sd2) - {"width", "height", "stride"}
-    assert {k: sdxl[k] for k in same} == {k: sd2[k] for k in same}
 
 
 def test_cli_makes_an_sdxl_panorama(family_weights, tmp_path):

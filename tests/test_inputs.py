@@ -1,4 +1,5 @@
-"""Input checks: every rule of the published wrapper, each refusal naming input, value and rule."""
+"""The description of the inputs: every rule of the published wrapper, each refusal naming input,
+value and rule; defaults that follow the model's window."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import re
 
 import pytest
 
-from syncdiffusion.checks import InputError, check_inputs, check_output
+from syncdiffusion.inputs import (
+    InputError,
+    check_output,
+    panorama_inputs,
+    panorama_request,
+)
+from syncdiffusion.windows import Geometry
 
 GOOD = dict(
     prompt="a beach",
@@ -84,13 +91,13 @@ REFUSED = [
 
 @pytest.mark.parametrize("change", ACCEPTED, ids=str)
 def test_accepted(change):
-    check_inputs(**{**GOOD, **change})
+    panorama_request({**GOOD, **change})
 
 
 @pytest.mark.parametrize("change, message", REFUSED, ids=[str(c) for c, _ in REFUSED])
 def test_refused_with_a_message_naming_input_value_and_rule(change, message):
     with pytest.raises(InputError) as error:
-        check_inputs(**{**GOOD, **change})
+        panorama_request({**GOOD, **change})
     assert message in str(error.value)
 
 
@@ -110,5 +117,33 @@ def test_output_checks(output_format, output_quality, message):
 
 def test_every_bad_input_is_named_at_once():
     with pytest.raises(InputError) as error:
-        check_inputs(**{**GOOD, "width": 100, "seed": -5, "sync_freq": 0})
+        panorama_request({**GOOD, "width": 100, "seed": -5, "sync_freq": 0})
     assert all(name in str(error.value) for name in ("width", "seed", "sync_freq"))
+
+
+def test_missing_inputs_take_the_published_defaults():
+    assert panorama_request({"prompt": "a beach"}) == GOOD
+
+
+def test_a_missing_prompt_and_an_unknown_input_are_named():
+    with pytest.raises(InputError, match=r"^prompt is required$"):
+        panorama_request({})
+    with pytest.raises(InputError, match="unknown input 'widht'; the inputs are prompt, "):
+        panorama_request({"prompt": "x", "widht": 1024})
+
+
+@pytest.mark.parametrize(
+    "window, side, stride, stride_max",
+    [(64, 512, 16, 56), (96, 768, 24, 88), (128, 1024, 32, 120), (32, 256, 8, 24)],
+)
+def test_window_inputs_follow_the_model(window, side, stride, stride_max):
+    described = panorama_inputs(Geometry(window=window))
+    assert (described["width"].default, described["width"].ge) == (4 * side, side)
+    assert (described["height"].default, described["height"].ge) == (side, side)
+    assert (described["stride"].default, described["stride"].le) == (stride, stride_max)
+    assert f"{side} px windows" in described["stride"].help
+    assert f"below {window}." in described["stride"].help
+    request = panorama_request({"prompt": "x"}, Geometry(window=window))
+    assert (request["width"], request["height"], request["stride"]) == (4 * side, side, stride)
+    with pytest.raises(InputError, match=rf"less than the {window}-latent window\); got {window}"):
+        panorama_request({"prompt": "x", "stride": window}, Geometry(window=window))

@@ -1,0 +1,286 @@
+"""The one description of a panorama request: each input's name, type, default, bounds and help,
+and the rules between inputs.
+
+The checks and their messages, the command line (`__main__`), the parameters saved in files and
+the pipeline's call all come from `panorama_inputs`. The Cog predictors restate it in literals,
+which `cog build` reads without running Python, and tests/test_predict.py holds every
+`Input(...)` to it, input by input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .windows import SD2_BASE, Geometry
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""The default of an input that has none: the request must give it."""
+
+# The most work one request may ask for, in window-steps (windows x denoising steps): the
+# published wrapper's largest request (3072x3072, stride 8, 200 steps). Larger sizes are
+# welcome at a coarser stride or with fewer steps.
+MAX_WINDOW_STEPS = 41 * 41 * 200
+MAX_SIDE = 4096
+
+
+class InputError(ValueError):
+    """A request the model cannot make; the message names each bad input, its value and the rule."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input: what it is called, what it takes and what it does.
+
+    `ge`/`le` bound a number, `multiple_of` an integer's step, `choices` a string's values.
+    `note` says why a bound is where it is, in the refusal's message.
+    """
+
+    name: str
+    type: type
+    help: str
+    default: Any = REQUIRED
+    ge: int | float | None = None
+    le: int | float | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] | None = None
+    note: str = ""
+
+    @property
+    def required(self) -> bool:
+        """Whether a request must give this input."""
+        return self.default is REQUIRED
+
+    def allowed(self) -> str:
+        """What the input takes, as a refusal says it."""
+        if self.type is bool:
+            return "true or false"
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        if self.type is str:
+            return "a string"
+        if self.multiple_of is not None:
+            return f"a multiple of {self.multiple_of} from {self.ge} to {self.le}{self.note}"
+        if self.type is float:
+            return f"a number from {self.ge:g} to {self.le:g}"
+        if self.le is None:
+            return f"an integer >= {self.ge}"
+        return f"an integer from {self.ge} to {self.le}"
+
+    def accepts(self, value: Any) -> bool:
+        """Whether `value` is one this input takes (an int is a float; a bool is neither)."""
+        if self.type is bool:
+            return isinstance(value, bool)
+        if self.type is str:
+            return isinstance(value, str) and (self.choices is None or value in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.type is int and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.multiple_of is not None and value % self.multiple_of:
+            return False
+        return (self.ge is None or value >= self.ge) and (self.le is None or value <= self.le)
+
+    def problem(self, value: Any) -> str | None:
+        """The refusal of `value`, naming this input, the value and what is allowed; or None."""
+        if self.accepts(value):
+            return None
+        return f"{self.name} must be {self.allowed()}; got {value!r}"
+
+
+# SD2-base's inputs: those of the published wrapper, with its defaults. `panorama_inputs` gives
+# any model's, whose window sets the sides' lower bound and the stride's upper one.
+_PANORAMA_INPUTS = (
+    Input("prompt", str, "What the panorama shows."),
+    Input("negative_prompt", str, "What the panorama should not show.", default=""),
+    Input(
+        "width",
+        int,
+        "Width in pixels, a multiple of 8. Wider than high: a horizontal panorama.",
+        default=2048,
+        ge=512,
+        le=MAX_SIDE,
+        multiple_of=8,
+    ),
+    Input(
+        "height",
+        int,
+        "Height in pixels, a multiple of 8. Higher than wide: a vertical panorama.",
+        default=512,
+        ge=512,
+        le=MAX_SIDE,
+        multiple_of=8,
+    ),
+    Input(
+        "guidance_scale",
+        float,
+        "Classifier-free guidance: how closely to follow the prompt.",
+        default=7.5,
+        ge=0,
+        le=20,
+    ),
+    Input(
+        "sync_weight",
+        float,
+        "Strength of the SyncDiffusion gradient step that pulls every window towards the anchor "
+        "window; 0 gives plain MultiDiffusion.",
+        default=20.0,
+        ge=0,
+        le=30,
+    ),
+    Input(
+        "sync_decay_rate",
+        float,
+        "The sync weight is multiplied by this at every denoising step.",
+        default=0.99,
+        ge=0,
+        le=1,
+    ),
+    Input(
+        "sync_freq",
+        int,
+        "Run the sync gradient step every this many denoising steps.",
+        default=1,
+        ge=1,
+    ),
+    Input(
+        "sync_threshold",
+        int,
+        "Run the sync gradient step only in the first this many denoising steps.",
+        default=5,
+        ge=0,
+        le=50,
+    ),
+    Input("num_inference_steps", int, "Number of DDIM denoising steps.", default=50, ge=1, le=200),
+    Input(
+        "stride",
+        int,
+        "Offset between neighbouring {window_pixels} px windows, in latent pixels (8 image "
+        "pixels each): a multiple of 8 below {window}. Smaller is smoother and slower.",
+        default=16,
+        ge=8,
+        le=56,
+        multiple_of=8,
+        note=" (less than the {window}-latent window)",
+    ),
+    Input(
+        "seed",
+        int,
+        "Random seed: the same seed gives the same panorama.",
+        default=2,
+        ge=0,
+        le=2**64 - 1,  # what torch.manual_seed takes
+    ),
+    Input(
+        "loop_closure",
+        bool,
+        "Make a 360-degree panorama whose right edge continues seamlessly into its left edge.",
+        default=False,
+    ),
+)
+
+OUTPUT_INPUTS = {
+    spec.name: spec
+    for spec in (
+        Input(
+            "output_format",
+            str,
+            "File format of the panorama. Every input is saved in the file.",
+            default="png",
+            choices=("png", "webp", "jpg"),
+        ),
+        Input(
+            "output_quality",
+            int,
+            "Quality of webp and jpg files, from 1 to 100 (png is lossless).",
+            default=80,
+            ge=1,
+            le=100,
+        ),
+    )
+}
+"""How the panorama is written to a file (the Cog model's last two inputs)."""
+OUTPUT_FORMATS = OUTPUT_INPUTS["output_format"].choices
+
+# The inputs whose default, bounds or help follow the model's window.
+_WINDOW_INPUTS = ("width", "height", "stride")
+
+
+def panorama_inputs(geometry: Geometry = SD2_BASE) -> dict[str, Input]:
+    """The panorama inputs of a model with `geometry`, by name, in the published order.
+
+    Sides are at least one window; the default is four windows by one (SD2-base: 2048x512).
+    The stride is below the window; its default a quarter of it (SD2-base: 16).
+    """
+    side = geometry.window_pixels
+    fields = {"window": geometry.window, "window_pixels": side}
+    stride_default = max(8, geometry.window // 4 // 8 * 8)
+    window_inputs = {
+        "width": {"default": 4 * side, "ge": side},
+        "height": {"default": side, "ge": side},
+        "stride": {"default": stride_default, "le": geometry.window - 8},
+    }
+    described = {}
+    for spec in _PANORAMA_INPUTS:
+        if spec.name in _WINDOW_INPUTS:
+            spec = dataclasses.replace(
+                spec,
+                help=spec.help.format(**fields),
+                note=spec.note.format(**fields),
+                **window_inputs[spec.name],
+            )
+        described[spec.name] = spec
+    return described
+
+
+def _refuse(problems: list[str | None]) -> None:
+    if problems := [p for p in problems if p]:
+        raise InputError("; ".join(problems))
+
+
+def panorama_request(inputs: Mapping[str, Any], geometry: Geometry = SD2_BASE) -> dict[str, Any]:
+    """Every input of one panorama by name, in the published order: those given, checked, and
+    the model's defaults for the rest. Raises `InputError` naming every input that breaks a rule
+    (an unknown or missing one too), its value and the rule."""
+    described = panorama_inputs(geometry)
+    unknown = [name for name in inputs if name not in described]
+    if unknown:
+        raise InputError(
+            f"unknown input{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"the inputs are {', '.join(described)}"
+        )
+    missing = [name for name, spec in described.items() if spec.required and name not in inputs]
+    _refuse([f"{name} is required" for name in missing])
+    request = {name: inputs.get(name, spec.default) for name, spec in described.items()}
+    _refuse([spec.problem(request[name]) for name, spec in described.items()])
+    n_windows = len(geometry.windows(request))
+    window_steps = n_windows * request["num_inference_steps"]
+    if window_steps > MAX_WINDOW_STEPS:
+        raise InputError(
+            f"a {request['width']}x{request['height']} panorama at stride {request['stride']} is "
+            f"{n_windows} windows, times num_inference_steps {request['num_inference_steps']} = "
+            f"{window_steps} window-steps; the limit is {MAX_WINDOW_STEPS}: use a larger stride, "
+            "fewer steps or a smaller size"
+        )
+    return request
+
+
+def check_output(output_format: Any, output_quality: Any) -> None:
+    """Raise `InputError` unless the file format and quality are ones we write."""
+    _refuse(
+        [
+            OUTPUT_INPUTS["output_format"].problem(output_format),
+            OUTPUT_INPUTS["output_quality"].problem(output_quality),
+        ]
+    )
