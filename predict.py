@@ -68,8 +68,10 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description="What the panorama shows."),
-        negative_prompt: str = Input(description="What the panorama should not show.", default=""),
+        prompt: str = Input(description="What the panorama shows.", max_length=10000),
+        negative_prompt: str = Input(
+            description="What the panorama should not show.", default="", max_length=10000
+        ),
         width: int = Input(
             description="Width in pixels, a multiple of 8. Wider than high: a horizontal panorama.",
             default=2048,

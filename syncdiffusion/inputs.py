@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .schedule import SyncSchedule
 from .windows import SD2_BASE, Geometry
 
 
@@ -26,10 +27,16 @@ class _Required:
 REQUIRED: Any = _Required()
 """The default of an input that has none: the request must give it."""
 
-# The most work one request may ask for, in window-steps (windows x denoising steps): the
-# published wrapper's largest request (3072x3072, stride 8, 200 steps). Larger sizes are
-# welcome at a coarser stride or with fewer steps.
-MAX_WINDOW_STEPS = 41 * 41 * 200
+# What one request may cost, in SD2-base window-steps: one guided UNet pass of a 512x512 window.
+# A window of another model costs its pixels' share of that, and a synced window-step adds the
+# gradient through LPIPS, the VAE decoder and the UNet: 151.0 / 18.3 CPU seconds by
+# scripts/demo_costs.py on SD2-base's architecture (BENCHMARKS.md), about 8.3 more.
+SYNCED_WINDOW_STEP_COST = 151.0 / 18.3
+# The limit is the published wrapper's dearest request: 3072x3072 at stride 8 (41 x 41
+# windows), 200 steps, of which the first 50 synced. Larger sizes are welcome at a coarser
+# stride, with fewer steps or fewer synced ones.
+MAX_COST = 41 * 41 * 200 + 50 * (41 * 41 - 1) * SYNCED_WINDOW_STEP_COST
+MAX_TEXT_LENGTH = 10_000  # characters of a prompt; the text encoder reads its first 77 tokens
 MAX_SIDE = 4096
 
 
@@ -53,6 +60,7 @@ class Input:
     le: int | float | None = None
     multiple_of: int | None = None
     choices: tuple[str, ...] | None = None
+    max_length: int | None = None
     note: str = ""
 
     @property
@@ -66,6 +74,8 @@ class Input:
             return "true or false"
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
+        if self.type is str and self.max_length is not None:
+            return f"a string of at most {self.max_length:,} characters"
         if self.type is str:
             return "a string"
         if self.multiple_of is not None:
@@ -81,7 +91,11 @@ class Input:
         if self.type is bool:
             return isinstance(value, bool)
         if self.type is str:
-            return isinstance(value, str) and (self.choices is None or value in self.choices)
+            return (
+                isinstance(value, str)
+                and (self.choices is None or value in self.choices)
+                and (self.max_length is None or len(value) <= self.max_length)
+            )
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         if self.type is int and not isinstance(value, int):
@@ -96,14 +110,22 @@ class Input:
         """The refusal of `value`, naming this input, the value and what is allowed; or None."""
         if self.accepts(value):
             return None
+        if isinstance(value, str) and self.max_length is not None and len(value) > self.max_length:
+            return f"{self.name} must be {self.allowed()}; got {len(value):,} characters"
         return f"{self.name} must be {self.allowed()}; got {value!r}"
 
 
 # SD2-base's inputs: those of the published wrapper, with its defaults. `panorama_inputs` gives
 # any model's, whose window sets the sides' lower bound and the stride's upper one.
 _PANORAMA_INPUTS = (
-    Input("prompt", str, "What the panorama shows."),
-    Input("negative_prompt", str, "What the panorama should not show.", default=""),
+    Input("prompt", str, "What the panorama shows.", max_length=MAX_TEXT_LENGTH),
+    Input(
+        "negative_prompt",
+        str,
+        "What the panorama should not show.",
+        default="",
+        max_length=MAX_TEXT_LENGTH,
+    ),
     Input(
         "width",
         int,
@@ -264,16 +286,41 @@ def panorama_request(inputs: Mapping[str, Any], geometry: Geometry = SD2_BASE) -
     _refuse([f"{name} is required" for name in missing])
     request = {name: inputs.get(name, spec.default) for name, spec in described.items()}
     _refuse([spec.problem(request[name]) for name, spec in described.items()])
-    n_windows = len(geometry.windows(request))
-    window_steps = n_windows * request["num_inference_steps"]
-    if window_steps > MAX_WINDOW_STEPS:
+    if (cost := request_cost(request, geometry)) > MAX_COST:
+        n_windows = len(geometry.windows(request))
         raise InputError(
             f"a {request['width']}x{request['height']} panorama at stride {request['stride']} is "
-            f"{n_windows} windows, times num_inference_steps {request['num_inference_steps']} = "
-            f"{window_steps} window-steps; the limit is {MAX_WINDOW_STEPS}: use a larger stride, "
-            "fewer steps or a smaller size"
+            f"{n_windows} windows of {geometry.window_pixels} px; {request['num_inference_steps']} "
+            f"steps with {synced_steps(request)} synced cost {cost:,.0f} SD2-base window-steps, "
+            f"and the limit is {MAX_COST:,.0f}: use a larger stride, fewer steps, fewer synced "
+            "steps or a smaller size"
         )
     return request
+
+
+def sync_schedule(request: Mapping[str, Any]) -> SyncSchedule:
+    """When a request's sync step runs, and how hard."""
+    return SyncSchedule(
+        request["sync_weight"],
+        request["sync_decay_rate"],
+        request["sync_freq"],
+        request["sync_threshold"],
+    )
+
+
+def synced_steps(request: Mapping[str, Any]) -> int:
+    """How many of a request's denoising steps run the sync gradient step."""
+    schedule = sync_schedule(request)
+    return sum(schedule.active(i) for i in range(request["num_inference_steps"]))
+
+
+def request_cost(request: Mapping[str, Any], geometry: Geometry = SD2_BASE) -> float:
+    """What a request costs, in SD2-base window-steps (see `SYNCED_WINDOW_STEP_COST`): every
+    window at every step, and every synced step's gradient of each window but the anchor."""
+    n_windows = len(geometry.windows(request))
+    window_steps = n_windows * request["num_inference_steps"]
+    synced = synced_steps(request) * (n_windows - 1) * SYNCED_WINDOW_STEP_COST
+    return (window_steps + synced) * (geometry.window_pixels / 512) ** 2
 
 
 def check_output(output_format: Any, output_quality: Any) -> None:

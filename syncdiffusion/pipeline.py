@@ -31,11 +31,11 @@ from .batching import (
 from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .family import SDXL, unet_family
 from .files import model_identity
-from .inputs import InputError, panorama_request
+from .inputs import InputError, panorama_request, sync_schedule
 from .model_folder import read_family, sd_variant
 from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
-from .sync import SyncSchedule, lpips_features, sync_loss
+from .sync import lpips_features, sync_loss
 from .weights import (
     VGG16_RELPATH,
     check_weights,
@@ -391,12 +391,7 @@ class SyncDiffusionPipeline:
                     scheduler=scheduler,
                     decode=partial(decode, self.vae),
                     perceptual=self.perceptual,
-                    sync=SyncSchedule(
-                        request["sync_weight"],
-                        request["sync_decay_rate"],
-                        request["sync_freq"],
-                        request["sync_threshold"],
-                    ),
+                    sync=sync_schedule(request),
                     view_batch_size=view_batch_size,
                     initial_loss_scale=initial_loss_scale(self.dtype),
                     callback=callback,

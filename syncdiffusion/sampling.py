@@ -12,7 +12,8 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from .batching import run_in_chunks
 from .precision import LossScale
-from .sync import SyncSchedule, lpips_features, sync_gradient
+from .schedule import SyncSchedule
+from .sync import lpips_features, sync_gradient
 from .windows import Window, anchor_index, gather, scatter_add
 
 Callback = Callable[[dict[str, Any]], None]

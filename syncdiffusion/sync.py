@@ -1,32 +1,14 @@
-"""The SyncDiffusion step: when to sync, how hard, and the LPIPS gradient towards the anchor."""
+"""The SyncDiffusion step: the LPIPS gradient that pulls every window towards the anchor
+(when and how hard: `schedule`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import lpips
 import torch
 
 from .precision import LossScale
-
-
-@dataclass(frozen=True)
-class SyncSchedule:
-    """Which denoising steps run the gradient step, and its weight `weight * decay_rate ** i`."""
-
-    weight: float
-    decay_rate: float
-    freq: int
-    threshold: int
-
-    def active(self, step: int) -> bool:
-        """Every `freq`-th step (counting from 1) among the first `threshold` steps."""
-        return (step + 1) % self.freq == 0 and step < self.threshold
-
-    def weight_at(self, step: int) -> float:
-        """The exponentially decayed gradient weight of step `step` (SyncDiffusion, Sec. 4)."""
-        return self.weight * self.decay_rate**step
 
 
 def lpips_features(model: lpips.LPIPS, images: torch.Tensor) -> list[torch.Tensor]:

@@ -8,10 +8,12 @@ import re
 import pytest
 
 from syncdiffusion.inputs import (
+    SYNCED_WINDOW_STEP_COST,
     InputError,
     check_output,
     panorama_inputs,
     panorama_request,
+    request_cost,
 )
 from syncdiffusion.windows import Geometry
 
@@ -57,11 +59,19 @@ ACCEPTED = [
     {"seed": 0},
     {"seed": 2**64 - 1},
     {"loop_closure": True},
+    # The published wrapper's dearest request is the work limit itself.
+    {"width": 3072, "height": 3072, "stride": 8, "num_inference_steps": 200, "sync_threshold": 50},
+    # Work is counted at its cost: without a sync step, a window-step is cheap.
+    {"width": 4096, "height": 4096, "stride": 8, "num_inference_steps": 200, "sync_weight": 0},
+    {"prompt": "x" * 10_000, "negative_prompt": "y" * 10_000},
 ]
 
 REFUSED = [
-    ({"prompt": None}, "prompt must be a string; got None"),
-    ({"negative_prompt": 3}, "negative_prompt must be a string; got 3"),
+    ({"prompt": None}, "prompt must be a string of at most 10,000 characters; got None"),
+    (
+        {"negative_prompt": 3},
+        "negative_prompt must be a string of at most 10,000 characters; got 3",
+    ),
     ({"width": 384}, "width must be a multiple of 8 from 512 to 4096; got 384"),
     ({"width": 4104}, "width must be a multiple of 8 from 512 to 4096; got 4104"),
     ({"width": 2001}, "got 2001"),
@@ -81,10 +91,18 @@ REFUSED = [
     ({"seed": -1}, "seed must be an integer from 0 to 18446744073709551615; got -1"),
     ({"seed": 2**64}, "seed must be an integer from 0"),
     ({"loop_closure": "yes"}, "loop_closure must be true or false; got 'yes'"),
+    ({"prompt": "x" * 10_001}, "prompt must be a string of at most 10,000 characters; got 10,001"),
+    ({"negative_prompt": "x" * 20_000}, "negative_prompt must be a string of at most 10,000"),
     (
-        {"width": 4096, "height": 4096, "stride": 8, "num_inference_steps": 200},
-        "a 4096x4096 panorama at stride 8 is 3249 windows, times num_inference_steps 200 = "
-        "649800 window-steps; the limit is 336200",
+        {
+            "width": 4096,
+            "height": 4096,
+            "stride": 8,
+            "num_inference_steps": 200,
+            "sync_threshold": 50,
+        },
+        "a 4096x4096 panorama at stride 8 is 3249 windows of 512 px; 200 steps with 50 synced "
+        "cost 1,989,822 SD2-base window-steps, and the limit is 1,029,315",
     ),
 ]
 
@@ -147,3 +165,13 @@ def test_window_inputs_follow_the_model(window, side, stride, stride_max):
     assert (request["width"], request["height"], request["stride"]) == (4 * side, side, stride)
     with pytest.raises(InputError, match=rf"less than the {window}-latent window\); got {window}"):
         panorama_request({"prompt": "x", "stride": window}, Geometry(window=window))
+
+
+def test_an_sdxl_window_costs_four_sd2_windows():
+    # Within the old count of window-steps (2401 x 140 <= 41 x 41 x 200), at four times the cost.
+    huge = {"prompt": "x", "width": 4096, "height": 4096, "stride": 8, "num_inference_steps": 140}
+    with pytest.raises(InputError, match=r"is 2401 windows of 1024 px; 140 steps with 5 synced "):
+        panorama_request(huge, Geometry(window=128))
+    fewer_steps = panorama_request({**huge, "num_inference_steps": 50}, Geometry(window=128))
+    expected = 4 * (2401 * 50 + 5 * 2400 * SYNCED_WINDOW_STEP_COST)
+    assert request_cost(fewer_steps, Geometry(window=128)) == pytest.approx(expected)

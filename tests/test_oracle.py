@@ -10,6 +10,9 @@ import pytest
 import torch
 from oracle import oracle_panorama
 
+from syncdiffusion import pipeline
+from syncdiffusion.schedule import SyncSchedule
+
 SMALL = dict(
     prompt="a snowy mountain range at dawn",
     negative_prompt="blurry",
@@ -94,3 +97,32 @@ def test_a_call_leaves_torch_global_rng_alone(pipe):
     torch.manual_seed(123)
     pipe(**{**SMALL, "width": 512, "height": 512, "sync_threshold": 0, "num_inference_steps": 1})
     assert torch.equal(torch.rand(3), expected)
+
+
+class _SyncEvenAtWeightZero(SyncSchedule):
+    """The schedule before a zero weight skipped the step: it ran the gradient and moved nothing."""
+
+    def active(self, step: int) -> bool:
+        return (step + 1) % self.freq == 0 and step < self.threshold
+
+
+@pytest.mark.parametrize(
+    "sync_inputs, synced",
+    [({"sync_weight": 0.0}, []), ({"sync_decay_rate": 0.0}, [0])],
+    ids=["weight_0", "decay_0"],
+)
+def test_a_sync_of_weight_zero_is_skipped_and_changes_no_bit(
+    pipe, monkeypatch, sync_inputs, synced
+):
+    # One window at a time: the anchor is then computed alike whether its step syncs or not.
+    inputs = {**SMALL, "width": 640, "height": 512, "sync_threshold": 3, **sync_inputs}
+    steps = []
+    skipped = pipe(
+        **inputs,
+        output_type="latent",
+        view_batch_size=1,
+        callback=lambda state: steps.append(state["sync"]),
+    )
+    assert [i for i, sync in enumerate(steps) if sync] == synced
+    monkeypatch.setattr(pipeline, "SyncSchedule", _SyncEvenAtWeightZero)
+    assert torch.equal(skipped, pipe(**inputs, output_type="latent", view_batch_size=1))

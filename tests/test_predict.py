@@ -103,6 +103,7 @@ def test_every_predictor_input_is_the_library_description(filename, geometry):
         assert values.pop("ge", None) == spec.ge, name
         le = spec.le if spec.le is None or spec.le <= INT64_MAX else None
         assert values.pop("le", None) == le, name
+        assert values.pop("max_length", None) == spec.max_length, name
         choices = values.pop("choices", None)
         assert (tuple(choices) if choices else None) == spec.choices, name
         assert not values, f"{name}: {values} are not in the library's description"

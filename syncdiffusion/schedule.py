@@ -1,0 +1,24 @@
+"""When the SyncDiffusion step runs and how hard it pulls: its decayed weight per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SyncSchedule:
+    """Which denoising steps run the gradient step, and its weight `weight * decay_rate ** i`."""
+
+    weight: float
+    decay_rate: float
+    freq: int
+    threshold: int
+
+    def active(self, step: int) -> bool:
+        """Every `freq`-th step (counting from 1) among the first `threshold` steps, unless its
+        weight is 0: a step that would move no window runs no gradient (about 9x a plain step)."""
+        return (step + 1) % self.freq == 0 and step < self.threshold and self.weight_at(step) != 0
+
+    def weight_at(self, step: int) -> float:
+        """The exponentially decayed gradient weight of step `step` (SyncDiffusion, Sec. 4)."""
+        return self.weight * self.decay_rate**step
