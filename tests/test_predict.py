@@ -12,6 +12,7 @@ from PIL import Image
 
 from syncdiffusion import InputError, SyncDiffusionPipeline, __version__, checks
 from syncdiffusion.files import read_parameters
+from syncdiffusion.testing.cog_schema import published_inputs, python_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
@@ -70,19 +71,28 @@ def test_every_input_field_is_a_literal_cog_build_can_read():
             else:
                 # literal_eval refuses calls, attributes and names: what `cog build` cannot read.
                 ast.literal_eval(value)
-        assert isinstance(keywords.get("description"), ast.Constant), f"{name} needs a description"
+        description = keywords.get("description")
+        assert isinstance(description, ast.Constant | ast.Name), f"{name} needs a description"
+
+
+@pytest.mark.parametrize("predictor", ["predict.py", "predict_sdxl.py"])
+def test_what_cog_build_publishes_is_what_the_code_means(predictor):
+    # cog reads the file with tree-sitter and takes a string's text between its outer quotes:
+    # adjacent literals or escapes would be published as written, not as Python joins them.
+    published, meant = published_inputs(ROOT / predictor), python_inputs(ROOT / predictor)
+    assert list(published) == list(meant)
+    for name, fields in published.items():
+        assert fields == meant[name], f"{predictor}: {name} is published as {fields}"
+        assert "description" in fields, f"{predictor}: {name} has no description cog can read"
 
 
 def test_inputs_are_the_published_ones():
-    inputs = _predict_inputs()
+    inputs = python_inputs(ROOT / "predict.py")
     assert list(inputs) == list(PUBLISHED)
     for name, (kind, default, ge, le) in PUBLISHED.items():
-        annotation, keywords = inputs[name]
-        values = {k: ast.literal_eval(v) for k, v in keywords.items()}
-        assert annotation == kind, name
-        assert values.get("default") == default, name
-        assert values.get("ge") == ge, name
-        assert values.get("le") == le, name
+        fields = inputs[name]
+        read = (fields["type"], fields.get("default"), fields.get("ge"), fields.get("le"))
+        assert read == (kind, default, ge, le), name
 
 
 def test_pipeline_and_checks_agree_with_the_schema():

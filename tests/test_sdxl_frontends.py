@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -13,25 +12,14 @@ from make_tiny_weights import TINY_MODELS
 from PIL import Image
 
 from syncdiffusion.files import read_parameters
+from syncdiffusion.testing.cog_schema import python_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL = TINY_MODELS["sdxl"][0]
 
 
-def _inputs(path: Path) -> dict[str, dict]:
-    """The `run` method's Input(...) keywords, literal-evaluated as `cog build` reads them."""
-    tree = ast.parse(path.read_text())
-    predictor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
-    run = next(n for n in predictor.body if isinstance(n, ast.FunctionDef) and n.name == "run")
-    args = run.args.args[1:]
-    return {
-        a.arg: {k.arg: ast.literal_eval(k.value) for k in d.keywords}
-        for a, d in zip(args, run.args.defaults, strict=True)
-    }
-
-
 def test_sdxl_predictor_has_literal_bounds_for_1024_px_windows():
-    sdxl, sd2 = _inputs(ROOT / "predict_sdxl.py"), _inputs(ROOT / "predict.py")
+    sdxl, sd2 = python_inputs(ROOT / "predict_sdxl.py"), python_inputs(ROOT / "predict.py")
     assert list(sdxl) == list(sd2)
     for side, default in (("width", 4096), ("height", 1024)):
         assert (sdxl[side]["default"], sdxl[side]["ge"], sdxl[side]["le"]) == (default, 1024, 4096)
