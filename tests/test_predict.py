@@ -201,3 +201,11 @@ def test_predict_refuses_a_bad_input_by_name(predictor):
         run(predictor, prompt="x", width=700)
     with pytest.raises(InputError, match=r"output_format must be one of png, webp, jpg; got 'gif'"):
         run(predictor, prompt="x", output_format="gif")
+
+
+def test_cog_yaml_runs_the_predictor_on_the_sdk_the_tests_use():
+    config = (ROOT / "cog.yaml").read_text()
+    tested = re.search(r"^cog==(\S+)", (ROOT / "requirements-dev.txt").read_text(), re.M)[1]
+    assert re.search(rf'^  sdk_version: "{re.escape(tested)}"$', config, re.M), tested
+    assert re.search(r'^run: "predict.py:Predictor"$', config, re.M)
+    assert not re.search(r"^predict:", config, re.M)  # the deprecated name of run:
