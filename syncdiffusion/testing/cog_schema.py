@@ -157,8 +157,9 @@ def published_inputs(path: Path, predictor: str = "Predictor") -> dict[str, dict
     annotation's name ("int", "float", "str", "bool" or "Path"), and has each of
     "description", "default", "ge", "le" and "choices" that cog publishes, with its value:
     a description is the string cog reads (escapes and adjacent literals left as written),
-    a bound an int or float, choices a list. cog quietly drops a description or a bound it
-    cannot read, so those are then absent; a default it cannot read it publishes as None.
+    a bound a float (cog reads every bound as one), choices a list. cog quietly drops a
+    description or a bound it cannot read, so those are then absent; a default it cannot
+    read it publishes as None.
     A required input (no default) has no "default". Raises SchemaError where `cog build`
     would stop (choices it cannot read, a parameter without an annotation) or where the
     annotation is one this project does not use.
