@@ -1,8 +1,11 @@
 """Cog predictor: the published SyncDiffusion wrapper's inputs, mapped onto `SyncDiffusionPipeline`.
 
 `cog build` reads the `Input(...)` fields below without running this file, so every default,
-bound and description is a literal (tests/test_predict.py keeps it so). A model whose windows
-differ has its own predictor file with its own literals (predict_sdxl.py).
+bound and description is one literal, or a module constant holding one: it publishes a string
+as the source text between its quotes, so adjacent literals would be published with the quotes
+and line break between them (tests/test_predict.py holds what it publishes to what Python
+means). A model whose windows differ has its own predictor file with its own literals
+(predict_sdxl.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from syncdiffusion import SyncDiffusionPipeline, WeightsError
 from syncdiffusion.files import save_image
 from syncdiffusion.inputs import check_output
 from syncdiffusion.weights import MODEL_ENV, default_weights_dir, download_weights, missing_parts
+
+# A module constant only because the description is too long for the line inside Input(...).
+STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
 
 try:
     _libc = ctypes.CDLL("libc.so.6")
@@ -91,8 +97,7 @@ class Predictor(BaseRunner):
             le=20,
         ),
         sync_weight: float = Input(
-            description="Strength of the SyncDiffusion gradient step that pulls every window "
-            "towards the anchor window; 0 gives plain MultiDiffusion.",
+            description="Pull of each window towards the anchor window; 0 is plain MultiDiffusion.",
             default=20.0,
             ge=0,
             le=30,
@@ -118,8 +123,7 @@ class Predictor(BaseRunner):
             description="Number of DDIM denoising steps.", default=50, ge=1, le=200
         ),
         stride: int = Input(
-            description="Offset between neighbouring 512 px windows, in latent pixels (8 image "
-            "pixels each): a multiple of 8 below 64. Smaller is smoother and slower.",
+            description=STRIDE_HELP,
             default=16,
             ge=8,
             le=56,
@@ -128,8 +132,7 @@ class Predictor(BaseRunner):
             description="Random seed: the same seed gives the same panorama.", default=2, ge=0
         ),
         loop_closure: bool = Input(
-            description="Make a 360-degree panorama whose right edge continues seamlessly into "
-            "its left edge.",
+            description="Make a 360-degree panorama: the right edge continues into the left edge.",
             default=False,
         ),
         output_format: str = Input(

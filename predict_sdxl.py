@@ -1,6 +1,6 @@
 """Cog predictor for SDXL panoramas: predict.py's model on SDXL base 1.0, with 1024 px windows.
 
-Publish it with `predict: "predict_sdxl.py:Predictor"` in cog.yaml (README, "An SDXL model on
+Publish it with `run: "predict_sdxl.py:Predictor"` in cog.yaml (README, "An SDXL model on
 Replicate"). `cog build` reads the `Input(...)` fields without running this file, so they are
 literals here too: the bounds that differ from predict.py's are the sides (at least one
 1024 px window), the stride (below the 128-latent window) and the defaults that follow.
@@ -11,6 +11,9 @@ from __future__ import annotations
 from cog import Input, Path
 
 import predict
+
+# predict.py's STRIDE_HELP for the 128-latent window: `cog build` reads this file's constants.
+STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 128; smaller: smoother, slower."
 
 
 class Predictor(predict.Predictor):
@@ -41,8 +44,7 @@ class Predictor(predict.Predictor):
             le=20,
         ),
         sync_weight: float = Input(
-            description="Strength of the SyncDiffusion gradient step that pulls every window "
-            "towards the anchor window; 0 gives plain MultiDiffusion.",
+            description="Pull of each window towards the anchor window; 0 is plain MultiDiffusion.",
             default=20.0,
             ge=0,
             le=30,
@@ -68,8 +70,7 @@ class Predictor(predict.Predictor):
             description="Number of DDIM denoising steps.", default=50, ge=1, le=200
         ),
         stride: int = Input(
-            description="Offset between neighbouring 1024 px windows, in latent pixels (8 image "
-            "pixels each): a multiple of 8 below 128. Smaller is smoother and slower.",
+            description=STRIDE_HELP,
             default=32,
             ge=8,
             le=120,
@@ -78,8 +79,7 @@ class Predictor(predict.Predictor):
             description="Random seed: the same seed gives the same panorama.", default=2, ge=0
         ),
         loop_closure: bool = Input(
-            description="Make a 360-degree panorama whose right edge continues seamlessly into "
-            "its left edge.",
+            description="Make a 360-degree panorama: the right edge continues into the left edge.",
             default=False,
         ),
         output_format: str = Input(

@@ -18,10 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from cog_server import CogServer, decode_png
-from make_tiny_weights import make_tiny_weights
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from make_tiny_weights import make_tiny_weights  # noqa: E402
+
+from syncdiffusion.testing.cog_server import CogServer, decode_png  # noqa: E402
+
 INPUTS = {
     "prompt": "a lighthouse on a cliff",
     "width": 768,

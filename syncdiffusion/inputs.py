@@ -155,8 +155,7 @@ _PANORAMA_INPUTS = (
     Input(
         "sync_weight",
         float,
-        "Strength of the SyncDiffusion gradient step that pulls every window towards the anchor "
-        "window; 0 gives plain MultiDiffusion.",
+        "Pull of each window towards the anchor window; 0 is plain MultiDiffusion.",
         default=20.0,
         ge=0,
         le=30,
@@ -188,8 +187,7 @@ _PANORAMA_INPUTS = (
     Input(
         "stride",
         int,
-        "Offset between neighbouring {window_pixels} px windows, in latent pixels (8 image "
-        "pixels each): a multiple of 8 below {window}. Smaller is smoother and slower.",
+        "Latent pixels between windows, a multiple of 8 under {window}; smaller: smoother, slower.",
         default=16,
         ge=8,
         le=56,
@@ -207,7 +205,7 @@ _PANORAMA_INPUTS = (
     Input(
         "loop_closure",
         bool,
-        "Make a 360-degree panorama whose right edge continues seamlessly into its left edge.",
+        "Make a 360-degree panorama: the right edge continues into the left edge.",
         default=False,
     ),
 )
@@ -246,7 +244,7 @@ def panorama_inputs(geometry: Geometry = SD2_BASE) -> dict[str, Input]:
     The stride is below the window; its default a quarter of it (SD2-base: 16).
     """
     side = geometry.window_pixels
-    fields = {"window": geometry.window, "window_pixels": side}
+    fields = {"window": geometry.window}
     stride_default = max(8, geometry.window // 4 // 8 * 8)
     window_inputs = {
         "width": {"default": 4 * side, "ge": side},

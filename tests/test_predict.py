@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from PIL import Image
 from syncdiffusion import InputError, __version__
 from syncdiffusion.files import read_parameters
 from syncdiffusion.inputs import OUTPUT_INPUTS, REQUIRED, panorama_inputs
+from syncdiffusion.testing.cog_schema import published_inputs, python_inputs
 from syncdiffusion.windows import Geometry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,78 +35,45 @@ PUBLISHED = {
     "output_format": ("str", "png", None, None),
     "output_quality": ("int", 80, 1, 100),
 }
-
-
-def _predictor_inputs(path: Path) -> dict[str, tuple[str, dict[str, ast.expr]]]:
-    """Each input of the `run` method: its annotation and its `Input(...)` keywords."""
-    tree = ast.parse(path.read_text())
-    predictor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
-    predict = next(n for n in predictor.body if isinstance(n, ast.FunctionDef) and n.name == "run")
-    args = predict.args.args[1:]
-    defaults = predict.args.defaults
-    assert len(args) == len(defaults), "every input needs an Input(...) default"
-    inputs = {}
-    for arg, default in zip(args, defaults, strict=True):
-        assert isinstance(default, ast.Call) and ast.unparse(default.func) == "Input", arg.arg
-        assert not default.args, f"{arg.arg}: Input(...) takes keywords only"
-        inputs[arg.arg] = (ast.unparse(arg.annotation), {k.arg: k.value for k in default.keywords})
-    return inputs
-
-
-def _constants(tree: ast.Module) -> dict[str, ast.expr]:
-    return {
-        t.id: n.value
-        for n in tree.body
-        if isinstance(n, ast.Assign)
-        for t in n.targets
-        if isinstance(t, ast.Name)
-    }
-
-
 PREDICTORS = {"predict.py": Geometry(), "predict_sdxl.py": Geometry(window=128)}
-# cog's schema parser reads an integer literal as a signed 64-bit one: the seed's top bound,
-# 2**64 - 1, cannot be published, and the library's check holds it instead.
-INT64_MAX = 2**63 - 1
+# cog reads a bound as a float64, which cannot hold the seed's top bound 2**64 - 1: the
+# library's check holds that one, and the schema leaves it out.
+FLOAT64_EXACT = 2**53
 
 
-@pytest.mark.parametrize("filename", PREDICTORS)
-def test_every_input_field_is_a_literal_cog_build_can_read(filename):
-    constants = _constants(ast.parse((ROOT / filename).read_text()))
-    for name, (_, keywords) in _predictor_inputs(ROOT / filename).items():
-        for key, value in keywords.items():
-            if isinstance(value, ast.Name):
-                assert value.id in constants, f"{name}.{key} must be a literal or module constant"
-            else:
-                # literal_eval refuses calls, attributes and names: what `cog build` cannot read.
-                ast.literal_eval(value)
-        assert "description" in keywords, f"{name} needs a description"
+def _published(spec_le: float | None) -> float | None:
+    return None if spec_le is None or spec_le > FLOAT64_EXACT else float(spec_le)
 
 
-@pytest.mark.parametrize("filename, geometry", PREDICTORS.items())
-def test_every_predictor_input_is_the_library_description(filename, geometry):
-    """Input by input: type, default, bounds, choices and help, as the library describes them
-    for the predictor's model."""
-    tree = ast.parse((ROOT / filename).read_text())
-    constants = _constants(tree)
-    inputs = _predictor_inputs(ROOT / filename)
+@pytest.mark.parametrize("predictor", PREDICTORS)
+def test_what_cog_build_publishes_is_what_the_code_means(predictor):
+    # cog reads the file with tree-sitter and takes a string's text between its outer quotes:
+    # adjacent literals or escapes would be published as written, not as Python joins them.
+    published, meant = published_inputs(ROOT / predictor), python_inputs(ROOT / predictor)
+    assert list(published) == list(meant)
+    for name, fields in published.items():
+        assert fields == meant[name], f"{predictor}: {name} is published as {fields}"
+        assert "description" in fields, f"{predictor}: {name} has no description cog can read"
+
+
+@pytest.mark.parametrize("predictor, geometry", PREDICTORS.items())
+def test_every_predictor_input_is_the_library_description(predictor, geometry):
+    """Input by input, as `cog build` publishes it: type, default, bounds, length, choices
+    and help, as the library describes them for the predictor's model."""
+    published = published_inputs(ROOT / predictor)
     described = {**panorama_inputs(geometry), **OUTPUT_INPUTS}
-    assert list(inputs) == list(described)
+    assert list(published) == list(described)
     for name, spec in described.items():
-        annotation, keywords = inputs[name]
-        values = {
-            key: ast.literal_eval(constants.get(getattr(node, "id", None), node))
-            for key, node in keywords.items()
-        }
-        assert annotation == spec.type.__name__, name
-        assert values.pop("description") == spec.help, name
-        assert values.pop("default", REQUIRED) == spec.default, name
-        assert values.pop("ge", None) == spec.ge, name
-        le = spec.le if spec.le is None or spec.le <= INT64_MAX else None
-        assert values.pop("le", None) == le, name
-        assert values.pop("max_length", None) == spec.max_length, name
-        choices = values.pop("choices", None)
+        fields = dict(published[name])
+        assert fields.pop("type") == spec.type.__name__, name
+        assert fields.pop("description") == spec.help, name
+        assert fields.pop("default", REQUIRED) == spec.default, name
+        assert fields.pop("ge", None) == (None if spec.ge is None else float(spec.ge)), name
+        assert fields.pop("le", None) == _published(spec.le), name
+        assert fields.pop("max_length", None) == spec.max_length, name
+        choices = fields.pop("choices", None)
         assert (tuple(choices) if choices else None) == spec.choices, name
-        assert not values, f"{name}: {values} are not in the library's description"
+        assert not fields, f"{predictor}: {name}: {fields} are not in the library's description"
 
 
 def test_the_library_describes_the_published_inputs():
@@ -116,7 +83,7 @@ def test_the_library_describes_the_published_inputs():
         spec = described[name]
         assert spec.type.__name__ == kind, name
         assert spec.default == (REQUIRED if default is None else default), name
-        assert (spec.ge, spec.le if spec.le is None or spec.le <= INT64_MAX else None) == (ge, le)
+        assert (spec.ge, _published(spec.le)) == (ge, le), name
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +175,11 @@ def test_predict_refuses_a_bad_input_by_name(predictor):
         run(predictor, prompt="x", width=700)
     with pytest.raises(InputError, match=r"output_format must be one of png, webp, jpg; got 'gif'"):
         run(predictor, prompt="x", output_format="gif")
+
+
+def test_cog_yaml_runs_the_predictor_on_the_sdk_the_tests_use():
+    config = (ROOT / "cog.yaml").read_text()
+    tested = re.search(r"^cog==(\S+)", (ROOT / "requirements-dev.txt").read_text(), re.M)[1]
+    assert re.search(rf'^  sdk_version: "{re.escape(tested)}"$', config, re.M), tested
+    assert re.search(r'^run: "predict.py:Predictor"$', config, re.M)
+    assert not re.search(r"^predict:", config, re.M)  # the deprecated name of run:

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from cog_server import CogServer, decode_png
 from make_tiny_weights import TINY_MODELS
 from PIL import Image
 
 from syncdiffusion.files import read_parameters
+from syncdiffusion.testing.cog_server import CogServer, decode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL = TINY_MODELS["sdxl"][0]
@@ -39,8 +39,8 @@ def test_cli_makes_an_sdxl_panorama(family_weights, tmp_path):
 
 @pytest.mark.server
 def test_cog_server_serves_the_sdxl_predictor(family_weights):
-    env = {"COG_PREDICT_TYPE_STUB": "predict_sdxl.py:Predictor", "SYNCDIFFUSION_MODEL": SDXL}
-    with CogServer(family_weights, **env) as server:
+    sdxl = {"predictor": "predict_sdxl.py:Predictor", "SYNCDIFFUSION_MODEL": SDXL}
+    with CogServer(family_weights, **sdxl) as server:
         assert server.health()["status"] == "READY", server.logs()
         small = {"prompt": "a fjord", "width": 1024, "height": 1024, "stride": 24}
         small |= {"num_inference_steps": 2, "sync_threshold": 0, "seed": 5}

@@ -1,9 +1,14 @@
 """Run the model behind the real Cog HTTP server (coglet) and talk to it, as Replicate would.
 
-Used by the server tests and scripts/soak.py. From the project root:
+Used by the server tests and scripts/soak.py:
 
     with CogServer(weights_dir) as server:
         result = server.predict({"prompt": "a beach", "width": 1024})
+
+As in an image built by `cog build`, the server validates every request against the schema
+`cog build` would publish: coglet reads it from `.cog/openapi_schema.json` under its working
+directory, so the server runs in a temporary folder holding that file (the project tree is
+left as it is) and imports the project's code from the project root.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ import psutil
 import requests
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from syncdiffusion.testing.cog_schema import write_openapi_schema
+
+ROOT = Path(__file__).resolve().parents[2]  # the project: predict.py and syncdiffusion/
+# Where coglet looks for the schema, relative to its working directory (coglet's worker.rs).
+SCHEMA_FILE = Path(".cog", "openapi_schema.json")
 
 
 def free_port() -> int:
@@ -50,13 +59,24 @@ def decode_png(data_url: str) -> Image.Image:
 
 
 class CogServer:
-    """`python -m cog.server.http` serving predict.py from the project root on loopback."""
+    """`python -m cog.server.http` serving a predictor of the project on loopback, with its schema.
 
-    def __init__(self, weights_dir: Path, setup_timeout: float = 300, **env: str) -> None:
+    `predictor` is cog.yaml's `run:` reference, relative to the project root.
+    """
+
+    def __init__(
+        self,
+        weights_dir: Path,
+        setup_timeout: float = 300,
+        predictor: str = "predict.py:Predictor",
+        **env: str,
+    ) -> None:
         self.weights_dir, self.setup_timeout, self.extra_env = weights_dir, setup_timeout, env
+        self.predictor = predictor
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkdtemp(prefix="cog-server-")) / "server.log"
+        self.workdir = Path(tempfile.mkdtemp(prefix="cog-server-"))
+        self.log_path = self.workdir / "server.log"
 
     def __enter__(self) -> CogServer:
         self.start()
@@ -67,10 +87,14 @@ class CogServer:
 
     def start(self) -> None:
         """Start the server and wait until its setup has finished (READY or SETUP_FAILED)."""
+        file, cls = self.predictor.split(":")
+        write_openapi_schema(ROOT / file, self.workdir / SCHEMA_FILE, cls)
         env = {
             **os.environ,
-            "SYNCDIFFUSION_WEIGHTS": str(self.weights_dir),
-            "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+            "SYNCDIFFUSION_WEIGHTS": str(Path(self.weights_dir).resolve()),
+            "COG_PREDICT_TYPE_STUB": f"{ROOT / file}:{cls}",
+            # The worker runs in the temporary folder; the project's modules come from ROOT.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "PORT": str(self.port),
             # coglet starts its worker with a bare `python`: this environment's must come first.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -79,7 +103,7 @@ class CogServer:
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=ROOT,
+            cwd=self.workdir,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -106,6 +130,10 @@ class CogServer:
         """What the server process printed so far."""
         return self.log_path.read_text(errors="replace")
 
+    def openapi(self) -> requests.Response:
+        """GET /openapi.json: the schema the server validates against (503 without one)."""
+        return requests.get(f"{self.url}/openapi.json", timeout=10)
+
     def health(self) -> dict[str, Any]:
         """GET /health-check, or {} while the server does not answer yet."""
         try:
@@ -128,6 +156,14 @@ class CogServer:
         self, inputs: dict[str, Any], prediction_id: str | None = None, timeout: float = 900
     ) -> dict[str, Any]:
         """Run one prediction and wait for its result (PUT /predictions/{id} when `id` is given)."""
+        response = self.request(inputs, prediction_id, timeout)
+        response.raise_for_status()
+        return response.json()
+
+    def request(
+        self, inputs: dict[str, Any], prediction_id: str | None = None, timeout: float = 900
+    ) -> requests.Response:
+        """`predict`'s HTTP response as it comes: 422 for inputs the schema refuses."""
         body = {"input": inputs}
         deadline = time.monotonic() + 30
         while True:
@@ -141,10 +177,8 @@ class CogServer:
                 )
             # 409: the one slot is not yet released by the previous prediction; ask again.
             if response.status_code != 409 or time.monotonic() > deadline:
-                break
+                return response
             time.sleep(0.1)
-        response.raise_for_status()
-        return response.json()
 
     def cancel(self, prediction_id: str) -> requests.Response:
         """POST /predictions/{id}/cancel."""
