@@ -69,6 +69,41 @@ def load_lpips(vgg16_path: Path) -> lpips.LPIPS:
     return model.eval().requires_grad_(False)
 
 
+def encoder_text(tokenizer: CLIPTokenizer, text: str) -> tuple[str, int | None]:
+    """The part of `text` the text encoder reads, and its length in tokens (BOS and EOS
+    included) where that part is the whole text; None where it is longer than the encoder reads.
+
+    A prompt's cost stops at what the encoder reads: the text is tokenized in prefixes that
+    double until one holds a margin of tokens past `model_max_length`, each cut at whitespace
+    where it has any, so every word before the cut is tokenized as in the whole text (CLIP's
+    pre-tokenizer splits at whitespace) and the first `model_max_length` tokens are the whole
+    text's.
+    """
+    wanted = tokenizer.model_max_length + _TOKEN_MARGIN
+    length = 4 * wanted
+    # Counting a long text makes transformers warn that it is too long for the model; our
+    # own notice says what happens instead, so the logs carry one line, not two.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        while True:
+            if length >= len(text):
+                return text, len(tokenizer(text, truncation=False).input_ids)
+            prefix = text[:length]
+            cut = next((i for i in range(length - 1, -1, -1) if prefix[i].isspace()), 0)
+            prefix = prefix[:cut] or prefix
+            if len(tokenizer(prefix, truncation=False).input_ids) > wanted:
+                return prefix, None
+            length *= 2
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+# Tokens past what the encoder reads that a prefix must hold, so that where it is cut inside
+# a word (text without whitespace), the cut cannot reach back into the tokens the encoder reads.
+_TOKEN_MARGIN = 32
+
+
 @contextmanager
 def _no_progress_bars() -> Iterator[None]:
     """Loading from a local folder is quick: its per-file progress bars would only clutter logs."""
@@ -262,22 +297,24 @@ class SyncDiffusionPipeline:
         SD 1.x/2.x condition on the last hidden state; SDXL on the penultimate one of each
         encoder, concatenated, as `StableDiffusionXLPipeline` does.
         """
-        texts = (("negative_prompt", negative_prompt), ("prompt", prompt))
-        for name, text in texts:
-            n_tokens = self._count_tokens(text)
-            if n_tokens > (max_length := self.tokenizer.model_max_length):
+        texts = []
+        for name, text in (("negative_prompt", negative_prompt), ("prompt", prompt)):
+            read, n_tokens = encoder_text(self.tokenizer, text)
+            if n_tokens is None or n_tokens > (max_length := self.tokenizer.model_max_length):
+                length = f"more than {max_length}" if n_tokens is None else str(n_tokens)
                 logger.warning(
-                    "%s is %d tokens long; the text encoder reads the first %d",
+                    "%s is %s tokens long; the text encoder reads the first %d",
                     name,
-                    n_tokens,
+                    length,
                     max_length,
                 )
+            texts.append(read)
         states, pooled = [], None
         tokenizers = (self.tokenizer, self.tokenizer_2)
         with torch.no_grad():
             for encoder, tokenizer in zip(self.text_encoders(), tokenizers, strict=False):
                 ids = tokenizer(
-                    [text for _, text in texts],
+                    texts,
                     padding="max_length",
                     max_length=tokenizer.model_max_length,
                     truncation=True,
@@ -295,17 +332,6 @@ class SyncDiffusionPipeline:
             embeddings[0], pooled[0] = 0, 0
         time_ids = window_time_ids(self.window_pixels).to(self.device, embeddings.dtype)
         return embeddings, {"text_embeds": pooled, "time_ids": time_ids}
-
-    def _count_tokens(self, text: str) -> int:
-        """Tokens in `text`, BOS and EOS included, however long (for the truncation notice)."""
-        # Counting a long text makes transformers warn that it is too long for the model; our
-        # own notice says what happens instead, so the logs carry one line, not two.
-        verbosity = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()
-        try:
-            return len(self.tokenizer(text, truncation=False).input_ids)
-        finally:
-            transformers_logging.set_verbosity(verbosity)
 
     def decode(self, latents: torch.Tensor, loop_closure: bool = False) -> Image.Image:
         """A panorama latent (1, 4, H/8, W/8) to its 8-bit RGB picture.
