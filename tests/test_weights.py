@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from syncdiffusion import lpips_trunk
 from syncdiffusion.lpips_trunk import save_trunk
 from syncdiffusion.model_folder import sd_variant
+from syncdiffusion.testing.tiny_models import make_tiny_weights
 from syncdiffusion.weights import (
     DOWNLOAD_COMMAND,
     LEGACY_VGG16_RELPATH,
@@ -83,10 +84,17 @@ def test_tiny_model_passes(tiny: Path) -> None:
 
 
 def test_tiny_model_is_deterministic(tiny: Path, tmp_path: Path) -> None:
-    again = _import_script("make_tiny_weights").make_tiny_weights(tmp_path / "again")
+    again = make_tiny_weights(tmp_path / "again")
     for path in sorted(tiny.rglob("*.safetensors")):
         rel = path.relative_to(tiny)
         assert path.read_bytes() == (again / rel).read_bytes(), rel
+
+
+def test_tiny_model_script_writes_the_same_model(tiny: Path, tmp_path: Path, run_script) -> None:
+    result = run_script("make_tiny_weights.py", str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Wrote tiny random models to {tmp_path / 'w'}: sd2")
+    assert (tmp_path / "w" / UNET).read_bytes() == (tiny / UNET).read_bytes()
 
 
 def test_tiny_model_loads_like_sd2_base(tiny: Path) -> None:
