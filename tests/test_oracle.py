@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracle import oracle_panorama
+
+from syncdiffusion.testing.oracle import oracle_panorama
 
 SMALL = dict(
     prompt="a snowy mountain range at dawn",
