@@ -334,8 +334,9 @@ class SyncDiffusionPipeline:
         """One panorama: a PIL image, or with `output_type="latent"` its (1, 4, H/8, W/8) latent.
 
         Sides are at least one window (`window_pixels`) and `stride` is below one window.
-        `callback` gets a dict after every denoising step (step, steps, t, sync, latent). The
-        image's `info["parameters"]` holds every input, the model's identity and the version.
+        `callback` gets a dict after every denoising step (step, steps, t, sync, latent, and
+        view_batch_size: the windows per network call that fitted in that step). The image's
+        `info["parameters"]` holds every input, the model's identity and the version.
         """
         # 1. Check every input.
         check_inputs(
