@@ -83,7 +83,7 @@ def _random_pipeline(
     from transformers import CLIPTextConfig, CLIPTokenizer
 
     from syncdiffusion.model_folder import read_family
-    from syncdiffusion.pipeline import load_lpips
+    from syncdiffusion.perceptual import load_lpips
     from syncdiffusion.precision import vae_dtype, vae_upcast
     from syncdiffusion.weights import VGG16_RELPATH
 

@@ -33,7 +33,7 @@ import download_weights  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from syncdiffusion.lpips_trunk import VGG16_RELPATH  # noqa: E402
+from syncdiffusion.perceptual import VGG16_RELPATH  # noqa: E402
 from syncdiffusion.sync import SyncSchedule  # noqa: E402
 from syncdiffusion.weights import SD_REPO_ID, default_weights_dir, missing_parts  # noqa: E402
 from syncdiffusion.windows import panorama_windows  # noqa: E402
@@ -137,10 +137,10 @@ def download_sources(parts: list[str]) -> list[str]:
     """A URL on each server the download of `parts` (missing_parts' names) needs."""
     from huggingface_hub import hf_hub_url
 
-    from syncdiffusion import lpips_trunk
+    from syncdiffusion import perceptual
 
     hub = [hf_hub_url(SD_REPO_ID, "model_index.json")] if set(parts) - {VGG16_RELPATH} else []
-    return hub + ([lpips_trunk.VGG16_URL] if VGG16_RELPATH in parts else [])
+    return hub + ([perceptual.VGG16_URL] if VGG16_RELPATH in parts else [])
 
 
 def download_unreachable(parts: list[str]) -> str | None:

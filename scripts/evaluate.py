@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from syncdiffusion.files import read_parameters  # noqa: E402
-from syncdiffusion.pipeline import load_lpips  # noqa: E402
+from syncdiffusion.perceptual import load_lpips  # noqa: E402
 from syncdiffusion.weights import (  # noqa: E402
     LEGACY_VGG16_RELPATH,
     VGG16_RELPATH,

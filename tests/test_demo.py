@@ -88,12 +88,12 @@ class _Answers(http.server.BaseHTTPRequestHandler):
 def test_every_server_the_download_needs_must_answer(monkeypatch):
     from huggingface_hub import constants
 
-    from syncdiffusion import lpips_trunk
+    from syncdiffusion import perceptual
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     everything = [demo.SD_REPO_ID.split("/")[1], demo.VGG16_RELPATH]
     hub, trunk = demo.download_sources(everything)
-    assert hub.endswith("/model_index.json") and trunk == lpips_trunk.VGG16_URL
+    assert hub.endswith("/model_index.json") and trunk == perceptual.VGG16_URL
     assert demo.download_sources([demo.VGG16_RELPATH]) == [trunk]  # the model is in place
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..lpips_trunk import save_trunk
+from ..perceptual import save_trunk
 from ..weights import SD_DIRNAME, VGG16_RELPATH
 
 # SD2-base's scheduler config, verbatim, so the tiny model is sampled with the real schedule.
