@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The scripts (tiny model, Cog server harness) are tools the tests use as a user would.
+# The Cog server harness and the soak test (scripts/cog_server.py, scripts/soak.py), until they
+# are importable from the package too.
 sys.path.insert(0, str(ROOT / "scripts"))
 
 

@@ -1,25 +1,23 @@
-"""Tests for syncdiffusion.weights and scripts/download_weights.py, on the tiny model."""
+"""Tests for syncdiffusion.weights and the download command (scripts/download_weights.py), on
+the tiny model."""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from syncdiffusion import perceptual
+from syncdiffusion import download, perceptual
 from syncdiffusion.model_folder import sd_variant
 from syncdiffusion.perceptual import load_vgg16_features, save_trunk
 from syncdiffusion.testing.tiny_models import make_tiny_weights
@@ -37,21 +35,12 @@ from syncdiffusion.weights import (
     missing_parts,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
 }
 UNET = f"{SD_DIRNAME}/unet/diffusion_pytorch_model.safetensors"
-
-
-def _import_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -504,7 +493,7 @@ def test_cli_reports_failure_without_traceback(
     tmp_path: Path, network: FakeHub, capsys: pytest.CaptureFixture[str]
 ) -> None:
     network.fail = True
-    cli = _import_script("download_weights")
+    cli = download
     assert cli.main(["--weights", str(tmp_path / "w")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -521,14 +510,11 @@ def test_cli_uses_the_environment_default(
     tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(WEIGHTS_ENV, str(tiny))
-    assert _import_script("download_weights").main([]) == 0
+    assert download.main([]) == 0
     assert str(tiny) in capsys.readouterr().out
 
 
-def test_cli_puts_the_repo_on_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Run as `python scripts/download_weights.py`, Python puts scripts/ (not the repo root) on
-    # sys.path; the script must find the uninstalled package on its own.
-    without_repo = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
-    monkeypatch.setattr(sys, "path", without_repo)
-    _import_script("download_weights")
-    assert sys.path[0] == str(REPO_ROOT)
+def test_the_script_runs_the_command(tiny: Path, run_script) -> None:
+    result = run_script("download_weights.py", "--weights", str(tiny))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{tiny} already holds every part; nothing to download.\n"
