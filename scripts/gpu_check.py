@@ -334,9 +334,9 @@ def check_out_of_memory(report, fast, inputs, largest, device, memory) -> None:
         "out-of-memory",
         figures,
         [
-            f"Cap at {cap} windows: chunks asked for, then fitted per step {halved} (halved and "
-            "succeeded: "
-            f"{figures['halved_and_succeeded']}). Cap at 0.3 windows: "
+            f"Cap at {cap} windows: the chunk asked for, then the one that fitted per step "
+            f"{halved} (halved and succeeded: {figures['halved_and_succeeded']}). "
+            "Cap at 0.3 windows: "
             f"{'MemoryError: ' + failure if failure else 'NO ERROR (wrong)'}. Then a normal "
             f"prediction: finite {figures['next_prediction_finite']}; free memory "
             f"{free_before / 2**30:.2f} GiB before, {free_after / 2**30:.2f} GiB after.",
