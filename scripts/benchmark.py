@@ -15,148 +15,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
+from syncdiffusion import SyncDiffusionPipeline, __version__
+from syncdiffusion.testing.measure import machine, publish, sd2_pipeline, sdxl_pipeline, timed
+from syncdiffusion.testing.oracle import oracle_panorama
+from syncdiffusion.testing.tiny_models import make_tiny_weights
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))  # the oracle lives with the tests that use it
-
-from make_tiny_weights import make_tiny_weights  # noqa: E402
-from oracle import oracle_panorama  # noqa: E402
-
-from syncdiffusion import SyncDiffusionPipeline, __version__  # noqa: E402
-from syncdiffusion.windows import panorama_windows  # noqa: E402
-
-SD2_CONFIGS = ROOT / "benchmarks" / "sd2-base"
-SDXL_CONFIGS = ROOT / "benchmarks" / "sdxl-base"
-
-
-class PeakMemory:
-    """Peak memory of a block: `torch.cuda.max_memory_allocated` on GPU, sampled RSS on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
-def _random_pipeline(
-    configs_dir: Path, shape: str, device: torch.device, dtype: torch.dtype
-) -> SyncDiffusionPipeline:
-    """A real architecture (configs in `configs_dir`) with random weights, in `dtype` but for a
-    VAE that must be upcast; tokenizers, scheduler and trunk from the tiny model of `shape`."""
-    import transformers
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from make_tiny_weights import TINY_MODELS
-    from transformers import CLIPTextConfig, CLIPTokenizer
-
-    from syncdiffusion.model_folder import read_family
-    from syncdiffusion.pipeline import load_lpips
-    from syncdiffusion.precision import vae_dtype, vae_upcast
-    from syncdiffusion.weights import VGG16_RELPATH
-
-    tiny = Path(tempfile.mkdtemp()) / "tiny"
-    make_tiny_weights(tiny, (shape,))  # for its tokenizers, scheduler config and VGG16 trunk
-    sd = tiny / TINY_MODELS[shape][0]
-    family = read_family(sd)
-    configs = {
-        name: json.loads((configs_dir / f"{name}.json").read_text())
-        for name in ("unet", "vae", *family.text_encoders)
-    }
-    torch.manual_seed(0)
-    with torch.device(device):
-        tokenizers = family.tokenizers
-        encoders = {
-            name: getattr(transformers, cls)(CLIPTextConfig(**configs[name])).to(dtype)
-            for name, cls in zip(family.text_encoders, family.text_encoder_classes, strict=True)
-        }
-        vae = AutoencoderKL.from_config(configs["vae"])
-        pipe = SyncDiffusionPipeline(
-            unet=UNet2DConditionModel.from_config(configs["unet"]).to(dtype),
-            # From the file, as from_pretrained decides: vae.config fills a missing key with true.
-            vae=vae.to(vae_dtype(dtype, vae_upcast(configs["vae"], family))),
-            **encoders,
-            **{name: CLIPTokenizer.from_pretrained(sd, subfolder=name) for name in tokenizers},
-            scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler"),
-            perceptual=load_lpips(tiny / VGG16_RELPATH),
-            force_zeros_for_empty_prompt=family.addition_embed_type is not None,
-        )
-    return pipe.to(device)
-
-
-def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
-    """SD2-base's architecture (configs in benchmarks/sd2-base) with random weights."""
-    return _random_pipeline(SD2_CONFIGS, "sd2", device, dtype)
-
-
-def sdxl_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
-    """SDXL base 1.0's architecture (configs in benchmarks/sdxl-base) with random weights: two
-    text encoders, 1024 px windows, its VAE upcast to fp32 where `dtype` is fp16."""
-    return _random_pipeline(SDXL_CONFIGS, "sdxl", device, dtype)
-
-
-def timed(fn, device: torch.device):
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return result, seconds, memory.peak
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return f"{cpu}, {psutil.cpu_count()} CPUs{gpu}; torch {torch.__version__}"
-
-
-def publish(report: str, record: Path | None) -> None:
-    """Print a measurement's report and append it to `record` (BENCHMARKS.md) unless None."""
-    print(report)
-    if record is not None:
-        with record.open("a") as f:
-            f.write("\n" + report)
-        print(f"appended to {record}")
 
 
 def main() -> None:
@@ -209,17 +80,19 @@ def main() -> None:
         fast = sd2_pipeline(device, fast_dtype)
         oracle = sd2_pipeline(device, torch.float32) if fast_dtype != torch.float32 else fast
     else:
-        weights = Path(tempfile.mkdtemp()) / "tiny"
-        make_tiny_weights(weights)
-        fast = SyncDiffusionPipeline.from_pretrained(weights, device=device, dtype=fast_dtype)
-        oracle = (
-            SyncDiffusionPipeline.from_pretrained(weights, device=device, dtype=torch.float32)
-            if fast_dtype != torch.float32
-            else fast
-        )
+        with tempfile.TemporaryDirectory() as folder:  # loaded, the files are not needed
+            weights = make_tiny_weights(Path(folder) / "tiny")
+            fast = SyncDiffusionPipeline.from_pretrained(weights, device=device, dtype=fast_dtype)
+            oracle = (
+                SyncDiffusionPipeline.from_pretrained(weights, device=device, dtype=torch.float32)
+                if fast_dtype != torch.float32
+                else fast
+            )
 
     def count(w: int) -> int:
-        return len(panorama_windows(args.height // 8, w // 8, args.stride, window=fast.window))
+        return len(
+            fast.geometry.windows({"width": w, "height": args.height, "stride": args.stride})
+        )
 
     n_windows = count(width)
     rows, oracle_times, fast_times, oracle_peaks, fast_peaks = [], [], [], [], []

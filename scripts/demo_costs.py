@@ -20,18 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from benchmark import PeakMemory, machine, publish, sd2_pipeline  # noqa: E402
-from demo import (  # noqa: E402
+from syncdiffusion.demo import (
     CPU_SETTINGS,
     PROMPT,
     WINDOW_PIXELS,
@@ -40,6 +34,9 @@ from demo import (  # noqa: E402
     published_defaults,
     speed_probe_seconds,
 )
+from syncdiffusion.testing.measure import PeakMemory, machine, publish, sd2_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def whole_run(record: Path | None) -> None:

@@ -6,12 +6,15 @@ VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3.11}" -m venv "$VENV"
 fi
-# Install only when the requirements changed since the last install.
+# Install only when the requirements or the project's metadata changed since the last install.
+# The project itself goes in editable, so the scripts import `syncdiffusion` from this checkout.
 stamp="$VENV/.requirements.sha256"
-want="$(cat requirements.txt requirements-dev.txt requirements-eval.txt | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements.txt requirements-dev.txt requirements-eval.txt pyproject.toml \
+  | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r requirements-dev.txt
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
   echo "$want" > "$stamp"
 fi
 # coglet starts its worker with a bare `python`: the environment's bin must lead PATH.

@@ -40,22 +40,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from syncdiffusion import SyncDiffusionPipeline, __version__
+from syncdiffusion.batching import free_memory, release_memory
+from syncdiffusion.decoding import decode
+from syncdiffusion.precision import LossScale, initial_loss_scale
+from syncdiffusion.sampling import guided_eps, predict_x0
+from syncdiffusion.sync import lpips_features, sync_gradient
+from syncdiffusion.testing.measure import (
+    machine,
+    memory_cap,
+    sd2_pipeline,
+    sdxl_pipeline,
+    timed,
+    window_cost,
+)
+from syncdiffusion.testing.oracle import oracle_panorama
+from syncdiffusion.testing.tiny_models import TINY_MODELS, make_tiny_weights
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from benchmark import machine, sd2_pipeline, sdxl_pipeline, timed  # noqa: E402
-from make_tiny_weights import TINY_MODELS, make_tiny_weights  # noqa: E402
-from oracle import oracle_panorama  # noqa: E402
-
-import syncdiffusion.sampling as sampling  # noqa: E402
-from syncdiffusion import SyncDiffusionPipeline, __version__  # noqa: E402
-from syncdiffusion.batching import free_memory, release_memory  # noqa: E402
-from syncdiffusion.decoding import decode  # noqa: E402
-from syncdiffusion.precision import LossScale, initial_loss_scale  # noqa: E402
-from syncdiffusion.sampling import guided_eps, predict_x0  # noqa: E402
-from syncdiffusion.sync import lpips_features, sync_gradient  # noqa: E402
-from syncdiffusion.windows import panorama_windows  # noqa: E402
-
 PROMPT = "a photo of a mountain range at twilight"
 HUGE_CAP_BYTES = 24 * 2**30
 # Sizes and steps per mode: the GPU check's own, and the CPU smoke run's (same code, minutes).
@@ -107,53 +109,9 @@ def finite_latents(pipe: SyncDiffusionPipeline, **inputs):
     return image, all(finite)
 
 
-@contextmanager
-def chunk_log():
-    """Record the size of every chunk that the sync gradient is asked for."""
-    sizes, real = [], sampling.sync_gradient
-
-    def logged(views, *args, **kwargs):
-        sizes.append(views.shape[0])
-        return real(views, *args, **kwargs)
-
-    sampling.sync_gradient = logged
-    try:
-        yield sizes
-    finally:
-        sampling.sync_gradient = real
-
-
-@contextmanager
-def memory_cap(device: torch.device, windows: float, window_bytes: float, fixed_bytes: float = 0):
-    """Room for `fixed_bytes` and about `windows` windows over what is allocated now: on CUDA a
-    real cap (`set_per_process_memory_fraction`); on the CPU a stand-in that fails larger
-    chunks."""
-    if device.type == "cuda":
-        # The fraction wants a device index: torch.device("cuda") alone is refused.
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(index).total_memory
-        room = torch.cuda.memory_allocated(index) + fixed_bytes + windows * window_bytes
-        torch.cuda.set_per_process_memory_fraction(min(1.0, room / total), index)
-        # The allocator checks the cap only when it asks CUDA for more: blocks it has cached
-        # would be handed out past it. Return them first.
-        release_memory()
-        try:
-            yield
-        finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, index)
-        return
-    real = sampling.sync_gradient
-
-    def capped(views, *args, **kwargs):
-        if views.shape[0] > windows:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated by gpu_check --smoke)")
-        return real(views, *args, **kwargs)
-
-    sampling.sync_gradient = capped
-    try:
-        yield
-    finally:
-        sampling.sync_gradient = real
+def chunk_log(sizes: list[int]):
+    """A callback that records the chunk size that fitted in each step into `sizes`."""
+    return lambda state: sizes.append(state["view_batch_size"])
 
 
 def load(tiny: Path | None, device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
@@ -177,7 +135,7 @@ def check_published(report, fast, oracle, inputs, device) -> None:
     (f_image, f_finite), f_s, f_peak = timed(
         lambda: finite_latents(fast, prompt=PROMPT, **inputs), device
     )
-    n = len(panorama_windows(inputs["height"] // 8, inputs["width"] // 8, 16))
+    n = len(fast.geometry.windows(fast.request(prompt=PROMPT, **inputs)))
     figures = {
         "inputs": inputs,
         "windows": n,
@@ -208,8 +166,8 @@ def check_published(report, fast, oracle, inputs, device) -> None:
 
 
 def check_repeatable(report, fast, inputs) -> None:
-    with chunk_log() as auto_chunks:
-        first = fast(prompt=PROMPT, **inputs)
+    auto_chunks = []
+    first = fast(prompt=PROMPT, **inputs, callback=chunk_log(auto_chunks))
     again = fast(prompt=PROMPT, **inputs)
     one = fast(prompt=PROMPT, **inputs, view_batch_size=1)
     figures = {
@@ -343,13 +301,19 @@ def check_out_of_memory(report, fast, inputs, largest, device, memory) -> None:
     free_before = free_memory(device)
     window_bytes, fixed_bytes = window_cost(memory)
     cap = largest - 0.5
-    # The log inside the cap, so that it sees the chunks the cap refuses too.
-    with memory_cap(device, cap, window_bytes, fixed_bytes), chunk_log() as chunks:
-        fast(prompt=PROMPT, **inputs, output_type="latent", view_batch_size=largest)
-    halved = list(chunks)
-    with memory_cap(device, 0.3, window_bytes):
+    fitted = []
+    with memory_cap(fast, cap, window_bytes, fixed_bytes) as capped:
+        capped(
+            prompt=PROMPT,
+            **inputs,
+            output_type="latent",
+            view_batch_size=largest,
+            callback=chunk_log(fitted),
+        )
+    halved = [largest, *fitted]  # the chunk asked for, then the one that fitted in each step
+    with memory_cap(fast, 0.3, window_bytes) as capped:
         try:
-            fast(prompt=PROMPT, **inputs, output_type="latent", view_batch_size=1)
+            capped(prompt=PROMPT, **inputs, output_type="latent", view_batch_size=1)
             failure = None
         except MemoryError as error:
             failure = str(error)
@@ -369,8 +333,9 @@ def check_out_of_memory(report, fast, inputs, largest, device, memory) -> None:
         "out-of-memory",
         figures,
         [
-            f"Cap at {cap} windows: chunks tried {halved} (halved and succeeded: "
-            f"{figures['halved_and_succeeded']}). Cap at 0.3 windows: "
+            f"Cap at {cap} windows: the chunk asked for, then the one that fitted per step "
+            f"{halved} (halved and succeeded: {figures['halved_and_succeeded']}). "
+            "Cap at 0.3 windows: "
             f"{'MemoryError: ' + failure if failure else 'NO ERROR (wrong)'}. Then a normal "
             f"prediction: finite {figures['next_prediction_finite']}; free memory "
             f"{free_before / 2**30:.2f} GiB before, {free_after / 2**30:.2f} GiB after.",
@@ -378,32 +343,21 @@ def check_out_of_memory(report, fast, inputs, largest, device, memory) -> None:
     )
 
 
-def window_cost(memory: dict) -> tuple[float, float]:
-    """Bytes per window and fixed bytes of a call, from the peaks measured for the smallest and
-    largest chunk (the estimate where the peaks do not grow with the chunk)."""
-    chunks = memory["chunks"]
-    small, large = min(chunks), max(chunks)
-    slope = (chunks[large]["measured"] - chunks[small]["measured"]) / (large - small)
-    if slope <= 0:
-        return memory["window_bytes"], 0.0
-    return slope, max(0.0, chunks[small]["measured"] - small * slope)
-
-
 def check_huge(report, fast, inputs, device) -> None:
     release_memory()
-    cap = nullcontext()
+    cap = nullcontext(fast)
     if device.type == "cuda":  # the whole process within a 24 GB card's memory
         room = HUGE_CAP_BYTES - torch.cuda.memory_allocated(device)
-        cap = memory_cap(device, 0, 0, fixed_bytes=room)
-    with cap:
+        cap = memory_cap(fast, 0, 0, fixed_bytes=room)
+    with cap as capped:
         try:
             (_, finite), seconds, peak = timed(
-                lambda: finite_latents(fast, prompt=PROMPT, **inputs), device
+                lambda: finite_latents(capped, prompt=PROMPT, **inputs), device
             )
             failure = None
         except MemoryError as error:
             finite, seconds, peak, failure = False, float("nan"), 0, str(error)
-    n = len(panorama_windows(inputs["height"] // 8, inputs["width"] // 8, inputs["stride"]))
+    n = len(capped.geometry.windows(capped.request(prompt=PROMPT, **inputs)))
     figures = {"inputs": inputs, "windows": n, "seconds": seconds, "peak_gib": peak / 2**30}
     figures |= {"cap_gib": HUGE_CAP_BYTES / 2**30 if device.type == "cuda" else None}
     figures |= {"error": failure}
@@ -425,18 +379,16 @@ def check_huge(report, fast, inputs, device) -> None:
 
 def check_sdxl(report, smoke: bool, inputs, device) -> None:
     if smoke:
-        tiny = make_tiny_weights(Path(tempfile.mkdtemp()) / "tiny", models=("sdxl",))
-        pipe = SyncDiffusionPipeline.from_pretrained(tiny, device, model=TINY_MODELS["sdxl"][0])
+        with tempfile.TemporaryDirectory() as folder:
+            tiny = make_tiny_weights(Path(folder) / "tiny", models=("sdxl",))
+            pipe = SyncDiffusionPipeline.from_pretrained(tiny, device, model=TINY_MODELS["sdxl"][0])
     else:
         pipe = sdxl_pipeline(device, torch.float16)
     release_memory()
     (_, finite), seconds, peak = timed(
         lambda: finite_latents(pipe, prompt=PROMPT, **inputs), device
     )
-    f, side = pipe.vae_scale_factor, pipe.window
-    n = len(
-        panorama_windows(inputs["height"] // f, inputs["width"] // f, inputs["stride"], False, side)
-    )
+    n = len(pipe.geometry.windows(pipe.request(prompt=PROMPT, **inputs)))
     figures = {"inputs": inputs, "windows": n, "seconds": seconds, "peak_gib": peak / 2**30}
     report.add(
         "sdxl",
@@ -444,7 +396,7 @@ def check_sdxl(report, smoke: bool, inputs, device) -> None:
         [
             f"{'tiny SDXL-shaped model' if smoke else 'SDXL base architecture'}, "
             f"{inputs['width']}x{inputs['height']}, stride {inputs['stride']}, {n} windows of "
-            f"{f * side} px, {inputs['num_inference_steps']} steps, sync_threshold "
+            f"{pipe.window_pixels} px, {inputs['num_inference_steps']} steps, sync_threshold "
             f"{inputs['sync_threshold']}: {seconds:.1f} s, peak {peak / 2**30:.2f} GiB, latents "
             f"finite {finite}.",
         ],

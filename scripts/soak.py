@@ -15,15 +15,12 @@ import datetime
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from syncdiffusion.testing.cog_server import CogServer, soak, verdict
+from syncdiffusion.testing.tiny_models import make_tiny_weights
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from make_tiny_weights import make_tiny_weights  # noqa: E402
-
-from syncdiffusion.testing.cog_server import CogServer, decode_png  # noqa: E402
 
 INPUTS = {
     "prompt": "a lighthouse on a cliff",
@@ -33,35 +30,6 @@ INPUTS = {
     "sync_threshold": 1,
     "seed": 9,
 }
-
-
-def soak(server: CogServer, count: int, inputs: dict = INPUTS) -> list[tuple[float, int]]:
-    """(seconds, worker RSS after) of `count` identical predictions; each must succeed."""
-    runs, first_png = [], None
-    for i in range(count):
-        start = time.perf_counter()
-        result = server.predict({**inputs})
-        seconds = time.perf_counter() - start
-        if result["status"] != "succeeded":
-            raise RuntimeError(f"prediction {i + 1} {result['status']}: {result.get('error')}")
-        png = decode_png(result["output"]).tobytes()
-        if first_png is not None and png != first_png:
-            raise RuntimeError(f"prediction {i + 1} differs from the first")
-        first_png = first_png or png
-        runs.append((seconds, server.worker_rss()))
-        print(
-            f"{i + 1:3d}  {seconds:7.2f} s  worker RSS {runs[-1][1] / 2**20:8.1f} MiB", flush=True
-        )
-    return runs
-
-
-def verdict(runs: list[tuple[float, int]]) -> tuple[float, float]:
-    """RSS growth from the 2nd to the last prediction, and the late/early time ratio."""
-    growth = runs[-1][1] / runs[1][1] - 1
-    times = [s for s, _ in runs[1:]]  # the first warms caches
-    half = len(times) // 2
-    drift = statistics.median(times[half:]) / statistics.median(times[:half])
-    return growth, drift
 
 
 def main() -> int:
@@ -79,9 +47,10 @@ def main() -> int:
     if args.count < 4:
         parser.error("--count must be at least 4")
 
-    weights = args.weights or make_tiny_weights(Path(tempfile.mkdtemp()) / "tiny")
-    with CogServer(weights) as server:
-        runs = soak(server, args.count)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = args.weights or make_tiny_weights(Path(folder) / "tiny")
+        with CogServer(weights) as server:
+            runs = soak(server, args.count)
     growth, drift = verdict(runs)
     ok = growth <= 0.10 and drift <= 1.10
     report = "\n".join(

@@ -4,7 +4,6 @@ SDXL), LPIPS and the sampler, loaded once and called per panorama."""
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -33,40 +32,14 @@ from .family import SDXL, unet_family
 from .files import model_identity
 from .inputs import InputError, panorama_request, sync_schedule
 from .model_folder import read_family, sd_variant
+from .perceptual import VGG16_RELPATH, load_lpips
 from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
 from .sync import lpips_features, sync_loss
-from .weights import (
-    VGG16_RELPATH,
-    check_weights,
-    default_weights_dir,
-    load_vgg16_features,
-    model_dirname,
-)
+from .weights import check_weights, default_weights_dir, model_dirname
 from .windows import Geometry
 
 logger = logging.getLogger(__name__)
-
-
-def load_lpips(vgg16_path: Path) -> lpips.LPIPS:
-    """LPIPS v0.1 on VGG16, its trunk read from `vgg16_path` rather than downloaded."""
-    with warnings.catch_warnings():
-        # lpips asks torchvision for an untrained VGG16 the pre-0.13 way; the warning is noise.
-        warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    features = load_vgg16_features(vgg16_path)
-    # lpips keeps VGG's `features[k]` as `slice{s}.{k}`: map the torchvision names onto it.
-    slice_of = {
-        int(k): name for name, part in model.net.named_children() for k, _ in part.named_children()
-    }
-    model.net.load_state_dict(
-        {
-            f"{slice_of[int(key.split('.')[1])]}.{key.split('.', 1)[1]}": value
-            for key, value in features.items()
-            if int(key.split(".")[1]) in slice_of
-        }
-    )
-    return model.eval().requires_grad_(False)
 
 
 def encoder_text(tokenizer: CLIPTokenizer, text: str) -> tuple[str, int | None]:
@@ -360,7 +333,8 @@ class SyncDiffusionPipeline:
         `inputs` are the panorama's, by name (`prompt`, `width`, `seed`, ...: see
         `inputs.panorama_inputs`); the model's defaults fill in the rest. Sides are at least
         one window (`window_pixels`) and `stride` is below one window. `callback` gets a dict
-        after every denoising step (step, steps, t, sync, latent). The image's
+        after every denoising step (step, steps, t, sync, latent, and view_batch_size: the
+        windows per network call that fitted in that step). The image's
         `info["parameters"]` holds every input, the model's identity and the version.
         """
         # 1. Check every input.

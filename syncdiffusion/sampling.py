@@ -137,7 +137,9 @@ def sample_panorama(
 
     `eps(views, t)` is the guided noise prediction and `decode` the VAE decode to [0, 1];
     views go through them `view_batch_size` at a time. `initial_loss_scale` starts every
-    window's loss scale for the sync backward (`precision`): 1 for fp32 networks.
+    window's loss scale for the sync backward (`precision`): 1 for fp32 networks. `callback`
+    gets each step's state, with the chunk size that fitted (`view_batch_size`), which
+    measurements of memory read.
     """
     anchor = anchor_index(windows)
     loss_scale = LossScale(len(windows), initial_loss_scale)
@@ -161,5 +163,14 @@ def sample_panorama(
         scatter_add(value, count, windows, denoised)
         latent = torch.where(count > 0, value / count, value)
         if callback is not None:
-            callback({"step": i, "steps": steps, "t": t, "sync": sync.active(i), "latent": latent})
+            callback(
+                {
+                    "step": i,
+                    "steps": steps,
+                    "t": t,
+                    "sync": sync.active(i),
+                    "latent": latent,
+                    "view_batch_size": view_batch_size,
+                }
+            )
     return latent

@@ -1,7 +1,7 @@
 """Model weights on disk: the layout (weights/README.md), checking it, downloading it.
 
 A weights folder holds one folder per model, named after its hub repository (`model_folder`
-checks one), and the LPIPS trunk (`lpips_trunk`). huggingface_hub downloads a model (resuming;
+checks one), and the LPIPS trunk (`perceptual`). huggingface_hub downloads a model (resuming;
 each file verified, then moved into place); torch.hub downloads torchvision's VGG16 for the
 trunk. Whatever is wrong surfaces as WeightsError, whose message names the path and the command
 that fixes it.
@@ -10,16 +10,13 @@ that fixes it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shlex
 from pathlib import Path
 
-from . import lpips_trunk
-from .lpips_trunk import LEGACY_VGG16_RELPATH, VGG16_RELPATH, Features, one_line
+from . import perceptual
 from .model_folder import folder_problem, hub_patterns, sd_variant
-
-logger = logging.getLogger(__name__)
+from .perceptual import LEGACY_VGG16_RELPATH, VGG16_RELPATH, one_line
 
 WEIGHTS_ENV, MODEL_ENV = "SYNCDIFFUSION_WEIGHTS", "SYNCDIFFUSION_MODEL"
 DOWNLOAD_COMMAND = "python scripts/download_weights.py"
@@ -85,44 +82,23 @@ def missing_parts(
     absent, broken, or (the trunk) in the old layout. `verify` also checks the trunk's hash."""
     weights_dir, name = Path(weights_dir), model_dirname(model)
     parts = [name] if folder_problem(weights_dir / name) else []
-    trunk_problem = lpips_trunk.read_trunk(weights_dir / VGG16_RELPATH, verify)[1]
+    trunk_problem = perceptual.read_trunk(weights_dir / VGG16_RELPATH, verify)[1]
     return parts + ([VGG16_RELPATH] if trunk_problem else [])
 
 
 def check_weights(weights_dir: str | os.PathLike[str], model: str | None = None) -> None:
     """Raise WeightsError naming the problem of each part, or return if all is usable.
 
-    Reads headers only: load_vgg16_features checks the trunk's hash as it reads it."""
+    Reads headers only: perceptual.load_vgg16_features checks the trunk's hash as it reads it."""
     weights_dir, fix = Path(weights_dir), _fix(Path(weights_dir), model)
     if not weights_dir.is_dir():
         raise WeightsError(f"Weights folder {weights_dir} does not exist. {fix}")
     trunk = weights_dir / VGG16_RELPATH
     old_layout = not trunk.exists() and (weights_dir / LEGACY_VGG16_RELPATH).is_file()
     problems = [folder_problem(weights_dir / model_dirname(model))]
-    problems += [None if old_layout else lpips_trunk.read_trunk(trunk)[1]]
+    problems += [None if old_layout else perceptual.read_trunk(trunk)[1]]
     if any(problems):
         raise WeightsError(" ".join(f"{p}." for p in problems if p) + f" {fix}")
-
-
-def load_vgg16_features(path: str | os.PathLike[str]) -> Features:
-    """The trunk's `features.*` tensors, read once and hash-checked; WeightsError if unusable.
-
-    `path` may also be torchvision's whole VGG16 file (`.pth`). Where `path` is absent but
-    torchvision's file lies beside it (the old layout), that file is read, with a notice."""
-    path = Path(path)
-    legacy = path.parent / Path(LEGACY_VGG16_RELPATH).name
-    # The fix can name the folder only when the file sits where the download puts it.
-    fix = _fix(path.parent.parent if path.parent.name == "lpips" else None)
-    if path.suffix == ".pth":  # torchvision's whole file, as in the torch hub cache
-        features, problem = lpips_trunk.read_torchvision_file(path)
-    elif not path.exists() and legacy.is_file():
-        logger.warning("%s is the old layout; `%s` makes %s of it.", legacy, fix[5:], path.name)
-        features, problem = lpips_trunk.read_torchvision_file(legacy)
-    else:
-        features, problem = lpips_trunk.read_trunk(path, verify=True)
-    if features is None:
-        raise WeightsError(f"{problem}. {fix}")
-    return features
 
 
 def download_weights(
@@ -136,7 +112,7 @@ def download_weights(
     weights_dir = Path(weights_dir)
     if folder_problem(weights_dir / model_dirname(model)):
         _download_sd(weights_dir, repo_id(model), progress)  # an unknown name fails first
-    if lpips_trunk.read_trunk(weights_dir / VGG16_RELPATH, verify=True)[1]:
+    if perceptual.read_trunk(weights_dir / VGG16_RELPATH, verify=True)[1]:
         _make_trunk(weights_dir, progress)
     with contextlib.suppress(OSError):  # not empty: something else is staged there
         (weights_dir / _PARTIAL_DIRNAME).rmdir()
@@ -200,19 +176,19 @@ def _make_trunk(weights_dir: Path, progress: bool) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     if (weights_dir / LEGACY_VGG16_RELPATH).is_file():
         os.replace(weights_dir / LEGACY_VGG16_RELPATH, source)
-    _say(progress, f"Making the LPIPS trunk from {lpips_trunk.VGG16_URL} in {staging}")
+    _say(progress, f"Making the LPIPS trunk from {perceptual.VGG16_URL} in {staging}")
     try:
-        lpips_trunk.fetch_torchvision_file(source, progress)
+        perceptual.fetch_torchvision_file(source, progress)
     except Exception as exc:  # network errors, and RuntimeError for a wrong sha256
         raise WeightsError(
-            f"Downloading {lpips_trunk.VGG16_URL} into {staging} failed ({one_line(exc)}); "
+            f"Downloading {perceptual.VGG16_URL} into {staging} failed ({one_line(exc)}); "
             f"nothing was kept. {fix}"
         ) from exc
-    features, problem = lpips_trunk.read_torchvision_file(source)
+    features, problem = perceptual.read_torchvision_file(source)
     if features is None:
         raise WeightsError(f"{problem}. {fix}")
     final, written = weights_dir / VGG16_RELPATH, staging / Path(VGG16_RELPATH).name
-    lpips_trunk.save_trunk(features, written)
+    perceptual.save_trunk(features, written)
     final.parent.mkdir(exist_ok=True)
     os.replace(written, final)
     source.unlink()

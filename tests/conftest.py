@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The scripts (tiny model, Cog server harness) are tools the tests use as a user would.
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A weights folder holding the tiny SD2-shaped model and a random VGG16 trunk."""
-    from make_tiny_weights import make_tiny_weights
+    from syncdiffusion.testing.tiny_models import make_tiny_weights
 
     out = tmp_path_factory.mktemp("weights")
     make_tiny_weights(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def run_script() -> Callable[..., subprocess.CompletedProcess]:
+    """Run `scripts/NAME` with `args` as a user would, in `cwd`, with `env` on top of this
+    process's; the package is found at the repo root as an editable install would find it."""
+
+    def run(name: str, *args: str, cwd: Path | None = None, **env: str):
+        base = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / name), *args],
+            cwd=cwd,
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +53,7 @@ def pipe(tiny_weights):
 @pytest.fixture(scope="session")
 def family_weights(tmp_path_factory) -> Path:
     """A weights folder holding tiny SD 1.x, SD 2.x 768 v-prediction and SDXL models."""
-    from make_tiny_weights import make_tiny_weights
+    from syncdiffusion.testing.tiny_models import make_tiny_weights
 
     out = tmp_path_factory.mktemp("families")
     make_tiny_weights(out, ("sd1", "sd2-v", "sdxl"))

@@ -45,14 +45,15 @@ def write_hub_vgg(torch_home: Path, configs: str = "DE", seed: int = 0) -> Path:
 
 def write_tiny_clip(out: Path) -> Path:
     """A tiny random CLIP (model, tokenizer, image processor) in `out`, loadable offline."""
-    from make_tiny_weights import write_tokenizer
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from syncdiffusion.testing.tiny_models import write_tokenizer
 
     out = Path(out)
     vocab_size = write_tokenizer(out)
     small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2}
     config = CLIPConfig(
-        # CLIP's legacy ids, as make_tiny_weights sets them: eos_token_id 2 pools at the
+        # CLIP's legacy ids, as the tiny models set them: eos_token_id 2 pools at the
         # highest id, <|endoftext|> in this vocabulary.
         text_config={
             **small,

@@ -144,8 +144,15 @@ def test_out_of_memory_mid_panorama_retries_smaller_and_changes_nothing(pipe, mo
         return real_sync_gradient(views, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "sync_gradient", tight_memory)
-    latent = pipe(**inputs, output_type="latent", view_batch_size=4)
+    reported = []
+    latent = pipe(
+        **inputs,
+        output_type="latent",
+        view_batch_size=4,
+        callback=lambda state: reported.append(state["view_batch_size"]),
+    )
     assert chunk_sizes[0] == 2 and 1 in chunk_sizes  # 2 non-anchor views: tried together first
+    assert reported == [1, 1]  # the callback says what fitted, which the next step starts from
     assert torch.allclose(latent, expected, atol=5e-4, rtol=0)
 
 

@@ -1,4 +1,4 @@
-"""The quick-start demo (scripts/demo.py): download or fall back, CPU settings, overrides."""
+"""The quick-start demo (syncdiffusion/demo.py): download or fall back, CPU settings, overrides."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import sys
 import threading
 from pathlib import Path
 
-import demo
-import download_weights
 import pytest
 import torch
 
 import syncdiffusion.__main__ as cli
+from syncdiffusion import demo, download
 from syncdiffusion.files import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +27,7 @@ QUICK = ["--width", "512", "--num-inference-steps", "1", "--sync-threshold", "0"
 def run_demo(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """scripts/demo.py as scripts/demo runs it, in `cwd`, with `env` on top of a clean one."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SYNCDIFFUSION_"))}
+    base["PYTHONPATH"] = str(ROOT)  # the package, as an editable install would find it
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), *args],
         cwd=cwd,
@@ -88,12 +88,12 @@ class _Answers(http.server.BaseHTTPRequestHandler):
 def test_every_server_the_download_needs_must_answer(monkeypatch):
     from huggingface_hub import constants
 
-    from syncdiffusion import lpips_trunk
+    from syncdiffusion import perceptual
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     everything = [demo.SD_REPO_ID.split("/")[1], demo.VGG16_RELPATH]
     hub, trunk = demo.download_sources(everything)
-    assert hub.endswith("/model_index.json") and trunk == lpips_trunk.VGG16_URL
+    assert hub.endswith("/model_index.json") and trunk == perceptual.VGG16_URL
     assert demo.download_sources([demo.VGG16_RELPATH]) == [trunk]  # the model is in place
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -120,7 +120,7 @@ def test_no_model_and_the_hub_answers_downloads_first(in_tmp, tiny_weights, monk
         return 0
 
     monkeypatch.setattr(demo, "download_unreachable", lambda parts: None)
-    monkeypatch.setattr(download_weights, "main", fake_download)
+    monkeypatch.setattr(download, "main", fake_download)
     assert demo.main([*QUICK, "--stride", "8"]) == 0
     assert calls == [["--weights", "weights"]]
     out = capsys.readouterr().out
@@ -131,7 +131,7 @@ def test_no_model_and_the_hub_answers_downloads_first(in_tmp, tiny_weights, monk
 
 def test_a_failed_download_stops_the_demo(in_tmp, monkeypatch):
     monkeypatch.setattr(demo, "download_unreachable", lambda parts: None)
-    monkeypatch.setattr(download_weights, "main", lambda argv: 1)
+    monkeypatch.setattr(download, "main", lambda argv: 1)
     assert demo.main(QUICK) == 1
     assert not (in_tmp / "demo.png").exists()
 

@@ -1,4 +1,5 @@
-"""scripts/evaluate.py against the paper's evaluation code (tests/paper_metrics.py).
+"""The coherence report (syncdiffusion.evaluation, scripts/evaluation.py) against the paper's
+evaluation code (tests/paper_metrics.py).
 
 Both run on the same random VGG16/VGG19 in a temporary torch hub cache and the same tiny
 random CLIP. The crop side is 512 in both; these tests shrink it to 64 in both, which changes
@@ -12,7 +13,6 @@ import shutil
 import urllib.error
 from pathlib import Path
 
-import evaluate
 import numpy as np
 import paper_metrics
 import pytest
@@ -21,6 +21,7 @@ from eval_models import VGG_FILES, write_hub_vgg, write_tiny_clip
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
+from syncdiffusion import evaluation
 from syncdiffusion.files import save_image
 
 WINDOW = 64
@@ -48,7 +49,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def small_window(monkeypatch):
-    monkeypatch.setattr(evaluate, "CROP", WINDOW)
+    monkeypatch.setattr(evaluation, "CROP", WINDOW)
     monkeypatch.setattr(paper_metrics, "WINDOW", WINDOW)
 
 
@@ -66,7 +67,7 @@ def write_panoramas(folder: Path) -> Path:
 
 
 def test_the_crop_is_the_papers():
-    assert evaluate.CROP == paper_metrics.WINDOW == 512
+    assert evaluation.CROP == paper_metrics.WINDOW == 512
 
 
 def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, capsys):
@@ -74,7 +75,7 @@ def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, cap
     folder = write_panoramas(tmp_path / "panoramas")
     out = tmp_path / "figures.json"
     argv = [str(folder), "--weights", str(models["weights"]), "--json", str(out), "--clip"]
-    assert evaluate.main([*argv, "--clip-model", str(models["clip"]), "--device", "cpu"]) == 0
+    assert evaluation.main([*argv, "--clip-model", str(models["clip"]), "--device", "cpu"]) == 0
     figures = json.loads(out.read_text())
     ours = {image["file"]: image for image in figures["images"]}
     assert list(ours) == list(PANORAMAS)
@@ -101,7 +102,8 @@ def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, cap
     # panorama, the first in name order; the others continue the same seeded numpy stream.
     def clip_model():
         folder = models["clip"]
-        return evaluate.ProjectedCLIP.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+        model = evaluation.ProjectedCLIP.from_pretrained(folder)
+        return model, CLIPProcessor.from_pretrained(folder)
 
     wide_only = tmp_path / "wide"
     wide_only.mkdir()
@@ -137,7 +139,7 @@ def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, cap
 def test_projected_clip_gives_the_projected_embeddings(models):
     """torchmetrics needs the embeddings as tensors; transformers 5 returns output objects."""
     plain = CLIPModel.from_pretrained(models["clip"])
-    projected = evaluate.ProjectedCLIP.from_pretrained(models["clip"])
+    projected = evaluation.ProjectedCLIP.from_pretrained(models["clip"])
     pixels = torch.rand(1, 3, 224, 224)
     tokens = torch.tensor([[0, 5, 2]])
     with torch.no_grad():
@@ -153,7 +155,7 @@ def test_without_clip_the_score_is_null(models, small_window, monkeypatch, tmp_p
     folder.mkdir()
     Image.new("RGB", (2 * WINDOW, WINDOW), (10, 200, 30)).save(folder / "flat.png")
     out = tmp_path / "figures.json"
-    assert evaluate.main([str(folder), "--weights", str(tmp_path), "--json", str(out)]) == 0
+    assert evaluation.main([str(folder), "--weights", str(tmp_path), "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["images"][0]["clip_score"] is None and figures["mean"]["clip_score"] is None
     # Two identical crops: perfectly coherent.
@@ -172,7 +174,7 @@ def test_offline_without_vgg19_says_which_file_and_where(monkeypatch, tmp_path, 
     folder = tmp_path / "panoramas"
     folder.mkdir()
     Image.new("RGB", (1024, 512)).save(folder / "p.png")
-    assert evaluate.main([str(folder), "--weights", str(tmp_path / "none")]) == 2
+    assert evaluation.main([str(folder), "--weights", str(tmp_path / "none")]) == 2
     error = capsys.readouterr().err
     expected = tmp_path / "torch" / "hub" / "checkpoints" / VGG_FILES["E"]
     assert error.count("\n") == 1 and "no network" in error
@@ -189,19 +191,19 @@ def test_offline_without_vgg19_says_which_file_and_where(monkeypatch, tmp_path, 
 )
 def test_refusals_name_the_file(size, extra, message, tmp_path, capsys):
     Image.new("RGB", size).save(tmp_path / "p.png")
-    assert evaluate.main([str(tmp_path), *extra]) == 2
+    assert evaluation.main([str(tmp_path), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_refuses_an_unreadable_image(tmp_path, capsys):
     (tmp_path / "p.png").write_text("not a picture")
-    assert evaluate.main([str(tmp_path)]) == 2
+    assert evaluation.main([str(tmp_path)]) == 2
     assert "p.png is not an image Pillow can read" in capsys.readouterr().err
 
 
 def test_refuses_an_empty_folder_and_a_missing_clip_model(tmp_path, capsys):
-    assert evaluate.main([str(tmp_path)]) == 2
+    assert evaluation.main([str(tmp_path)]) == 2
     assert f"folder {tmp_path} holds no images" in capsys.readouterr().err
     Image.new("RGB", (1024, 512)).save(tmp_path / "p.png")
-    assert evaluate.main([str(tmp_path), "--clip-model", str(tmp_path / "clip")]) == 2
+    assert evaluation.main([str(tmp_path), "--clip-model", str(tmp_path / "clip")]) == 2
     assert "--clip-model must be a folder" in capsys.readouterr().err

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from make_tiny_weights import TINY_MODELS
 
 from syncdiffusion import InputError, SyncDiffusionPipeline, WeightsError
 from syncdiffusion.decoding import decode
 from syncdiffusion.family import SD, SDXL
+from syncdiffusion.testing.tiny_models import TINY_MODELS
 from syncdiffusion.windows import panorama_windows
 
 MODELS = {shape: TINY_MODELS[shape][0] for shape in ("sd1", "sd2-v", "sdxl")}

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
-import gpu_check
 import pytest
+import torch
+
+from syncdiffusion.testing import measure
 
 
 @pytest.mark.slow
-def test_the_gpu_check_runs_every_section_on_the_cpu(tiny_weights, tmp_path):
-    assert (
-        gpu_check.main(["--smoke", "--out", str(tmp_path), "--tiny-weights", str(tiny_weights)])
-        == 0
-    )
+def test_the_gpu_check_runs_every_section_on_the_cpu(tiny_weights, tmp_path, run_script):
+    args = ("--smoke", "--out", str(tmp_path), "--tiny-weights", str(tiny_weights))
+    result = run_script("gpu_check.py", *args)
+    assert result.returncode == 0, result.stderr
 
     figures = json.loads((tmp_path / "gpu-check.json").read_text())
     assert list(figures) == [
@@ -56,12 +58,14 @@ def test_the_memory_cap_takes_cuda_as_cuda_does_and_frees_the_cache_first(monkey
     def fraction(value, device):
         calls.append(("fraction", round(value, 4), _get_device_index(device)))
 
-    monkeypatch.setattr(gpu_check.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(gpu_check.torch.cuda, "get_device_properties", lambda d: Properties)
-    monkeypatch.setattr(gpu_check.torch.cuda, "memory_allocated", lambda d: 8 * 2**30)
-    monkeypatch.setattr(gpu_check.torch.cuda, "set_per_process_memory_fraction", fraction)
-    monkeypatch.setattr(gpu_check, "release_memory", lambda: calls.append("release"))
-    with gpu_check.memory_cap(gpu_check.torch.device("cuda"), 2, 4 * 2**30, 8 * 2**30):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Properties)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 8 * 2**30)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fraction)
+    monkeypatch.setattr(measure, "release_memory", lambda: calls.append("release"))
+    pipe = SimpleNamespace(device=torch.device("cuda"))  # a pipeline, as far as the cap looks
+    with measure.memory_cap(pipe, 2, 4 * 2**30, 8 * 2**30) as capped:
+        assert capped is pipe
         calls.append("work")
     # 8 GiB allocated + 8 GiB fixed + 2 windows of 4 GiB = 24 GiB of 80; cached blocks are
     # handed back before the work, since the allocator reuses them without checking the cap.
@@ -74,6 +78,24 @@ def test_the_window_cost_comes_from_how_the_peak_grows_with_the_chunk():
         "window_bytes": 3 * gib,
         "chunks": {1: {"measured": 6 * gib}, 4: {"measured": 15 * gib}},
     }
-    assert gpu_check.window_cost(memory) == (3 * gib, 3 * gib)  # 3 GiB a window, 3 GiB fixed
+    assert measure.window_cost(memory) == (3 * gib, 3 * gib)  # 3 GiB a window, 3 GiB fixed
     flat = {"window_bytes": 3 * gib, "chunks": {1: {"measured": 6 * gib}, 2: {"measured": 6 * gib}}}
-    assert gpu_check.window_cost(flat) == (3 * gib, 0.0)  # no growth: the estimate
+    assert measure.window_cost(flat) == (3 * gib, 0.0)  # no growth: the estimate
+
+
+def test_the_cpu_stand_in_cap_halves_and_fails_as_a_real_one_and_leaves_the_pipeline(pipe):
+    inputs = dict(prompt="a bay", height=512, num_inference_steps=1, sync_threshold=1)
+    fitted = []
+    with measure.memory_cap(pipe, 1.5, 0) as capped:  # 3 windows: 2 beside the anchor
+        capped(
+            **inputs,
+            width=768,
+            output_type="latent",
+            view_batch_size=2,
+            callback=lambda state: fitted.append(state["view_batch_size"]),
+        )
+    assert fitted == [1]
+    with measure.memory_cap(pipe, 0.3, 0) as capped, pytest.raises(MemoryError) as failure:
+        capped(**inputs, width=640, output_type="latent", view_batch_size=1)
+    assert "out of cpu memory even with one window" in str(failure.value)
+    assert capped.unet is pipe.unet and capped.perceptual.net is not pipe.perceptual.net

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracle import oracle_panorama
 
-from syncdiffusion import pipeline
 from syncdiffusion.schedule import SyncSchedule
+from syncdiffusion.testing.oracle import oracle_panorama
 
 SMALL = dict(
     prompt="a snowy mountain range at dawn",
@@ -124,5 +123,5 @@ def test_a_sync_of_weight_zero_is_skipped_and_changes_no_bit(
         callback=lambda state: steps.append(state["sync"]),
     )
     assert [i for i, sync in enumerate(steps) if sync] == synced
-    monkeypatch.setattr(pipeline, "SyncSchedule", _SyncEvenAtWeightZero)
+    monkeypatch.setattr(inputs, "SyncSchedule", _SyncEvenAtWeightZero)
     assert torch.equal(skipped, pipe(**inputs, output_type="latent", view_batch_size=1))

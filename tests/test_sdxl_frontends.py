@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from make_tiny_weights import TINY_MODELS
 from PIL import Image
 
 from syncdiffusion.files import read_parameters
 from syncdiffusion.testing.cog_server import CogServer, decode_png
+from syncdiffusion.testing.tiny_models import TINY_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL = TINY_MODELS["sdxl"][0]

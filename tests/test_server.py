@@ -9,7 +9,6 @@ import time
 
 import pytest
 from PIL import Image
-from soak import soak, verdict
 
 from syncdiffusion.files import read_parameters
 from syncdiffusion.testing.cog_schema import published_inputs
@@ -19,6 +18,8 @@ from syncdiffusion.testing.cog_server import (
     decode_image,
     decode_png,
     new_prediction_id,
+    soak,
+    verdict,
 )
 
 SMALL = {

@@ -1,27 +1,26 @@
-"""Tests for syncdiffusion.weights and scripts/download_weights.py, on the tiny model."""
+"""Tests for syncdiffusion.weights and the download command (scripts/download_weights.py), on
+the tiny model."""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from syncdiffusion import lpips_trunk
-from syncdiffusion.lpips_trunk import save_trunk
+from syncdiffusion import download, perceptual
 from syncdiffusion.model_folder import sd_variant
+from syncdiffusion.perceptual import load_vgg16_features, save_trunk
+from syncdiffusion.testing.tiny_models import make_tiny_weights
 from syncdiffusion.weights import (
     DOWNLOAD_COMMAND,
     LEGACY_VGG16_RELPATH,
@@ -33,25 +32,15 @@ from syncdiffusion.weights import (
     check_weights,
     default_weights_dir,
     download_weights,
-    load_vgg16_features,
     missing_parts,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
 }
 UNET = f"{SD_DIRNAME}/unet/diffusion_pytorch_model.safetensors"
-
-
-def _import_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -83,10 +72,17 @@ def test_tiny_model_passes(tiny: Path) -> None:
 
 
 def test_tiny_model_is_deterministic(tiny: Path, tmp_path: Path) -> None:
-    again = _import_script("make_tiny_weights").make_tiny_weights(tmp_path / "again")
+    again = make_tiny_weights(tmp_path / "again")
     for path in sorted(tiny.rglob("*.safetensors")):
         rel = path.relative_to(tiny)
         assert path.read_bytes() == (again / rel).read_bytes(), rel
+
+
+def test_tiny_model_script_writes_the_same_model(tiny: Path, tmp_path: Path, run_script) -> None:
+    result = run_script("make_tiny_weights.py", str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Wrote tiny random models to {tmp_path / 'w'}: sd2")
+    assert (tmp_path / "w" / UNET).read_bytes() == (tiny / UNET).read_bytes()
 
 
 def test_tiny_model_loads_like_sd2_base(tiny: Path) -> None:
@@ -381,7 +377,7 @@ class FakeHub:
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path) -> FakeHub:
     """The SD2-base repo (fp16 files, plus files the download must skip) behind a fake hub, and
-    a stand-in for torchvision's VGG16 file behind lpips_trunk.VGG16_URL with its sha256."""
+    a stand-in for torchvision's VGG16 file behind perceptual.VGG16_URL with its sha256."""
     import huggingface_hub
 
     repo = Path(shutil.copytree(tiny / SD_DIRNAME, tmp_path / "hub"))
@@ -393,21 +389,21 @@ def network(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path) -> Fake
     hub = FakeHub(repo)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
     source = _torchvision_file(tiny, tmp_path / "server" / "vgg16-397923af.pth")
-    monkeypatch.setattr(lpips_trunk, "VGG16_URL", source.as_uri())
+    monkeypatch.setattr(perceptual, "VGG16_URL", source.as_uri())
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    monkeypatch.setattr(lpips_trunk, "VGG16_SHA256", digest)
+    monkeypatch.setattr(perceptual, "VGG16_SHA256", digest)
     return hub
 
 
 def _server_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(lpips_trunk, "VGG16_URL", (tmp_path / "gone" / "vgg16.pth").as_uri())
+    monkeypatch.setattr(perceptual, "VGG16_URL", (tmp_path / "gone" / "vgg16.pth").as_uri())
 
 
 def test_download_fails_cleanly_and_a_rerun_finishes(
     tiny: Path, tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "downloaded"
-    url = lpips_trunk.VGG16_URL
+    url = perceptual.VGG16_URL
     network.fail = True
     with pytest.raises(WeightsError) as exc:
         download_weights(target, progress=False)
@@ -424,7 +420,7 @@ def test_download_fails_cleanly_and_a_rerun_finishes(
     _assert_actionable(exc, target / ".partial")
     assert missing_parts(target) == [VGG16_RELPATH]
 
-    monkeypatch.setattr(lpips_trunk, "VGG16_URL", url)
+    monkeypatch.setattr(perceptual, "VGG16_URL", url)
     download_weights(target, progress=False)
     check_weights(target)
     assert missing_parts(target, verify=True) == []
@@ -441,7 +437,7 @@ def test_download_fails_cleanly_and_a_rerun_finishes(
 def test_download_rejects_a_file_with_the_wrong_sha256(
     tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lpips_trunk, "VGG16_SHA256", "397923af" + "0" * 56)
+    monkeypatch.setattr(perceptual, "VGG16_SHA256", "397923af" + "0" * 56)
     target = tmp_path / "w"
     with pytest.raises(WeightsError, match="invalid hash value") as exc:
         download_weights(target, progress=False)
@@ -462,7 +458,7 @@ def test_download_converts_the_old_layout_without_the_network(
     tiny: Path, weights_dir: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
     (weights_dir / VGG16_RELPATH).unlink()
-    source = Path(lpips_trunk.VGG16_URL.removeprefix("file://"))
+    source = Path(perceptual.VGG16_URL.removeprefix("file://"))
     shutil.copy(source, weights_dir / LEGACY_VGG16_RELPATH)
     _server_down(monkeypatch, tmp_path)
     download_weights(weights_dir, progress=False)
@@ -497,7 +493,7 @@ def test_cli_reports_failure_without_traceback(
     tmp_path: Path, network: FakeHub, capsys: pytest.CaptureFixture[str]
 ) -> None:
     network.fail = True
-    cli = _import_script("download_weights")
+    cli = download
     assert cli.main(["--weights", str(tmp_path / "w")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -514,14 +510,11 @@ def test_cli_uses_the_environment_default(
     tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(WEIGHTS_ENV, str(tiny))
-    assert _import_script("download_weights").main([]) == 0
+    assert download.main([]) == 0
     assert str(tiny) in capsys.readouterr().out
 
 
-def test_cli_puts_the_repo_on_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Run as `python scripts/download_weights.py`, Python puts scripts/ (not the repo root) on
-    # sys.path; the script must find the uninstalled package on its own.
-    without_repo = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
-    monkeypatch.setattr(sys, "path", without_repo)
-    _import_script("download_weights")
-    assert sys.path[0] == str(REPO_ROOT)
+def test_the_script_runs_the_command(tiny: Path, run_script) -> None:
+    result = run_script("download_weights.py", "--weights", str(tiny))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{tiny} already holds every part; nothing to download.\n"

@@ -16,7 +16,9 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,6 +127,7 @@ class CogServer:
             self.process.kill()
             self.process.wait()
         self._log.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def logs(self) -> str:
         """What the server process printed so far."""
@@ -200,3 +203,32 @@ class CogServer:
 def new_prediction_id() -> str:
     """An id for PUT /predictions/{id}, so that the prediction can be cancelled by it."""
     return f"pred-{uuid.uuid4().hex[:12]}"
+
+
+def soak(server: CogServer, count: int, inputs: dict[str, Any]) -> list[tuple[float, int]]:
+    """(seconds, worker RSS after) of `count` identical predictions; each must succeed."""
+    runs, first_png = [], None
+    for i in range(count):
+        start = time.perf_counter()
+        result = server.predict({**inputs})
+        seconds = time.perf_counter() - start
+        if result["status"] != "succeeded":
+            raise RuntimeError(f"prediction {i + 1} {result['status']}: {result.get('error')}")
+        png = decode_png(result["output"]).tobytes()
+        if first_png is not None and png != first_png:
+            raise RuntimeError(f"prediction {i + 1} differs from the first")
+        first_png = first_png or png
+        runs.append((seconds, server.worker_rss()))
+        print(
+            f"{i + 1:3d}  {seconds:7.2f} s  worker RSS {runs[-1][1] / 2**20:8.1f} MiB", flush=True
+        )
+    return runs
+
+
+def verdict(runs: list[tuple[float, int]]) -> tuple[float, float]:
+    """RSS growth from the 2nd to the last prediction, and the late/early time ratio."""
+    growth = runs[-1][1] / runs[1][1] - 1
+    times = [s for s, _ in runs[1:]]  # the first warms caches
+    half = len(times) // 2
+    drift = statistics.median(times[half:]) / statistics.median(times[:half])
+    return growth, drift

@@ -1,9 +1,10 @@
 """The test oracle: a literal, slow re-statement of the published wrapper's SyncDiffusion.
 
-Nothing in the product calls this, and it is not installed with the package. It is written to
-be obviously the published algorithm (docs/ALGORITHM.md): one view at a time, the anchor's
-gradient computed and thrown away, the anchor run twice, LPIPS called whole. Tests and
-`scripts/benchmark.py` compare the fast pipeline against it. It shares no code with the fast
+Nothing in the product calls this; it lives in `syncdiffusion.testing` so that the tests and the
+scripts import it alike. It is written to be obviously the published algorithm
+(docs/ALGORITHM.md): one view at a time, the anchor's gradient computed and thrown away, the
+anchor run twice, LPIPS called whole. Tests and `scripts/benchmark.py` compare the fast pipeline
+against it. It shares no code with the fast
 path on purpose, window geometry included; it only borrows the loaded networks.
 """
 

@@ -1,0 +1,259 @@
+"""The quick-start demo: a real panorama on a fresh checkout, in a time that suits the machine.
+
+    python scripts/demo.py [CLI options]        (scripts/demo makes the environment, then this)
+
+1. With no model in the weights folder, download it with scripts/download_weights.py (about
+   3.1 GB, once). Only when a server the download needs (the model hub, download.pytorch.org)
+   cannot be reached, or HF_HUB_OFFLINE is set, fall back to the tiny random test model, whose
+   picture is noise, and say so.
+2. On a GPU, the published defaults. On the CPU, a smaller panorama (CPU_SETTINGS), with an
+   estimate of the time first. Any option given on the command line wins over the demo's.
+3. Run the CLI (`python -m syncdiffusion`) with them, writing demo.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from . import download
+from .inputs import panorama_inputs, panorama_request, synced_steps
+from .perceptual import VGG16_RELPATH
+from .weights import SD_REPO_ID, default_weights_dir, missing_parts
+from .windows import SD2_BASE
+
+PROMPT = "a photo of a mountain range at twilight"
+OUTPUT = "demo.png"
+DOWNLOAD_SIZE = "about 3.1 GB"
+TINY_WEIGHTS = Path(".tiny-weights")
+
+# The tiny model is quick at any size; these keep its run to seconds.
+TINY_SETTINGS = {"width": 1024, "num_inference_steps": 4, "sync_threshold": 2}
+# Without a GPU: a 2:1 panorama of three windows (stride 32 instead of 16), 10 steps of which
+# the first syncs (the published 5 of 50 likewise cover the first tenth of the trajectory).
+CPU_SETTINGS = {"width": 1024, "stride": 32, "num_inference_steps": 10, "sync_threshold": 1}
+
+# What SD2-base in fp32 costs on the CPU, in CPU seconds (all threads together) per window and
+# step, measured by scripts/demo_costs.py (BENCHMARKS.md). CPU seconds do not change when other
+# work shares the cores; the speed probe's wall-clock time on the user's machine turns them
+# into that machine's seconds, its cores and its load included.
+COST_PROBE_CPU_S = 0.089  # the speed probe
+COST_UNET_S = 18.3  # a guided UNet pass (two network passes) of one window
+COST_SYNCED_S = 151.0  # a synced window beyond its UNet pass: gradient through LPIPS, VAE, UNet
+COST_DECODE_S = 28.3  # the VAE decode of 512x512 pixels
+# Peak memory of the CPU run (its synced step), as demo_costs.py measured it.
+CPU_PEAK_GIB = 16.2
+WINDOW_PIXELS = 512 * 512
+
+NETWORK_TIMEOUT_S = 10
+
+
+def published_defaults() -> dict[str, Any]:
+    """The inputs' defaults, which are the published wrapper's."""
+    return {name: spec.default for name, spec in panorama_inputs().items() if not spec.required}
+
+
+def speed_probe_seconds(clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds one UNet-sized convolution takes on this CPU (best of ten after two warm-ups),
+    by `clock`: wall-clock by default, `time.process_time` for CPU seconds."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 320, 64, 64, generator=generator)
+    weight = torch.randn(320, 320, 3, 3, generator=generator)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(2):
+            torch.nn.functional.conv2d(x, weight, padding=1)
+        for _ in range(10):
+            start = clock()
+            torch.nn.functional.conv2d(x, weight, padding=1)
+            best = min(best, clock() - start)
+    return best
+
+
+def estimate_cpu_seconds(settings: dict[str, Any], probe_s: float) -> float:
+    """Seconds SD2-base needs for a panorama on a CPU whose speed probe took `probe_s` seconds.
+
+    Model loading is not included.
+    """
+    s = settings
+    n = len(SD2_BASE.windows(s))
+    synced = synced_steps(settings)
+    # A synced step adds the anchor's decode and, for every other window, its gradient.
+    seconds = (
+        s["num_inference_steps"] * n * COST_UNET_S
+        + synced * (COST_DECODE_S + (n - 1) * COST_SYNCED_S)
+        + COST_DECODE_S * s["width"] * s["height"] / WINDOW_PIXELS
+    )
+    return seconds * probe_s / COST_PROBE_CPU_S
+
+
+def describe(settings: dict[str, Any]) -> str:
+    """The settings that decide the time, in a few words."""
+    s, steps = settings, settings["num_inference_steps"]
+    return (
+        f"{s['width']}x{s['height']}, stride {s['stride']}, {steps} step{'s' * (steps != 1)} "
+        f"({synced_steps(settings)} synced)" + (", 360 degrees" if s["loop_closure"] else "")
+    )
+
+
+def duration(seconds: float) -> str:
+    """A rough duration: "40 s", "14 min", "5.8 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def download_sources(parts: list[str]) -> list[str]:
+    """A URL on each server the download of `parts` (missing_parts' names) needs."""
+    from huggingface_hub import hf_hub_url
+
+    from . import perceptual
+
+    hub = [hf_hub_url(SD_REPO_ID, "model_index.json")] if set(parts) - {VGG16_RELPATH} else []
+    return hub + ([perceptual.VGG16_URL] if VGG16_RELPATH in parts else [])
+
+
+def download_unreachable(parts: list[str]) -> str | None:
+    """Why the download of `parts` cannot run now (offline mode, a server that does not
+    answer), or None if every server it needs answers."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return next(filter(None, map(unanswered, download_sources(parts))), None)
+
+
+def unanswered(url: str, timeout: float = NETWORK_TIMEOUT_S) -> str | None:
+    """Why the server of `url` does not answer a HEAD request, or None if it answers."""
+    host = urllib.parse.urlsplit(url).netloc
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        # Any answer short of a server error means the server is there; the download itself
+        # reports anything else, with its fix.
+        return None if exc.code < 500 else f"{host} answered HTTP {exc.code}"
+    except (OSError, http.client.HTTPException) as exc:  # refused, unknown host, timeout, ...
+        reason = getattr(exc, "reason", exc)
+        return f"{host} cannot be reached ({' '.join(str(reason).split())})"
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
+    """The options argv sets, by destination, with their values (argparse's errors and help)."""
+    unset = object()
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {
+        name: value for name, value in vars(parser.parse_args(argv)).items() if value is not unset
+    }
+
+
+def as_options(settings: dict[str, Any]) -> list[str]:
+    """Settings as CLI options: {"num_inference_steps": 10} -> ["--num-inference-steps", "10"]."""
+    return [
+        item
+        for name, value in settings.items()
+        for item in ("--" + name.replace("_", "-"), str(value))
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the process exit status."""
+    from .__main__ import INPUTS, build_parser, parse_args
+    from .__main__ import main as cli_main
+    from .testing.tiny_models import make_tiny_weights
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    parser.prog = "scripts/demo"
+    parser.description = (
+        f"Make {OUTPUT} with SyncDiffusion, downloading the model first if needed. "
+        "The options are the CLI's; any given wins over the demo's own choices."
+    )
+    given = given_options(parser, argv)
+
+    # 1. The model: download it, or say why the tiny one stands in.
+    weights = given.get("weights") or default_weights_dir()
+    offline = None
+    if parts := missing_parts(weights):
+        offline = download_unreachable(parts)
+        if offline is None:
+            print(
+                f"First run: downloading the model into {weights}/ ({DOWNLOAD_SIZE}, once; "
+                "if it stops, running the demo again continues)."
+            )
+            status = download.main(["--weights", str(weights)])
+            if status != 0:
+                return status
+    forced = []
+    if offline is not None:
+        again = (
+            "unset HF_HUB_OFFLINE and run scripts/demo again"
+            if "HF_HUB_OFFLINE" in offline
+            else "run scripts/demo again with network access"
+        )
+        fix = f"For a real picture, {again}: it downloads the model ({DOWNLOAD_SIZE}) first."
+        print(
+            f"No model in {weights}/ and {offline}: using the tiny random test model, "
+            f"so the picture will be noise. {fix}"
+        )
+        if missing_parts(TINY_WEIGHTS):
+            make_tiny_weights(TINY_WEIGHTS)
+        forced = ["--weights", str(TINY_WEIGHTS)]
+
+    # 2. The settings: the demo's choices for what the command line leaves open.
+    cuda = torch.cuda.is_available()
+    device = torch.device(given.get("device") or ("cuda" if cuda else "cpu")).type
+    choices = TINY_SETTINGS if offline else CPU_SETTINGS if device == "cpu" else {}
+    if "from_png" in given:
+        choices = {}  # the file holds every input
+    defaults = {"prompt": PROMPT, "output": OUTPUT, **choices}
+    cli_argv = as_options({k: v for k, v in defaults.items() if k not in given}) + argv + forced
+    args = parse_args(cli_argv)
+    # SD2-base's defaults: the demo's estimates are SD2-base's.
+    settings = panorama_request(
+        {name: value for name in INPUTS if (value := getattr(args, name)) is not None}
+    )
+    if offline is None and device == "cpu":
+        chose = [name for name in choices if name not in given]
+        if chose:
+            print(
+                f"On the CPU: {describe(settings)}, to end in reasonable time (the published "
+                f"defaults: {describe(published_defaults())}). The demo chose "
+                f"{', '.join('--' + name.replace('_', '-') for name in chose)}; "
+                "give any to override."
+            )
+        else:
+            print(f"On the CPU: {describe(settings)}.")
+        estimate = estimate_cpu_seconds(settings, speed_probe_seconds())
+        print(
+            f"Estimated time on this CPU, as busy as it is now: about {duration(estimate)}, "
+            "plus loading the model."
+        )
+        available = psutil.virtual_memory().available / 2**30
+        if synced_steps(settings) and available < CPU_PEAK_GIB:
+            print(
+                f"Memory: the synced steps need about {CPU_PEAK_GIB:.0f} GiB and "
+                f"{available:.1f} GiB is available; should the system run out, "
+                "--sync-threshold 0 skips them (plain MultiDiffusion, less coherent)."
+            )
+    elif offline is None:
+        print(f"On {device}: {describe(settings)}.")
+
+    # 3. The panorama.
+    status = cli_main(cli_argv)
+    if status == 0 and offline is not None:
+        print(f"{args.output} is noise: the tiny random test model made it. {fix}")
+    return status
