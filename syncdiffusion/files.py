@@ -117,8 +117,10 @@ def fit_parameters(
 
 
 def _png_text(value: Any) -> str:
-    """`value` as PNG text; a lone surrogate, which UTF-8 cannot hold, becomes its escape."""
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    """`value` as PNG text: a NUL, which PNG text forbids (readers end the text there), and a
+    lone surrogate, which UTF-8 cannot hold, become their escapes (`\\x00`, `\\udc80`)."""
+    text = str(value).replace("\0", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def save_image(

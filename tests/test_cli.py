@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from syncdiffusion.__main__ import main
 from syncdiffusion.files import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +127,15 @@ def test_every_input_is_an_option():
         "--weights",
     ):
         assert flag in help_text
+
+
+def test_a_nul_in_the_prompt_is_escaped_in_its_text_chunk(tiny_weights, tmp_path):
+    out = tmp_path / "nul.png"
+    argv = ["--prompt", "a\0b", "--weights", str(tiny_weights), "--output", str(out)]
+    argv += ["--width", "512", "--num-inference-steps", "1", "--sync-threshold", "0"]
+    assert main(argv) == 0
+    # PNG text holds no NUL: readers end the text there.
+    assert b"prompt\0a\0b" not in out.read_bytes()
+    with Image.open(out) as image:
+        assert image.text["prompt"] == "a\\x00b"
+    assert read_parameters(out)["prompt"] == "a\0b"  # the JSON chunk is the source of truth
