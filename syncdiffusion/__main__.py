@@ -91,13 +91,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The options, with the inputs saved in `--from-png FILE` as defaults."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.from_file = []  # the inputs the --from-png file gave, to check once the model is known
     if args.from_png is not None:
         try:
             saved = read_parameters(args.from_png)
-        except (OSError, ValueError) as error:
-            parser.error(f"--from-png: {error}")
-        parser.set_defaults(**{name: saved[name] for name in INPUTS if name in saved})
-        args = parser.parse_args(argv)
+        except ValueError as error:
+            parser.exit(2, f"error: --from-png: {error}\n")
+        # Set as they were saved, not through argparse's `type`: the model's checks judge them.
+        args.from_file = [n for n in INPUTS if n in saved and getattr(args, n) is None]
+        for name in args.from_file:
+            setattr(args, name, saved[name])
         args.saved_model = saved.get("model")
     if args.prompt is None:
         parser.error("--prompt is required (or --from-png FILE)")
@@ -115,10 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         pipe = SyncDiffusionPipeline.from_pretrained(
             args.weights, device=args.device, model=args.model
         )
+        described = panorama_inputs(pipe.geometry)
+        problems = [described[name].problem(getattr(args, name)) for name in args.from_file]
+        if problems := [p for p in problems if p]:
+            raise InputError(f"--from-png {args.from_png}: {'; '.join(problems)}")
         saved_model = getattr(args, "saved_model", None)
         if saved_model and saved_model != model_identity(pipe.unet.config):
             print(
-                f"warning: {args.from_png} was made by another model ({saved_model}); "
+                f"warning: {args.from_png} was made by another model ({saved_model!r}); "
                 "the panorama will differ",
                 file=sys.stderr,
             )

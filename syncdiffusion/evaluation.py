@@ -90,51 +90,89 @@ class Panorama:
 
 def crop_boxes(height: int, width: int) -> list[tuple[int, int]]:
     """(top, left) of the CROP x CROP crops at stride CROP, row by row."""
-    return [
-        (top, left)
-        for top in range(0, height - CROP + 1, CROP)
-        for left in range(0, width - CROP + 1, CROP)
-    ]
+    rows, columns = range(0, height - CROP + 1, CROP), range(0, width - CROP + 1, CROP)
+    return list(itertools.product(rows, columns))
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit greyscale
+
+
+def rgb8(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB: 16-bit greyscale scaled to 0..255 (`convert` would clip it), the
+    other modes through `convert`; EvaluationError for pixels without a fixed range."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise EvaluationError(
+                f"its mode {image.mode} pixels run from {values.min()} to {values.max()}; "
+                "16-bit greyscale runs from 0 to 65535"
+            )
+        grey = (values * 255 + 65535 // 2) // 65535  # round(v / 257)
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    try:
+        if image.mode == "F":  # floats of no fixed range: `convert` would clip them to 0..255
+            raise ValueError("floating-point pixels have no fixed range")
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise EvaluationError(
+            f"its pixels (mode {image.mode}) do not convert to RGB ({exc}); save it as 8-bit "
+            "or 16-bit RGB or greyscale"
+        ) from None
 
 
 def pixels(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1], as torchvision's ToTensor makes it from 8-bit RGB."""
-    array = np.asarray(image.convert("RGB"))
+    array = np.asarray(rgb8(image))
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
 
 
-def crops(image: torch.Tensor) -> torch.Tensor:
-    """The crops of `crop_boxes`, (n, 3, CROP, CROP)."""
+def crops(image: torch.Tensor) -> list[torch.Tensor]:
+    """The crops of `crop_boxes`, each (3, CROP, CROP): views of `image`, not copies."""
     _, height, width = image.shape
-    return torch.stack(
-        [image[:, t : t + CROP, left : left + CROP] for t, left in crop_boxes(height, width)]
-    )
+    return [image[:, t : t + CROP, left : left + CROP] for t, left in crop_boxes(height, width)]
 
 
-def pairs(n: int) -> list[tuple[int, int]]:
-    """Every pair of crops once, in the paper's order."""
-    return list(itertools.combinations(range(n), 2))
+class PairSpread:
+    """Sums over every pair of a stream of equal-shaped tensors of (a - b)**2, elementwise, in
+    the memory of two tensors: n times the running sum of squared deviations from the mean
+    (Welford's update, stable where the tensors nearly agree)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.squares = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        self.n += 1
+        if self.mean is None:
+            self.mean, self.squares = x.clone(), torch.zeros_like(x)
+            return
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.squares += delta * (x - self.mean)
+
+    def pair_sum(self) -> torch.Tensor:
+        """The sum over the n * (n - 1) / 2 pairs of (a - b)**2."""
+        return self.n * self.squares
 
 
 @torch.no_grad()
-def intra_lpips(model, tiles: torch.Tensor) -> float:
-    """Mean LPIPS over all pairs of `tiles` ((n, 3, h, w) in [0, 1])."""
+def intra_lpips(model, tiles: list[torch.Tensor]) -> float:
+    """Mean LPIPS over all pairs of `tiles` (each (3, h, w) in [0, 1]), at least two."""
     # LPIPS(a, b) is a sum over layers of lin((normalise(f(a)) - normalise(f(b)))^2), averaged
-    # over space: the normalised features of each crop are computed once, not once per pair.
+    # over space; lin is a 1x1 convolution without bias, so the sum over pairs is lin of the
+    # pairs' summed squares, which PairSpread keeps whatever the number of crops.
     import lpips
 
-    features = []
+    spreads = [PairSpread() for _ in model.lins]
     for tile in tiles:
         outs = model.net(model.scaling_layer(tile[None] * 2 - 1))
-        features.append([lpips.normalize_tensor(out) for out in outs])
-    values = []
-    for i, j in pairs(len(tiles)):
-        value = 0
-        for layer, lin in enumerate(model.lins):
-            diff = (features[i][layer] - features[j][layer]) ** 2
-            value += lpips.spatial_average(lin(diff), keepdim=True)
-        values.append(value.item())
-    return sum(values) / len(values)
+        for spread, out in zip(spreads, outs, strict=True):
+            spread.add(lpips.normalize_tensor(out))
+    n = len(tiles)
+    total = sum(
+        lpips.spatial_average(lin(spread.pair_sum()), keepdim=True).item()
+        for lin, spread in zip(model.lins, spreads, strict=True)
+    )
+    return total / (n * (n - 1) // 2)
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
@@ -153,7 +191,7 @@ def style_grams(vgg19_features: torch.nn.Sequential, tile: torch.Tensor) -> list
     grams = []
     for layer in vgg19_features:
         # torchvision's ReLUs work in place and would overwrite the conv output kept here.
-        x = torch.relu(x) if isinstance(layer, torch.nn.ReLU) else layer(x)
+        x = F.relu(x) if isinstance(layer, torch.nn.ReLU) else layer(x)
         if isinstance(layer, torch.nn.Conv2d):
             grams.append(gram(x))
             if len(grams) == STYLE_CONVS:
@@ -161,17 +199,15 @@ def style_grams(vgg19_features: torch.nn.Sequential, tile: torch.Tensor) -> list
     raise ValueError(f"the network has fewer than {STYLE_CONVS} convolutions")
 
 
-def intra_style_l(vgg19_features: torch.nn.Sequential, tiles: torch.Tensor) -> float:
-    """Sum over all pairs of `tiles` ((n, 3, h, w) in [0, 1]) of the summed Gram style loss."""
-    grams = [style_grams(vgg19_features, tile) for tile in tiles]
-    total = 0.0
-    for i, j in pairs(len(tiles)):
-        # A float32 sum over the layers, then a float64 sum over pairs, as in the paper's code.
-        pair_loss = 0
-        for target, current in zip(grams[i], grams[j], strict=True):
-            pair_loss += F.mse_loss(current, target)
-        total += pair_loss.item()
-    return total
+def intra_style_l(vgg19_features: torch.nn.Sequential, tiles: list[torch.Tensor]) -> float:
+    """Sum over all pairs of `tiles` (each (3, h, w) in [0, 1]) of the summed Gram style loss."""
+    # Per layer, the sum over pairs of the mean squared Gram difference is the mean of the
+    # pairs' summed squares; kept in float64, as the paper's code sums its pairs.
+    spreads = [PairSpread() for _ in range(STYLE_CONVS)]
+    for tile in tiles:
+        for spread, gram_matrix in zip(spreads, style_grams(vgg19_features, tile), strict=True):
+            spread.add(gram_matrix.double())
+    return sum(spread.pair_sum().mean().item() for spread in spreads)
 
 
 def clip_box(height: int, width: int, rng: np.random.RandomState) -> tuple[int, int]:
@@ -272,35 +308,69 @@ def load_clip_score(model_dir: Path | None):
 
 
 def find_panoramas(folder: Path, clip: bool, prompt: str | None) -> list[Panorama]:
-    """The images in `folder`, by name, each checked for size (and prompt, for CLIP)."""
+    """The images in `folder`, by name, each decoded once to check it (and its prompt, for
+    CLIP); what is not a regular file is skipped, with a notice. EvaluationError has one line
+    per bad file."""
     if not folder.is_dir():
         raise EvaluationError(f"folder must be a folder of panoramas; got {folder}")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if path.is_file():  # never open a FIFO or a device: reading it would wait forever
+            paths.append(path)
+        else:
+            print(f"skipping {shown(path)}: not a regular file", file=sys.stderr)
     if not paths:
         allowed = ", ".join(sorted(IMAGE_SUFFIXES))
         raise EvaluationError(f"folder {folder} holds no images ({allowed})")
-    panoramas = []
+    panoramas, problems = [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except OSError as exc:
-            raise EvaluationError(f"{path.name} is not an image Pillow can read ({exc})") from exc
-        if min(width, height) < CROP or max(width, height) < 2 * CROP:
-            raise EvaluationError(
-                f"{path.name} is {width}x{height}; the metrics compare {CROP}x{CROP} crops, so "
-                f"both sides must be at least {CROP} and one at least {2 * CROP}"
-            )
-        panorama = Panorama(path, width, height, prompt)
-        if clip and prompt is None:
-            try:
-                panorama.prompt = str(read_parameters(path)["prompt"])
-            except (ValueError, KeyError) as exc:
-                raise EvaluationError(
-                    f"{path.name} carries no saved prompt for the CLIP score; pass --prompt TEXT"
-                ) from exc
-        panoramas.append(panorama)
+            width, height = check_image(path)
+            panorama = Panorama(path, width, height, prompt)
+            if clip and prompt is None:
+                try:
+                    panorama.prompt = str(read_parameters(path)["prompt"])
+                except (ValueError, KeyError):
+                    raise EvaluationError(
+                        f"{shown(path)} carries no saved prompt for the CLIP score; pass "
+                        "--prompt TEXT"
+                    ) from None
+            panoramas.append(panorama)
+        except EvaluationError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise EvaluationError("\n".join(problems))
     return panoramas
+
+
+def shown(path: Path) -> str:
+    """A file's name as messages print it: quoted, escapes and all, if it holds control codes."""
+    return path.name if path.name.isprintable() else repr(path.name)
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """The size of the image at `path` after decoding it whole, or EvaluationError (one line,
+    naming the file) if it is too small to compare crops of, truncated or of odd pixels."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            too_small = min(width, height) < CROP or max(width, height) < 2 * CROP
+            if not too_small:
+                image.load()
+                rgb8(image)
+    except EvaluationError as exc:
+        raise EvaluationError(f"{shown(path)}: {exc}") from None
+    except Exception as exc:  # Pillow raises many types on a truncated or crafted file
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise EvaluationError(
+            f"{shown(path)} is not an image Pillow can read ({message})"
+        ) from None
+    if too_small:
+        raise EvaluationError(
+            f"{shown(path)} is {width}x{height}; the metrics compare {CROP}x{CROP} crops, so both "
+            f"sides must be at least {CROP} and one at least {2 * CROP}"
+        )
+    return width, height
 
 
 def evaluate(
@@ -331,7 +401,7 @@ def evaluate(
             top, left = clip_box(panorama.height, panorama.width, rng)
             score = clip_score(clip_input(full, top, left).to(device), panorama.prompt)
             panorama.clip_score = score.item()
-        tiles = crops(full).to(device)
+        tiles = crops(full.to(device))
         panorama.intra_lpips = intra_lpips(lpips_model, tiles)
         panorama.intra_style_l = intra_style_l(vgg19_features, tiles)
 
@@ -446,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = args.weights or default_weights_dir()
         evaluate(panoramas, weights, device, clip, args.clip_model)
     except (EvaluationError, WeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
 
     print(report(panoramas, clip))

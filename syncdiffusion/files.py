@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .inputs import OUTPUT_FORMATS
+from .lpips_trunk import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +119,10 @@ def fit_parameters(
 
 
 def _png_text(value: Any) -> str:
-    """`value` as PNG text; a lone surrogate, which UTF-8 cannot hold, becomes its escape."""
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    """`value` as PNG text: a NUL, which PNG text forbids (readers end the text there), and a
+    lone surrogate, which UTF-8 cannot hold, become their escapes (`\\x00`, `\\udc80`)."""
+    text = str(value).replace("\0", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def save_image(
@@ -178,9 +182,47 @@ def save_image(
 
 
 def read_parameters(path: str | Path) -> dict[str, Any]:
-    """The parameters saved in a panorama file by `save_image`."""
-    with Image.open(path) as image:
-        text = image.info.get(PARAMETERS_KEY) or image.getexif().get(_EXIF_IMAGE_DESCRIPTION)
-    if not text:
+    """The parameters saved in a panorama file by `save_image`, read from its metadata alone:
+    never its pixels. ValueError naming the file and what is wrong with it otherwise."""
+    text = _saved_text(path)
+    if text is None:
         raise ValueError(f"{path} carries no SyncDiffusion parameters")
-    return json.loads(text)
+    if not isinstance(text, str):  # a crafted EXIF tag of another type
+        raise ValueError(
+            f"{path}: its EXIF ImageDescription is not text but {type(text).__name__} {text!r:.60}"
+        )
+    try:
+        parameters = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{path}: its saved parameters are not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: its saved parameters are nested too deeply") from None
+    if not isinstance(parameters, dict):
+        raise ValueError(
+            f"{path}: its saved parameters must be a JSON object; got a {type(parameters).__name__}"
+        )
+    return parameters
+
+
+def _saved_text(path: str | Path) -> Any:
+    """The parameters' text in a file's header: the PNG chunk, else EXIF's ImageDescription."""
+    try:
+        with warnings.catch_warnings():  # the pixels are never decoded: their size is harmless
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                info = dict(image.info)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path} is too large to be a panorama ({error})") from None
+    except Exception as error:  # Pillow's parsers raise many types on a crafted file
+        raise ValueError(f"{path} is not an image this tool can read ({one_line(error)})") from None
+    if info.get(PARAMETERS_KEY):
+        return info[PARAMETERS_KEY]
+    if not info.get("exif"):
+        # PNG's getexif() would decode every pixel looking for an eXIf chunk after them.
+        return None
+    exif = Image.Exif()
+    try:
+        exif.load(info["exif"])
+    except Exception as error:  # the same, for EXIF's parser
+        raise ValueError(f"{path}: its EXIF is unreadable ({one_line(error)})") from None
+    return exif.get(_EXIF_IMAGE_DESCRIPTION)

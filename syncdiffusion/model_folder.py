@@ -22,6 +22,25 @@ _STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 _STEMS |= {"text_encoder": "model", "text_encoder_2": "model"}
 _TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt")
 _FAMILY_FILES = ("unet/config.json", "model_index.json")  # what a folder's family is read from
+# Written by the download beside model_index.json: the hub repository and revision the folder
+# holds, since a folder is named after the repository's name alone (not its owner).
+SOURCE_FILE = "syncdiffusion-source.json"
+
+
+def read_source(sd_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What the download recorded in a model folder: {"repo_id": ..., "revision": ...}; None
+    for a folder it did not make (made by hand, by an older version) or an unreadable record."""
+    try:
+        source = json.loads((Path(sd_dir) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return source if isinstance(source, dict) and isinstance(source.get("repo_id"), str) else None
+
+
+def write_source(sd_dir: str | os.PathLike[str], repo_id: str, revision: str | None) -> None:
+    """Record in a model folder which hub repository and revision it holds."""
+    record = json.dumps({"repo_id": repo_id, "revision": revision}, indent=2) + "\n"
+    (Path(sd_dir) / SOURCE_FILE).write_text(record, encoding="utf-8")
 
 
 def read_family(sd_dir: str | os.PathLike[str]) -> Family:

@@ -31,7 +31,7 @@ from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .family import SDXL, unet_family
 from .files import model_identity
 from .inputs import InputError, panorama_request, sync_schedule
-from .model_folder import read_family, sd_variant
+from .model_folder import read_family, read_source, sd_variant
 from .perceptual import VGG16_RELPATH, load_lpips
 from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
@@ -133,6 +133,8 @@ class SyncDiffusionPipeline:
         # Whatever the other networks' dtype, the perceptual one is fp32 (see `precision`).
         perceptual.to(PERCEPTUAL_DTYPE)
         self._window_bytes: dict[tuple[torch.device, torch.dtype], int] = {}
+        # The hub revision of the weights, where their folder records one (`from_pretrained`).
+        self.model_revision: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -180,6 +182,7 @@ class SyncDiffusionPipeline:
                 perceptual=load_lpips(weights_dir / VGG16_RELPATH),
                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt")),
             )
+        pipe.model_revision = (read_source(sd) or {}).get("revision")
         return pipe.to(device)
 
     def _networks(self) -> list[torch.nn.Module]:
@@ -335,7 +338,8 @@ class SyncDiffusionPipeline:
         one window (`window_pixels`) and `stride` is below one window. `callback` gets a dict
         after every denoising step (step, steps, t, sync, latent, and view_batch_size: the
         windows per network call that fitted in that step). The image's
-        `info["parameters"]` holds every input, the model's identity and the version.
+        `info["parameters"]` holds every input, the model's identity (and hub revision, where
+        its folder records one) and the version.
         """
         # 1. Check every input.
         request = self.request(**inputs)
@@ -421,6 +425,7 @@ class SyncDiffusionPipeline:
         image.info["parameters"] = {
             **request,
             "model": model_identity(self.unet.config),
+            **({"model_revision": self.model_revision} if self.model_revision else {}),
             "syncdiffusion": __version__,
         }
         return image

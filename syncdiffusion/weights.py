@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 
 from . import perceptual
-from .model_folder import folder_problem, hub_patterns, sd_variant
+from .model_folder import folder_problem, hub_patterns, read_source, sd_variant, write_source
 from .perceptual import LEGACY_VGG16_RELPATH, VGG16_RELPATH, one_line
 
 WEIGHTS_ENV, MODEL_ENV = "SYNCDIFFUSION_WEIGHTS", "SYNCDIFFUSION_MODEL"
@@ -93,6 +93,8 @@ def check_weights(weights_dir: str | os.PathLike[str], model: str | None = None)
     weights_dir, fix = Path(weights_dir), _fix(Path(weights_dir), model)
     if not weights_dir.is_dir():
         raise WeightsError(f"Weights folder {weights_dir} does not exist. {fix}")
+    if "/" in (model := model or default_model()):  # a repository id: the folder holds it
+        _check_source(weights_dir, model)
     trunk = weights_dir / VGG16_RELPATH
     old_layout = not trunk.exists() and (weights_dir / LEGACY_VGG16_RELPATH).is_file()
     problems = [folder_problem(weights_dir / model_dirname(model))]
@@ -110,8 +112,9 @@ def download_weights(
     `progress` governs this module's messages and torch.hub's bar; huggingface_hub's bars follow
     its own switch, HF_HUB_DISABLE_PROGRESS_BARS=1."""
     weights_dir = Path(weights_dir)
+    _check_source(weights_dir, repo_id(model))  # an unknown name fails first
     if folder_problem(weights_dir / model_dirname(model)):
-        _download_sd(weights_dir, repo_id(model), progress)  # an unknown name fails first
+        _download_sd(weights_dir, repo_id(model), progress)
     if perceptual.read_trunk(weights_dir / VGG16_RELPATH, verify=True)[1]:
         _make_trunk(weights_dir, progress)
     with contextlib.suppress(OSError):  # not empty: something else is staged there
@@ -134,6 +137,20 @@ def _fix(weights_dir: Path | None, model: str | None = None) -> str:
     return f"Run: {DOWNLOAD_COMMAND}{chosen}{folder}"
 
 
+def _check_source(weights_dir: Path, repo: str) -> None:
+    """Raise WeightsError if the folder of `repo` records another repository of the same name."""
+    sd_dir = weights_dir / model_dirname(repo)
+    held = (read_source(sd_dir) or {}).get("repo_id", repo)
+    if held != repo:
+        other = shlex.quote(f"{weights_dir}-{repo.split('/')[0]}")
+        raise WeightsError(
+            f"Weights folder {sd_dir} holds {held}, not {repo}: models of one name share a "
+            f"folder. Remove {sd_dir} to put {repo} there, or keep both with another weights "
+            f"folder for {repo}: {DOWNLOAD_COMMAND} --model {shlex.quote(repo)} --weights "
+            f"{other}, then set {WEIGHTS_ENV}={other} (or pass --weights {other})"
+        )
+
+
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(message, flush=True)
@@ -150,16 +167,27 @@ def _download_sd(weights_dir: Path, repo: str, progress: bool) -> None:
     fix = _fix(weights_dir, None if repo == SD_REPO_ID else repo)
     _say(progress, f"Downloading {repo} (fp16 files where it has them) into {sd_dir}")
 
+    def failed(exc: Exception) -> WeightsError:
+        return WeightsError(
+            f"Downloading {repo} into {sd_dir} failed ({one_line(exc)}). The files "
+            f"fetched so far are kept and a rerun continues. {fix}"
+        )
+
+    # One revision for both fetches, recorded before the first file lands: the folder says
+    # whose files it holds even when a download stops part way.
+    try:
+        revision = huggingface_hub.model_info(repo).sha
+    except Exception as exc:  # network and hub errors come in many types
+        raise failed(exc) from exc
+    write_source(sd_dir, repo, revision)
+
     def fetch(variant: str | None) -> None:
         try:
             huggingface_hub.snapshot_download(
-                repo, local_dir=sd_dir, allow_patterns=hub_patterns(variant)
+                repo, revision=revision, local_dir=sd_dir, allow_patterns=hub_patterns(variant)
             )
-        except Exception as exc:  # network and hub errors come in many types
-            raise WeightsError(
-                f"Downloading {repo} into {sd_dir} failed ({one_line(exc)}). The files "
-                f"fetched so far are kept and a rerun continues. {fix}"
-            ) from exc
+        except Exception as exc:  # the same
+            raise failed(exc) from exc
 
     fetch("fp16")
     if sd_variant(sd_dir) != "fp16":  # a repository without fp16 files (fine-tunes often)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
-from PIL import Image
+import pytest
+from PIL import Image, ImageFile, PngImagePlugin
 
-from syncdiffusion.files import read_parameters
+from syncdiffusion.__main__ import main
+from syncdiffusion.files import PARAMETERS_KEY, read_parameters, save_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,3 +130,101 @@ def test_every_input_is_an_option():
         "--weights",
     ):
         assert flag in help_text
+
+
+def test_a_nul_in_the_prompt_is_escaped_in_its_text_chunk(tiny_weights, tmp_path):
+    out = tmp_path / "nul.png"
+    argv = ["--prompt", "a\0b", "--weights", str(tiny_weights), "--output", str(out)]
+    argv += ["--width", "512", "--num-inference-steps", "1", "--sync-threshold", "0"]
+    assert main(argv) == 0
+    # PNG text holds no NUL: readers end the text there.
+    assert b"prompt\0a\0b" not in out.read_bytes()
+    with Image.open(out) as image:
+        assert image.text["prompt"] == "a\\x00b"
+    assert read_parameters(out)["prompt"] == "a\0b"  # the JSON chunk is the source of truth
+
+
+# --- --from-png on crafted files: one line naming the file, exit status 2 ---------------------
+
+
+def _png_with_text(path, text):
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+
+
+def _jpeg_describing_as_short(path):
+    """A JPEG file whose EXIF ImageDescription, the parameters' tag, is a SHORT, not text."""
+    entry = struct.pack("<HHIHH", 0x010E, 3, 1, 7, 0)  # tag, type SHORT, count, value, padding
+    exif = b"Exif\0\0II*\0" + struct.pack("<IH", 8, 1) + entry + struct.pack("<I", 0)
+    Image.new("RGB", (8, 8)).save(path, format="JPEG", exif=exif)
+
+
+def _png_header(path, width, height):
+    """A PNG file's signature and header only: its size, claimed without any pixels."""
+
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: _png_with_text(p, '"a forest"'), "must be a JSON object; got a str"),
+        (lambda p: _png_with_text(p, "[1, 2]"), "must be a JSON object; got a list"),
+        (lambda p: _png_with_text(p, "7"), "must be a JSON object; got a int"),
+        (lambda p: _png_with_text(p, "{"), "are not valid JSON"),
+        (lambda p: _png_with_text(p, "[" * 200_000), "nested too deeply"),
+        (_jpeg_describing_as_short, "ImageDescription is not text but int"),
+        (lambda p: _png_header(p, 100_000, 100_000), "too large to be a panorama"),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n"), "is not an image this tool can read"),
+        (lambda p: Image.new("RGB", (8, 8)).save(p), "carries no SyncDiffusion parameters"),
+    ],
+)
+def test_from_png_refuses_a_crafted_file_in_one_line(make, message, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "crafted.png"
+    make(path)
+
+    def no_decoding(self):
+        raise AssertionError("reading the parameters decoded the pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--from-png", str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --from-png: {path}")
+    assert message in err
+
+
+def _saved(path, **changes):
+    parameters = {"prompt": "a cove", "width": 512, "num_inference_steps": 1, "sync_threshold": 0}
+    save_image(Image.new("RGB", (8, 8)), path, {**parameters, **changes})
+    return path
+
+
+def test_from_png_refuses_saved_values_the_model_does_not_take(tiny_weights, tmp_path, capsys):
+    path = _saved(tmp_path / "bad.png", width=[512], stride=12, loop_closure="yes")
+    argv = ["--from-png", str(path), "--weights", str(tiny_weights)]
+    assert main([*argv, "--output", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --from-png {path}: ")
+    assert "width must be a multiple of 8 from 512 to 4096; got [512]" in err
+    assert "stride must be a multiple of 8 from 8 to 56" in err and "got 'yes'" in err
+    # Given on the command line, a value replaces the file's bad one.
+    fixed = ["--width", "512", "--stride", "16", "--no-loop-closure"]
+    assert main([*argv, *fixed, "--output", str(tmp_path / "out.png")]) == 0
+
+
+def test_from_png_prints_a_saved_model_without_its_control_characters(
+    tiny_weights, tmp_path, capsys
+):
+    path = _saved(tmp_path / "odd.png", model="\x1b[2J\x1b[31mevil")
+    argv = ["--from-png", str(path), "--weights", str(tiny_weights)]
+    assert main([*argv, "--output", str(tmp_path / "out.png")]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "made by another model ('\\x1b[2J\\x1b[31mevil')" in err

@@ -1,4 +1,4 @@
-"""The coherence report (syncdiffusion.evaluation, scripts/evaluation.py) against the paper's
+"""The coherence report (syncdiffusion.evaluation, scripts/evaluate.py) against the paper's
 evaluation code (tests/paper_metrics.py).
 
 Both run on the same random VGG16/VGG19 in a temporary torch hub cache and the same tiny
@@ -8,9 +8,12 @@ no step of either and makes each network call 64 times cheaper.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import shutil
 import urllib.error
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +210,103 @@ def test_refuses_an_empty_folder_and_a_missing_clip_model(tmp_path, capsys):
     Image.new("RGB", (1024, 512)).save(tmp_path / "p.png")
     assert evaluation.main([str(tmp_path), "--clip-model", str(tmp_path / "clip")]) == 2
     assert "--clip-model must be a folder" in capsys.readouterr().err
+
+
+def _figures(folder: Path, models: dict[str, Path], out: Path) -> dict[str, dict]:
+    argv = [str(folder), "--weights", str(models["weights"]), "--json", str(out)]
+    assert evaluation.main([*argv, "--device", "cpu"]) == 0
+    return {image["file"]: image for image in json.loads(out.read_text())["images"]}
+
+
+def test_sixteen_bit_and_palette_images_are_read_as_their_8_bit_rgb(
+    models, small_window, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("TORCH_HOME", str(models["torch"]))
+    odd, rgb = tmp_path / "odd", tmp_path / "rgb"
+    odd.mkdir(), rgb.mkdir()
+    rng = np.random.default_rng(1)
+    grey16 = rng.integers(0, 65536, (WINDOW, 2 * WINDOW), dtype=np.uint16)
+    Image.fromarray(grey16).save(odd / "grey16.png")
+    with Image.open(odd / "grey16.png") as image:
+        assert image.mode == "I;16"
+    grey8 = np.round(grey16 / 257).astype(np.uint8)
+    Image.fromarray(grey8).convert("RGB").save(rgb / "grey16.png")
+    colours = Image.fromarray(rng.integers(0, 256, (WINDOW, 2 * WINDOW, 3), dtype=np.uint8))
+    palette = colours.quantize(16)
+    palette.save(odd / "palette.png")
+    palette.convert("RGB").save(rgb / "palette.png")
+    ours = _figures(odd, models, tmp_path / "odd.json")
+    expected = _figures(rgb, models, tmp_path / "rgb.json")
+    assert ours == expected
+    assert ours["grey16.png"]["intra_lpips"] > 0.01  # not the flat white of a clipped image
+
+
+def test_bad_files_get_one_line_each_and_a_fifo_is_skipped(tmp_path, capsys):
+    Image.new("RGB", (1024, 512)).save(tmp_path / "good.png")
+    whole = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    Image.new("RGB", (512, 512)).save(tmp_path / "small.png")
+    Image.new("F", (1024, 512)).save(tmp_path / "float.tiff", format="TIFF")
+    (tmp_path / "float.tiff").rename(tmp_path / "float.png")  # Pillow reads it by content
+    os.mkfifo(tmp_path / "fifo.png")  # opening it would wait for a writer forever
+    assert evaluation.main([str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "skipping fifo.png: not a regular file"
+    assert lines[1].startswith("error: cut.png is not an image Pillow can read (OSError: ")
+    assert lines[2].startswith("error: float.png: its pixels (mode F) do not convert to RGB")
+    assert lines[3].startswith("error: small.png is 512x512")
+    assert len(lines) == 4
+
+
+def _live_tensor_bytes() -> int:
+    """The bytes of every tensor storage alive now."""
+    storages = {}
+    with warnings.catch_warnings():  # some of gc's objects warn when asked their class
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_memory_does_not_grow_with_the_number_of_crops(models, small_window, monkeypatch, tmp_path):
+    """The peak of live tensor bytes, sampled as each crop's features are computed, is the same
+    for 8 crops as for 2, give or take the larger image: not one more crop's features."""
+    monkeypatch.setenv("TORCH_HOME", str(models["torch"]))
+    peak = [0]
+
+    def sample(*_):
+        peak[0] = max(peak[0], _live_tensor_bytes())
+
+    load_lpips, load_vgg19 = evaluation.load_lpips, evaluation.load_vgg19_features
+
+    def lpips_sampled(path):
+        model = load_lpips(path)
+        model.net.register_forward_hook(sample)
+        return model
+
+    def vgg19_sampled(path):
+        features = load_vgg19(path)
+        convs = [layer for layer in features if isinstance(layer, torch.nn.Conv2d)]
+        convs[evaluation.STYLE_CONVS - 1].register_forward_hook(sample)
+        return features
+
+    monkeypatch.setattr(evaluation, "load_lpips", lpips_sampled)
+    monkeypatch.setattr(evaluation, "load_vgg19_features", vgg19_sampled)
+    peaks = {}
+    for crops in (2, 8):
+        folder = tmp_path / f"{crops}-crops"
+        folder.mkdir()
+        pixels = np.random.default_rng(crops).integers(0, 256, (WINDOW, crops * WINDOW, 3))
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / "p.png")
+        gc.collect()
+        peak[0] = 0
+        argv = [str(folder), "--weights", str(models["weights"]), "--device", "cpu"]
+        assert evaluation.main(argv) == 0
+        peaks[crops] = peak[0]
+    lpips_model = load_lpips(models["weights"] / "lpips" / VGG_FILES["D"])
+    with torch.no_grad():
+        one_crop = sum(out.nbytes for out in lpips_model.net(torch.zeros(1, 3, WINDOW, WINDOW)))
+    image_growth = 6 * 3 * WINDOW * WINDOW * (4 + 1)  # float32 pixels and the 8-bit array
+    assert peaks[8] - peaks[2] < image_growth + one_crop / 4

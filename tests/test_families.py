@@ -143,14 +143,12 @@ def test_the_model_folder_comes_from_the_environment(family_weights, monkeypatch
 
 
 def test_download_any_model_into_its_repository_s_folder(family_weights, tmp_path, monkeypatch):
-    import huggingface_hub
     from test_weights import FakeHub
 
     from syncdiffusion import model_folder, weights
 
     # A fine-tune with full-precision files only: the fp16 pass finds none, the second fetches.
-    hub = FakeHub(family_weights / MODELS["sdxl"])
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    hub = FakeHub(family_weights / MODELS["sdxl"]).install(monkeypatch)
     target = tmp_path / "weights"
     shutil.copytree(family_weights / "lpips", target / "lpips")
     assert weights.missing_parts(target, model="someone/my-sdxl") == ["my-sdxl"]

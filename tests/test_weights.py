@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from syncdiffusion import download, perceptual
-from syncdiffusion.model_folder import sd_variant
+from syncdiffusion.model_folder import read_source, sd_variant
 from syncdiffusion.perceptual import load_vgg16_features, save_trunk
 from syncdiffusion.testing.tiny_models import make_tiny_weights
 from syncdiffusion.weights import (
@@ -349,16 +350,30 @@ def test_default_weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 class FakeHub:
-    """Stands in for huggingface_hub.snapshot_download, serving files from a local tree.
+    """Stands in for huggingface_hub's snapshot_download and model_info, serving files from a
+    local tree at one revision.
 
     Like the real one, it moves each file into place only once whole, leaves files that match
     alone, and can fail part way (then nothing half-written is left in local_dir).
     """
 
-    def __init__(self, repo: Path) -> None:
-        self.repo, self.fail, self.calls = repo, False, []
+    def __init__(self, repo: Path, revision: str = "0123abc") -> None:
+        self.repo, self.revision, self.fail, self.calls = repo, revision, False, []
 
-    def __call__(self, repo_id: str, *, local_dir: Path, allow_patterns: list[str]) -> str:
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+        import huggingface_hub
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self)
+        monkeypatch.setattr(huggingface_hub, "model_info", self.model_info)
+        return self
+
+    def model_info(self, repo_id: str) -> SimpleNamespace:
+        return SimpleNamespace(id=repo_id, sha=self.revision)
+
+    def __call__(
+        self, repo_id: str, *, revision: str, local_dir: Path, allow_patterns: list[str]
+    ) -> str:
+        assert revision == self.revision
         self.calls.append(repo_id)
         files = sorted(p for p in self.repo.rglob("*") if p.is_file())
         rels = [p.relative_to(self.repo).as_posix() for p in files]
@@ -378,16 +393,13 @@ class FakeHub:
 def network(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path) -> FakeHub:
     """The SD2-base repo (fp16 files, plus files the download must skip) behind a fake hub, and
     a stand-in for torchvision's VGG16 file behind perceptual.VGG16_URL with its sha256."""
-    import huggingface_hub
-
     repo = Path(shutil.copytree(tiny / SD_DIRNAME, tmp_path / "hub"))
     for component, stem in WEIGHT_FILES.items():
         full = repo / component / f"{stem}.safetensors"
         shutil.copy(full, full.with_name(f"{stem}.fp16.safetensors"))
         full.with_name(f"{stem}.bin").write_bytes(b"pickled weights")
     (repo / "512-base-ema.ckpt").write_bytes(b"single-file checkpoint")
-    hub = FakeHub(repo)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    hub = FakeHub(repo).install(monkeypatch)
     source = _torchvision_file(tiny, tmp_path / "server" / "vgg16-397923af.pth")
     monkeypatch.setattr(perceptual, "VGG16_URL", source.as_uri())
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
@@ -484,6 +496,43 @@ def test_saved_trunk_records_the_hash_of_its_tensors(tmp_path: Path) -> None:
         with safe_open(tmp_path / f"{name}.safetensors", framework="pt") as f:
             hashes.append(f.metadata()["tensors_sha256"])
     assert hashes[0] != hashes[1] and all(len(h) == 64 for h in hashes)
+
+
+def test_a_model_of_the_same_name_from_another_owner_is_refused(
+    tmp_path: Path, network: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "w"
+    network.fail = True  # stopped part way: the folder already says whose files it holds
+    with pytest.raises(WeightsError):
+        download_weights(target, progress=False, model="alice/tiny-sd")
+    assert read_source(target / "tiny-sd") == {"repo_id": "alice/tiny-sd", "revision": "0123abc"}
+    network.calls.clear()
+    with pytest.raises(WeightsError) as exc:
+        download_weights(target, progress=False, model="bob/tiny-sd")
+    message = str(exc.value)
+    assert f"{target / 'tiny-sd'} holds alice/tiny-sd, not bob/tiny-sd" in message
+    assert f"Remove {target / 'tiny-sd'}" in message and WEIGHTS_ENV in message
+    assert network.calls == []  # nothing merged into alice's folder
+
+    network.fail = False
+    download_weights(target, progress=False, model="alice/tiny-sd")
+    check_weights(target, "alice/tiny-sd")
+    check_weights(target, "tiny-sd")  # named by its folder: whatever the folder holds
+    with pytest.raises(WeightsError, match="holds alice/tiny-sd, not bob/tiny-sd"):
+        check_weights(target, "bob/tiny-sd")
+    assert download.main(["--model", "bob/tiny-sd", "--weights", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds alice/tiny-sd, not bob/tiny-sd" in err
+
+
+def test_the_panorama_records_the_revision_of_its_weights(tmp_path: Path, network: FakeHub):
+    from syncdiffusion import SyncDiffusionPipeline
+
+    network.revision = "f00dcafe"
+    download_weights(tmp_path / "w", progress=False, model="alice/tiny-sd")
+    pipe = SyncDiffusionPipeline.from_pretrained(tmp_path / "w", "cpu", model="alice/tiny-sd")
+    image = pipe(prompt="a cove", width=512, num_inference_steps=1, sync_threshold=0)
+    assert image.info["parameters"]["model_revision"] == "f00dcafe"
 
 
 # --- scripts/download_weights.py ----------------------------------------------------------
