@@ -74,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="model folder in the weights folder, e.g. stable-diffusion-xl-base-1.0 (default: "
-        "$SYNCDIFFUSION_MODEL or stable-diffusion-2-base); SDXL needs --width and --height of "
-        "at least 1024",
+        "$SYNCDIFFUSION_MODEL or stable-diffusion-2-base); sides and stride follow its window",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument(
