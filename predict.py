@@ -25,7 +25,13 @@ from cog import BaseRunner, Input, Path
 from syncdiffusion import SyncDiffusionPipeline, WeightsError
 from syncdiffusion.files import save_image
 from syncdiffusion.inputs import check_output
-from syncdiffusion.weights import MODEL_ENV, default_weights_dir, download_weights, missing_parts
+from syncdiffusion.weights import (
+    MODEL_ENV,
+    default_weights_dir,
+    download_weights,
+    hub_offline,
+    missing_parts,
+)
 
 # A module constant only because the description is too long for the line inside Input(...).
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
@@ -63,8 +69,8 @@ class Predictor(BaseRunner):
             notices.propagate = False
         weights_dir, model = default_weights_dir(), os.environ.get(MODEL_ENV) or self.MODEL
         try:
-            # HF_HUB_OFFLINE=1, as for huggingface_hub itself: never download, only check.
-            if missing_parts(weights_dir, model=model) and os.environ.get("HF_HUB_OFFLINE") != "1":
+            # HF_HUB_OFFLINE, read as huggingface_hub reads it: never download, only check.
+            if missing_parts(weights_dir, model=model) and not hub_offline():
                 download_weights(weights_dir, model=model)
             self.pipe = SyncDiffusionPipeline.from_pretrained(weights_dir, model=model)
         except WeightsError as error:

@@ -30,7 +30,7 @@ import torch
 from . import download
 from .inputs import panorama_inputs, panorama_request, synced_steps
 from .perceptual import VGG16_RELPATH
-from .weights import SD_REPO_ID, default_weights_dir, missing_parts
+from .weights import OFFLINE_ENV, SD_REPO_ID, default_weights_dir, hub_offline, missing_parts
 from .windows import SD2_BASE
 
 PROMPT = "a photo of a mountain range at twilight"
@@ -129,10 +129,8 @@ def download_sources(parts: list[str]) -> list[str]:
 def download_unreachable(parts: list[str]) -> str | None:
     """Why the download of `parts` cannot run now (offline mode, a server that does not
     answer), or None if every server it needs answers."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
+    if hub_offline():
+        return f"{OFFLINE_ENV} is set"
     return next(filter(None, map(unanswered, download_sources(parts))), None)
 
 

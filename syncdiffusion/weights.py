@@ -19,6 +19,9 @@ from .model_folder import folder_problem, hub_patterns, read_source, sd_variant,
 from .perceptual import LEGACY_VGG16_RELPATH, VGG16_RELPATH, one_line
 
 WEIGHTS_ENV, MODEL_ENV = "SYNCDIFFUSION_WEIGHTS", "SYNCDIFFUSION_MODEL"
+OFFLINE_ENV = "HF_HUB_OFFLINE"
+# The values huggingface_hub reads as true (its constants._is_true), in any case.
+_TRUE = {"1", "ON", "YES", "TRUE"}
 DOWNLOAD_COMMAND = "python scripts/download_weights.py"
 SD_REPO_ID = "stabilityai/stable-diffusion-2-base"  # the default model
 SD_DIRNAME = "stable-diffusion-2-base"  # each model's folder is named after its hub repository
@@ -156,6 +159,19 @@ def _say(progress: bool, message: str) -> None:
         print(message, flush=True)
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids downloads, read now and as huggingface_hub reads it (1,
+    true, yes or on, in any case). It holds for every download here, torch.hub's too."""
+    return os.environ.get(OFFLINE_ENV, "").strip().upper() in _TRUE
+
+
+def _offline_error(what: str, fix: str) -> WeightsError:
+    return WeightsError(
+        f"{what} is missing and {OFFLINE_ENV}={os.environ.get(OFFLINE_ENV)} forbids downloads; "
+        f"unset it to download. {fix}"
+    )
+
+
 def _download_sd(weights_dir: Path, repo: str, progress: bool) -> None:
     import huggingface_hub
 
@@ -165,6 +181,8 @@ def _download_sd(weights_dir: Path, repo: str, progress: bool) -> None:
     sd_dir = weights_dir / model_dirname(repo)
     sd_dir.mkdir(parents=True, exist_ok=True)
     fix = _fix(weights_dir, None if repo == SD_REPO_ID else repo)
+    if hub_offline():
+        raise _offline_error(f"{repo} in {sd_dir}", fix)
     _say(progress, f"Downloading {repo} (fp16 files where it has them) into {sd_dir}")
 
     def failed(exc: Exception) -> WeightsError:
@@ -204,6 +222,8 @@ def _make_trunk(weights_dir: Path, progress: bool) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     if (weights_dir / LEGACY_VGG16_RELPATH).is_file():
         os.replace(weights_dir / LEGACY_VGG16_RELPATH, source)
+    if hub_offline() and not source.is_file():
+        raise _offline_error(f"the LPIPS trunk {weights_dir / VGG16_RELPATH}", fix)
     _say(progress, f"Making the LPIPS trunk from {perceptual.VGG16_URL} in {staging}")
     try:
         perceptual.fetch_torchvision_file(source, progress)

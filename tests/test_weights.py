@@ -33,6 +33,7 @@ from syncdiffusion.weights import (
     check_weights,
     default_weights_dir,
     download_weights,
+    hub_offline,
     missing_parts,
 )
 
@@ -567,3 +568,25 @@ def test_the_script_runs_the_command(tiny: Path, run_script) -> None:
     result = run_script("download_weights.py", "--weights", str(tiny))
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{tiny} already holds every part; nothing to download.\n"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "On"])
+def test_offline_mode_downloads_nothing_for_any_true_value(
+    tiny: Path, tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    with pytest.raises(WeightsError, match=f"HF_HUB_OFFLINE={value} forbids downloads"):
+        download_weights(tmp_path / "empty", progress=False)
+    assert network.calls == []
+    # torch.hub's file too: the model in place, the trunk missing.
+    weights = Path(shutil.copytree(tiny, tmp_path / "no-trunk"))
+    (weights / VGG16_RELPATH).unlink()
+    with pytest.raises(WeightsError, match=r"the LPIPS trunk .* forbids downloads"):
+        download_weights(weights, progress=False)
+    assert not (weights / VGG16_RELPATH).exists()
+
+
+@pytest.mark.parametrize("value, offline", [("", False), ("0", False), ("false", False)])
+def test_offline_mode_is_off_for_false_values(monkeypatch, value, offline):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline
