@@ -40,6 +40,12 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=None, help="default: 1024 sdxl, else 512")
     parser.add_argument("--steps", type=int, default=None, help="default: 6 tiny, else 50")
     parser.add_argument("--sync-threshold", type=int, default=None, help="default: 3 tiny, else 5")
+    parser.add_argument(
+        "--sync-weight",
+        type=float,
+        default=20.0,
+        help="default: 20; at 0 the fast path skips the sync step the oracle still computes",
+    )
     parser.add_argument("--stride", type=int, default=None, help="default: 32 sdxl, else 16")
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="oracle/fast pairs")
@@ -68,6 +74,7 @@ def main() -> None:
         height=args.height,
         num_inference_steps=steps,
         sync_threshold=threshold,
+        sync_weight=args.sync_weight,
         stride=args.stride,
         seed=args.seed,
     )
@@ -154,6 +161,7 @@ def main() -> None:
     settings = (
         f"arch {args.arch}, {device.type} fp{torch.finfo(fast_dtype).bits} (oracle fp32), "
         f"{width}x{args.height}, {steps} steps, sync_threshold {threshold}, "
+        f"sync_weight {args.sync_weight:g}, "
         f"stride {args.stride}, seed {args.seed}, best of {args.repeats} alternating runs"
     )
     report = "\n".join(
