@@ -100,7 +100,7 @@ class Input:
             return False
         if self.type is int and not isinstance(value, int):
             return False
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return False
         if self.multiple_of is not None and value % self.multiple_of:
             return False
@@ -112,7 +112,16 @@ class Input:
             return None
         if isinstance(value, str) and self.max_length is not None and len(value) > self.max_length:
             return f"{self.name} must be {self.allowed()}; got {len(value):,} characters"
-        return f"{self.name} must be {self.allowed()}; got {value!r}"
+        return f"{self.name} must be {self.allowed()}; got {_shown(value)}"
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """`value` as a refusal quotes it: its repr, cut short if long (a message, not an echo)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than Python will print
+        return "an integer of thousands of digits"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 # SD2-base's inputs: those of the published wrapper, with its defaults. `panorama_inputs` gives
