@@ -6,7 +6,7 @@ CLIP-S, files in name order), saved losslessly; FID and KID compare these crops 
 reference images (single 512x512 pictures of the same prompts from the same model) through
 clean-fid in its "clean" mode, on the Inception features it downloads at first use
 (`inception-2015-12-05.pt`, NVIDIA's TorchScript port of TensorFlow's FID Inception, from
-nvlabs-fi-cdn.nvidia.com, cached in /tmp).
+nvlabs-fi-cdn.nvidia.com, cached in the system's temporary folder).
 
 Mean-GIQA is KNN-GIQA with K=8 (Gu et al. 2020): a crop's score is the sum over its K nearest
 reference images of 1 / (L1 distance between their Inception pool features), averaged over
@@ -67,7 +67,8 @@ def load_inception(device: torch.device) -> FeatureModel:
     except OSError as error:  # urllib's errors included
         raise FidelityError(
             "clean-fid could not download its Inception weights (inception-2015-12-05.pt from "
-            f"nvlabs-fi-cdn.nvidia.com) ({error}); put the file in /tmp where there is network"
+            f"nvlabs-fi-cdn.nvidia.com) ({error}); run once where there is network, or copy "
+            "the file into this machine's temporary folder"
         ) from None
 
 
