@@ -1,7 +1,7 @@
 """Coherence report: the SyncDiffusion paper's metrics for a folder of panoramas.
 
     python scripts/evaluate.py DIR [--weights weights] [--json PATH]
-                               [--clip [--clip-model DIR] [--prompt TEXT]]
+                               [--clip [--clip-model DIR] [--prompt TEXT]] [--reference DIR]
 
 What each figure is and how it is computed: `syncdiffusion.evaluation`.
 """

@@ -1,7 +1,7 @@
 """Coherence report: the SyncDiffusion paper's metrics for a folder of panoramas.
 
     python scripts/evaluate.py DIR [--weights weights] [--json PATH]
-                               [--clip [--clip-model DIR] [--prompt TEXT]]
+                               [--clip [--clip-model DIR] [--prompt TEXT]] [--reference DIR]
 
 Each figure is computed as the paper's evaluation code computes it (`eval_code/` of
 github.com/KAIST-Visual-AI-Group/SyncDiffusion), on the 512x512 crops of each panorama taken at
@@ -17,6 +17,9 @@ stride 512, every pair of them in `itertools.combinations` order:
 - Mean-CLIP-S (with --clip): torchmetrics' CLIPScore on openai/clip-vit-base-patch16 between
   one random 512x512 crop per panorama (numpy seed 2023, files in name order) and its prompt
   (higher: closer to the prompt).
+- FID, KID and Mean-GIQA (with --reference DIR, a folder of single 512x512 pictures of the same
+  prompts from the same model): clean-fid's FID and KID between the same random crops and the
+  reference pictures, and KNN-GIQA (K=8) of each crop; see `syncdiffusion.fidelity`.
 
 The paper's style code first resizes each panorama so that its shorter side is 512: nothing
 for its 512-high panoramas (or 512-wide ones), but a 1024x1024 panorama would shrink to one
@@ -34,6 +37,7 @@ import argparse
 import itertools
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +81,7 @@ class Panorama:
     intra_lpips: float = float("nan")
     intra_style_l: float = float("nan")
     clip_score: float | None = None
+    giqa: float | None = None
 
     @property
     def crops(self) -> int:
@@ -311,17 +316,7 @@ def find_panoramas(folder: Path, clip: bool, prompt: str | None) -> list[Panoram
     """The images in `folder`, by name, each decoded once to check it (and its prompt, for
     CLIP); what is not a regular file is skipped, with a notice. EvaluationError has one line
     per bad file."""
-    if not folder.is_dir():
-        raise EvaluationError(f"folder must be a folder of panoramas; got {folder}")
-    paths = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        if path.is_file():  # never open a FIFO or a device: reading it would wait forever
-            paths.append(path)
-        else:
-            print(f"skipping {shown(path)}: not a regular file", file=sys.stderr)
-    if not paths:
-        allowed = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise EvaluationError(f"folder {folder} holds no images ({allowed})")
+    paths = image_files(folder, "panoramas")
     panoramas, problems = [], []
     for path in paths:
         try:
@@ -371,6 +366,46 @@ def check_image(path: Path) -> tuple[int, int]:
             f"sides must be at least {CROP} and one at least {2 * CROP}"
         )
     return width, height
+
+
+def image_files(folder: Path, what: str) -> list[Path]:
+    """The image files in `folder`, by name; what is not a regular file is skipped, with a
+    notice."""
+    if not folder.is_dir():
+        raise EvaluationError(f"folder must be a folder of {what}; got {folder}")
+    paths = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if path.is_file():  # never open a FIFO or a device: reading it would wait forever
+            paths.append(path)
+        else:
+            print(f"skipping {shown(path)}: not a regular file", file=sys.stderr)
+    if not paths:
+        allowed = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise EvaluationError(f"folder {folder} holds no images ({allowed})")
+    return paths
+
+
+def evaluate_fidelity(
+    panoramas: list[Panorama],
+    reference: list[Path],
+    device: torch.device,
+    feature_model=None,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """FID, KID and Mean-GIQA of the panoramas against `reference`; each panorama's GIQA is
+    filled in. `feature_model` replaces clean-fid's Inception (tests)."""
+    from .fidelity import FidelityError, fidelity, load_inception
+
+    try:
+        model = feature_model or load_inception(device)
+        with tempfile.TemporaryDirectory() as workdir:
+            paths = [p.path for p in panoramas]
+            figures = fidelity(paths, reference, model, device, Path(workdir), num_workers)
+    except FidelityError as exc:
+        raise EvaluationError(str(exc)) from None
+    for panorama, giqa in zip(panoramas, figures.pop("giqa"), strict=True):
+        panorama.giqa = giqa
+    return figures
 
 
 def evaluate(
@@ -455,8 +490,8 @@ def report(panoramas: list[Panorama], clip: bool) -> str:
     return "\n".join(lines)
 
 
-def to_json(panoramas: list[Panorama]) -> dict[str, Any]:
-    """The figures for --json."""
+def to_json(panoramas: list[Panorama], fidelity: dict[str, float] | None = None) -> dict[str, Any]:
+    """The figures for --json; FID, KID and Mean-GIQA in "mean" where `fidelity` has them."""
     return {
         "images": [
             {
@@ -468,11 +503,18 @@ def to_json(panoramas: list[Panorama]) -> dict[str, Any]:
                 "intra_style_l": p.intra_style_l,
                 "style_unresized": p.style_unresized,
                 "clip_score": p.clip_score,
+                "giqa": p.giqa,
                 "prompt": p.prompt,
             }
             for p in panoramas
         ],
-        "mean": means(panoramas),
+        "mean": {
+            **means(panoramas),
+            "fid": None,
+            "kid": None,
+            "mean_giqa": None,
+            **(fidelity or {}),
+        },
     }
 
 
@@ -502,6 +544,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prompt", default=None, help="prompt for CLIP-S (default: the one saved in each file)"
     )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of single 512x512 pictures of the same prompts from the same model: also "
+        "compute FID, KID and Mean-GIQA (needs clean-fid; its Inception is downloaded once)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes reading images for FID (default: 0)"
+    )
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if any)")
     args = parser.parse_args(argv)
 
@@ -515,12 +568,22 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         weights = args.weights or default_weights_dir()
         evaluate(panoramas, weights, device, clip, args.clip_model)
+        fidelity = None
+        if args.reference is not None:
+            reference = image_files(args.reference, "reference pictures")
+            fidelity = evaluate_fidelity(panoramas, reference, device, num_workers=args.workers)
     except (EvaluationError, WeightsError) as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
 
     print(report(panoramas, clip))
+    if fidelity is not None:
+        print(
+            f"\nAgainst {len(reference)} reference pictures: FID {fidelity['fid']:.2f}, "
+            f"KID {fidelity['kid']:.4f}, Mean-GIQA {fidelity['mean_giqa']:.4g} (KNN-GIQA, K=8, "
+            "on clean-fid's Inception features: not the official GIQA code)"
+        )
     if args.json is not None:
-        args.json.write_text(json.dumps(to_json(panoramas), indent=2) + "\n")
+        args.json.write_text(json.dumps(to_json(panoramas, fidelity), indent=2) + "\n")
     return 0

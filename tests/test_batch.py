@@ -1,0 +1,175 @@
+"""Many panoramas: `python -m syncdiffusion.batch`, alone, under torchrun, killed and rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from syncdiffusion.batch import expand_grid, job_key, main, parse_seeds, parse_setting, read_jobs
+from syncdiffusion.files import read_parameters
+from syncdiffusion.inputs import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny and quick: one window, one step, one synced step.
+SMALL = {"width": 512, "height": 512, "num_inference_steps": 1, "sync_threshold": 1}
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    )
+    return path
+
+
+def batch(*args: str, launcher: tuple[str, ...] = ("-m",), **popen) -> subprocess.Popen:
+    # One thread in every process: torchrun gives each of its processes one, and the same
+    # arithmetic everywhere makes the pictures bit for bit the same.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, *launcher, "syncdiffusion.batch", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=900)
+    return process.returncode, stderr
+
+
+def images(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def index(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines()]
+
+
+def test_seeds_and_settings_parse():
+    assert parse_seeds("0-3,9") == [0, 1, 2, 3, 9]
+    assert parse_setting("sync_weight=0,20") == ("sync_weight", [0.0, 20.0])
+    assert parse_setting("loop_closure=true,false") == ("loop_closure", [True, False])
+    assert parse_setting('negative_prompt=["a, b", ""]') == ("negative_prompt", ["a, b", ""])
+    with pytest.raises(InputError, match=r"one of prompt.*got .sync_wieght=1"):
+        parse_setting("sync_wieght=1")
+    with pytest.raises(InputError, match="stride: 'x' is not an int"):
+        parse_setting("stride=x")
+    with pytest.raises(InputError, match="--seeds"):
+        parse_seeds("a-b")
+
+
+def test_grid_expands_as_documented(tmp_path, capsys):
+    """Each prompt, then each combination of --set values (first slowest), then each seed; the
+    command prints the same JOBS lines it would run."""
+    expected = [
+        {"prompt": p, "sync_weight": w, "width": 768, "seed": s}
+        for p in ("a lake", "a town")
+        for w in (0.0, 20.0)
+        for s in (0, 1, 2)
+    ]
+    settings = [("sync_weight", [0.0, 20.0]), ("width", [768])]
+    assert expand_grid(["a lake", "a town"], [0, 1, 2], settings) == expected
+    assert expand_grid(["a lake"], None, []) == [{"prompt": "a lake"}]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# the paper's\na lake\n\na town\n")
+    args = ["--prompts", str(prompts), "--seeds", "0-2", "--set", "sync_weight=0,20"]
+    assert main([*args, "--set", "width=768", "--print-jobs"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == expected
+
+
+def test_job_lines_and_keys(tmp_path):
+    jobs = read_jobs(write_lines(tmp_path / "jobs.jsonl", [{"prompt": "a"}, "", "[1]", "{x"]))
+    assert [(j.line, j.error is None) for j in jobs] == [(1, True), (3, False), (4, False)]
+    assert "line 3 must be a JSON object; got list" in jobs[1].error
+    request = {"prompt": "a", "seed": 1}
+    assert job_key(request, "m") == job_key(dict(reversed(request.items())), "m")
+    assert job_key(request, "m") != job_key(request, "other model")
+
+
+def test_one_process_makes_each_job_once_and_records_bad_ones(tiny_weights, tmp_path):
+    """A bad job is recorded with its message and the others are made, each file named by
+    its job, with the CLI's parameters inside; a rerun makes nothing again."""
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl",
+        [
+            {"prompt": "a lake", "seed": 1, **SMALL},
+            {"prompt": "a lake", "seed": 1, **SMALL, "stride": 99},
+            "not json",
+            {"prompt": "a town", "seed": 2, **SMALL},
+            {"prompt": "a lake", "seed": 1, **SMALL},  # the first again: the same file
+        ],
+    )
+    out = tmp_path / "out"
+    code, stderr = finish(batch(str(jobs), "--out", str(out), "--weights", str(tiny_weights)))
+    assert code == 1, stderr
+    assert "line 2: stride must be a multiple of 8" in stderr
+    records = index(out)
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5]
+    assert "stride must be" in records[1]["error"] and "not JSON" in records[2]["error"]
+    assert records[0]["file"] == records[4]["file"] != records[3]["file"]
+    assert records[0]["seconds"] > 0
+    made = images(out)
+    assert sorted(made) == sorted({records[0]["file"], records[3]["file"]})
+    saved = read_parameters(out / records[3]["file"])
+    assert saved["prompt"] == "a town" and saved["seed"] == 2 and saved["stride"] == 16
+    assert "3 of 5 jobs made" in stderr
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    code, stderr = finish(batch(str(jobs), "--out", str(out), "--weights", str(tiny_weights)))
+    assert "2 done already, 0 to make" in stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
+
+
+def test_torchrun_two_processes_make_the_same_files_as_one(tiny_weights, tmp_path):
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl",
+        [{"prompt": f"a view {i}", "seed": i, **SMALL} for i in range(3)]
+        + [{"prompt": "wide", "seed": 7, **SMALL, "width": 768, "stride": 32}],
+    )
+    common = ("--weights", str(tiny_weights), "--device", "cpu", "--progress-every", "0.2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, stderr = finish(batch(str(jobs), "--out", str(one), *common))
+    assert code == 0, stderr
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    code, stderr = finish(batch(str(jobs), "--out", str(two), *common, launcher=(*torchrun, "-m")))
+    assert code == 0, stderr
+    assert "on 2 processes" in stderr and "4/4 jobs done" in stderr
+    assert images(one) == images(two) and len(images(one)) == 4
+    # Both processes made some, and the main process merged their index parts.
+    assert sorted(p.name for p in (two / ".index").iterdir()) == ["0.jsonl", "1.jsonl"]
+    assert [r["file"] for r in index(one)] == [r["file"] for r in index(two)]
+
+
+def test_a_killed_run_restarted_makes_only_what_is_missing(tiny_weights, tmp_path):
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl",
+        [{"prompt": "a hill", "seed": i, **SMALL} for i in range(8)],
+    )
+    out = tmp_path / "out"
+    args = (str(jobs), "--out", str(out), "--weights", str(tiny_weights))
+    first = batch(*args, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(out.glob("*.png")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    survivors = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.png")}
+    assert 1 <= len(survivors) < 8
+    code, stderr = finish(batch(*args))
+    assert code == 0, stderr
+    assert f"{len(survivors)} done already, {8 - len(survivors)} to make" in stderr
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.png")}
+    assert len(after) == 8 and {n: after[n] for n in survivors} == survivors
+    assert not list(out.glob(".*.tmp"))  # the killed run's half-written file is gone
+    assert all("file" in r for r in index(out))
