@@ -9,7 +9,8 @@ fi
 # Install only when the requirements or the project's metadata changed since the last install.
 # The project itself goes in editable, so the scripts import `syncdiffusion` from this checkout.
 stamp="$VENV/.requirements.sha256"
-want="$(cat requirements.txt requirements-dev.txt requirements-eval.txt pyproject.toml \
+want="$(cat requirements.txt requirements-dev.txt requirements-eval.txt requirements-app.txt \
+  pyproject.toml \
   | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip

@@ -1,0 +1,104 @@
+"""`python -m syncdiffusion.app [--weights DIR] [--model NAME] [--host HOST] [--port N]`: serve the
+web app and print its URL."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..weights import DOWNLOAD_COMMAND, default_model, default_weights_dir
+from .form import model_folders
+from .jobs import JobQueue
+from .server import App, AppServer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The app's options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m syncdiffusion.app",
+        description="Serve a web page to make SyncDiffusion panoramas on this machine's GPU.",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights folder; each folder in it with a model_index.json is a model to pick "
+        "(default: $SYNCDIFFUSION_WEIGHTS or weights/)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the model picked at first (default: $SYNCDIFFUSION_MODEL or stable-diffusion-2-base)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens the "
+        "app to every machine that can reach this one, with no password)",
+    )
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0: any free)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="folder for the panoramas made (default: a new temporary folder)",
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument(
+        "--abandon-after",
+        type=float,
+        default=10.0,
+        help="seconds a job runs on or waits in line once no browser tab follows it (default: 10)",
+    )
+    return parser
+
+
+def loader(weights_dir: Path, device: str | None) -> Callable[[str], Any]:
+    """The pipeline of a model folder in `weights_dir`, loaded when a job first needs it."""
+
+    def load(model: str) -> Any:
+        from .. import SyncDiffusionPipeline
+
+        return SyncDiffusionPipeline.from_pretrained(weights_dir, device=device, model=model)
+
+    return load
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until interrupted; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    weights_dir = args.weights or default_weights_dir()
+    models = model_folders(weights_dir)
+    if not models:
+        print(
+            f"error: no model folder (one holding model_index.json) in {weights_dir}; "
+            f"download one with `{DOWNLOAD_COMMAND}` or name the folder with --weights",
+            file=sys.stderr,
+        )
+        return 2
+    model = args.model or default_model()
+    if model not in models:
+        if args.model:
+            print(f"error: --model {model!r} is not among {', '.join(models)}", file=sys.stderr)
+            return 2
+        model = models[0]
+    output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="syncdiffusion-app-"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    jobs = JobQueue(loader(weights_dir, args.device), output_dir, args.abandon_after)
+    server = AppServer((args.host, args.port), App(weights_dir, model, jobs))
+    print(f"SyncDiffusion app: {server.url}  (panoramas go to {output_dir})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

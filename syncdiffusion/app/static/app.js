@@ -1,0 +1,201 @@
+// The page: a form drawn from the library's description of the inputs (/api/models), a run
+// followed step by step (/api/jobs/ID/events), the result, its 360-degree view and this tab's
+// history. Every number travels as text: a seed can exceed what JavaScript's numbers hold.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let described = null; // /api/models
+let current = null; // the model form shown: {name, inputs}
+let job = null; // {id, events}
+let viewer = null;
+
+function el(tag, props = {}, children = []) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+function fieldFor(spec) {
+  const id = "in-" + spec.name;
+  let control;
+  if (spec.kind === "bool") {
+    control = el("input", { type: "checkbox", id, checked: spec.default === true });
+  } else if (spec.kind === "choice") {
+    control = el("select", { id }, spec.choices.map((c) => el("option", { value: c, textContent: c })));
+    control.value = spec.default;
+  } else if (spec.kind === "str") {
+    control = el("textarea", { id, rows: spec.required ? 3 : 2, value: spec.default ?? "" });
+  } else {
+    control = el("input", { type: "number", id, value: spec.default ?? "" });
+    if (spec.ge !== undefined) control.min = spec.ge;
+    if (spec.le !== undefined) control.max = spec.le;
+    control.step = spec.kind === "float" ? "any" : spec.multiple_of ?? "1";
+  }
+  control.name = spec.name;
+  const label = el("label", { className: "name", htmlFor: id, textContent: spec.name });
+  const parts = [label, control];
+  if (spec.name === "seed") {
+    const random = el("input", { type: "checkbox", id: "seed-random" });
+    parts.splice(1, 1, el("div", { className: "seed-row" }, [
+      control, el("label", {}, [random, " random"]),
+    ]));
+  }
+  const help = el("small", { textContent: `${spec.help} (${spec.allowed})` });
+  const error = el("p", { className: "error", id: "error-" + spec.name, role: "alert" });
+  const className = "field" + (spec.kind === "bool" ? " bool" : "");
+  return el("div", { className, id: "field-" + spec.name }, [...parts, help, error]);
+}
+
+function valueOf(name) {
+  const control = $("in-" + name);
+  return control.type === "checkbox" ? control.checked : control.value;
+}
+
+function setValue(name, value) {
+  const control = $("in-" + name);
+  if (!control) return;
+  if (control.type === "checkbox") control.checked = value === true;
+  else control.value = value;
+}
+
+function drawForm(model) {
+  const old = current;
+  const kept = {};
+  if (old) {
+    for (const spec of old.inputs) {
+      const value = valueOf(spec.name);
+      if (value !== spec.default) kept[spec.name] = value; // what the person typed stays
+    }
+  }
+  current = described.models.find((m) => m.name === model);
+  $("inputs").replaceChildren(...current.inputs.map(fieldFor));
+  for (const [name, value] of Object.entries(kept)) setValue(name, value);
+}
+
+function clearErrors() {
+  document.querySelectorAll(".field.bad").forEach((f) => f.classList.remove("bad"));
+  document.querySelectorAll(".error").forEach((e) => (e.textContent = ""));
+}
+
+function showErrors(answer) {
+  $("form-error").textContent = answer.error;
+  for (const [name, message] of Object.entries(answer.fields || {})) {
+    const error = $("error-" + name);
+    if (!error) continue;
+    error.textContent = message;
+    $("field-" + name).classList.add("bad");
+  }
+}
+
+function busy(running) {
+  $("run").disabled = running;
+  $("cancel").disabled = !running;
+}
+
+async function run(event) {
+  event.preventDefault();
+  clearErrors();
+  const inputs = {};
+  for (const spec of [...current.inputs, ...described.output]) inputs[spec.name] = valueOf(spec.name);
+  const body = { model: $("model").value, inputs, random_seed: $("seed-random").checked };
+  const answer = await post("/api/jobs", body);
+  if (answer.error) return showErrors(answer);
+  busy(true);
+  $("status").textContent = "Sent.";
+  job = { id: answer.job, events: new EventSource(`/api/jobs/${answer.job}/events`) };
+  job.events.onmessage = (message) => follow(JSON.parse(message.data));
+}
+
+async function post(url, body) {
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  return response.json();
+}
+
+function drawSteps(steps, synced) {
+  const sync = new Set(synced);
+  $("progress").replaceChildren(...Array.from({ length: steps }, (_, i) =>
+    el("div", { className: "step" + (sync.has(i) ? " sync" : ""), title: `step ${i + 1}` })));
+}
+
+function follow(event) {
+  const status = $("status");
+  if (event.state === "queued") {
+    status.textContent = event.ahead ? `In line: ${event.ahead} job(s) before yours.` : "Next in line.";
+  } else if (event.state === "loading") {
+    status.textContent = `Loading ${event.model}…`;
+  } else if (event.state === "running") {
+    drawSteps(event.steps, event.synced);
+    status.textContent = `Step 0/${event.steps}`;
+  } else if (event.state === "step") {
+    const steps = $("progress").children;
+    for (let i = 0; i < event.step; i++) steps[i].classList.add("done");
+    const eta = event.step < event.steps ? ` · about ${Math.ceil(event.eta)} s left` : "";
+    status.textContent = `Step ${event.step}/${event.steps}${eta}${event.sync ? " · synced" : ""}`;
+  } else {
+    job.events.close();
+    job = null;
+    busy(false);
+    if (event.state === "done") show(event);
+    else if (event.state === "error") {
+      status.textContent = "Failed.";
+      $("form-error").textContent = event.message;
+    } else status.textContent = "Cancelled.";
+  }
+}
+
+async function show(result) {
+  $("status").textContent = `Done in ${result.seconds} s.`;
+  $("result").hidden = false;
+  $("result-text").textContent = `${result.width}x${result.height}, seed ${result.seed}`;
+  $("picture").src = result.file;
+  $("picture").dataset.width = result.width;
+  $("picture").dataset.height = result.height;
+  $("download").href = result.file;
+  $("download").download = result.name;
+  if (viewer) viewer.destroy();
+  viewer = null;
+  $("viewer").hidden = !result.loop_closure;
+  if (result.loop_closure) {
+    // Pannellum reads the file's own Photo Sphere XMP: the band of the sphere it covers.
+    viewer = pannellum.viewer("viewer", { type: "equirectangular", panorama: result.file,
+      autoLoad: true });
+  }
+  const token = result.file.split("/").pop();
+  const saved = await (await fetch(`/api/parameters/${token}`)).json();
+  remember(result, saved.fields);
+}
+
+function remember(result, fields) {
+  const rows = Object.entries(fields).flatMap(([name, value]) =>
+    [el("dt", { textContent: name }), el("dd", { textContent: String(value) })]);
+  const use = el("button", { type: "button", className: "use", textContent: "Use these settings" });
+  use.onclick = () => {
+    clearErrors();
+    for (const [name, value] of Object.entries(fields)) setValue(name, value);
+    $("seed-random").checked = false;
+  };
+  const picture = el("a", { href: result.file, download: result.name }, [
+    el("img", { src: result.file, alt: result.name }),
+  ]);
+  $("history").prepend(el("li", {}, [picture, el("dl", {}, rows), use]));
+}
+
+async function start() {
+  described = await (await fetch("/api/models")).json();
+  const select = $("model");
+  select.replaceChildren(...described.models.map((m) =>
+    el("option", { value: m.name, textContent: m.name })));
+  select.value = described.default_model;
+  select.onchange = () => drawForm(select.value);
+  drawForm(select.value);
+  $("output").replaceChildren(...described.output.map(fieldFor));
+  $("form").onsubmit = run;
+  $("cancel").onclick = () => job && post(`/api/jobs/${job.id}/cancel`, {});
+  document.body.dataset.ready = "true";
+}
+
+start();

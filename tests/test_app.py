@@ -1,0 +1,416 @@
+"""The web app (`python -m syncdiffusion.app`): its form is the library's description of the
+inputs, it serves only its page and the files it made, runs one job at a time, and works in a
+real browser (headless Chromium driven by Playwright) on the tiny model."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageStat
+
+from syncdiffusion.app.__main__ import build_parser
+from syncdiffusion.app.jobs import Job, JobQueue
+from syncdiffusion.app.server import App, AppServer
+from syncdiffusion.files import read_parameters
+from syncdiffusion.inputs import InputError, panorama_inputs, panorama_request
+from syncdiffusion.windows import Geometry
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "stable-diffusion-2-base"
+SCREENSHOT_ENV = "SYNCDIFFUSION_APP_SCREENSHOT"  # where the browser test saves its screenshot
+BROWSER_ENV = "SYNCDIFFUSION_APP_BROWSER"  # Chromium's path, where it is not on PATH
+
+
+def serve(app: App) -> AppServer:
+    """`app` served on a free port of 127.0.0.1, in a thread."""
+    server = AppServer(("127.0.0.1", 0), app, heartbeat=0.2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def call(server: AppServer, method: str, path: str, body=None, **headers: str) -> tuple[int, bytes]:
+    """One request to `server`, as a client on this machine sends it; the status and body."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers.setdefault("Content-Type", "application/json")
+    connection.request(method, path, body=data, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def events(server: AppServer, job: str) -> list[dict]:
+    """Every event of a job, until its last."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+    connection.request("GET", f"/api/jobs/{job}/events")
+    stream = connection.getresponse()
+    assert stream.getheader("Content-Type") == "text/event-stream"
+    seen = []
+    for line in stream:
+        if line.startswith(b"data: "):
+            seen.append(json.loads(line[6:]))
+            if seen[-1]["state"] in ("done", "error", "cancelled"):
+                return seen
+    return seen
+
+
+class FakePipe:
+    """Stands in for the pipeline where the queue, not the picture, is under test: each step
+    takes `step_seconds`, and the picture is black."""
+
+    def __init__(self, step_seconds: float = 0.05) -> None:
+        self.step_seconds, self.calls = step_seconds, 0
+
+    def __call__(self, *, callback, **request):
+        self.calls += 1
+        steps = request["num_inference_steps"]
+        for step in range(steps):
+            time.sleep(self.step_seconds)
+            callback({"step": step, "steps": steps, "sync": step < request["sync_threshold"]})
+        image = Image.new("RGB", (request["width"], request["height"]))
+        image.info["parameters"] = {**request, "model": "fake"}
+        return image
+
+
+@pytest.fixture
+def fake_app(tiny_weights, tmp_path):
+    """The app on the tiny model's folder, with `FakePipe` making the pictures."""
+    pipe = FakePipe()
+    jobs = JobQueue(lambda model: pipe, tmp_path, abandon_after=0.5)
+    server = serve(App(tiny_weights, MODEL, jobs))
+    server.pipe = pipe
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def real_app(tiny_weights, tmp_path_factory):
+    """The app as `python -m syncdiffusion.app --weights TINY --device cpu` serves it."""
+    from syncdiffusion import SyncDiffusionPipeline
+
+    def load(model: str):
+        return SyncDiffusionPipeline.from_pretrained(tiny_weights, device="cpu", model=model)
+
+    jobs = JobQueue(load, tmp_path_factory.mktemp("made"))
+    server = serve(App(tiny_weights, MODEL, jobs))
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_form_is_the_library_description_of_the_inputs(fake_app):
+    status, body = call(fake_app, "GET", "/api/models")
+    assert status == 200
+    described = json.loads(body)
+    assert [m["name"] for m in described["models"]] == [MODEL]
+    assert described["default_model"] == MODEL
+    fields = {f["name"]: f for f in described["models"][0]["inputs"]}
+    inputs = panorama_inputs(Geometry(window=64))  # the tiny model's window: SD2-base's
+    assert list(fields) == list(inputs)
+    for name, spec in inputs.items():
+        field = fields[name]
+        assert field["help"] == spec.help and field["allowed"] == spec.allowed()
+        assert field["required"] == spec.required
+        if not spec.required:
+            expected = spec.default if spec.type in (bool, str) else str(spec.default)
+            assert field["default"] == expected, name
+        for bound in ("ge", "le", "multiple_of"):
+            if getattr(spec, bound) is not None:
+                assert field[bound] == str(getattr(spec, bound)), (name, bound)
+    assert fields["seed"]["le"] == str(2**64 - 1)  # exact: as text, not a JavaScript number
+    assert [f["name"] for f in described["output"]] == ["output_format", "output_quality"]
+
+
+def test_a_bad_input_gets_the_library_message_beside_it(fake_app):
+    form = {"prompt": "a lake", "width": "500", "guidance_scale": "much"}
+    status, body = call(fake_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})
+    assert status == 400
+    answer = json.loads(body)
+    with pytest.raises(InputError) as refused:
+        panorama_request({"prompt": "a lake", "width": 500, "guidance_scale": "much"})
+    assert answer["error"] == str(refused.value)
+    assert answer["fields"] == {
+        "width": "width must be a multiple of 8 from 512 to 4096; got 500",
+        "guidance_scale": "guidance_scale must be a number from 0 to 20; got 'much'",
+    }
+    assert "Traceback" not in body.decode()
+    # What is not a model folder is refused before anything is read from it.
+    status, body = call(fake_app, "POST", "/api/jobs", {"model": "../..", "inputs": form})
+    assert status == 400 and "model must be a folder" in json.loads(body)["error"]
+
+
+def test_it_serves_only_its_page_and_the_files_it_made(fake_app, tiny_weights):
+    assert call(fake_app, "GET", "/")[0] == 200
+    assert call(fake_app, "GET", "/static/pannellum/pannellum.js")[0] == 200
+    weights_file = next(tiny_weights.rglob("*.safetensors"))
+    for path in (
+        "/gradio_api/file=/etc/passwd",
+        "/file=/etc/passwd",
+        "/static/../../../../../etc/passwd",
+        "/static/%2e%2e/%2e%2e/inputs.py",
+        "/static/../server.py",
+        f"/files/{weights_file}",
+        f"/files/..{weights_file}",
+        "/files/" + "../" * 12 + "etc/passwd",
+        "/api/parameters/" + "../" * 12 + "etc/passwd",
+        "/weights/" + weights_file.relative_to(tiny_weights).as_posix(),
+    ):
+        status, body = call(fake_app, "GET", path)
+        assert status == 404, path
+        assert b"root:" not in body
+    # Another site's page cannot reach it: not by DNS rebinding, not by posting a form.
+    assert call(fake_app, "GET", "/", Host="attacker.example:80")[0] == 403
+    form = {"model": MODEL, "inputs": {"prompt": "x"}}
+    assert call(fake_app, "POST", "/api/jobs", form, **{"Content-Type": "text/plain"})[0] == 415
+
+
+def test_one_command_starts_it_on_this_machine_and_prints_its_url(tiny_weights, tmp_path):
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+    command = [sys.executable, "-m", "syncdiffusion.app", "--weights", str(tiny_weights)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    app = subprocess.Popen(
+        [*command, "--port", "0", "--output-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        line = app.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert url, line
+        connection = http.client.HTTPConnection("127.0.0.1", int(url[1]), timeout=30)
+        connection.request("GET", "/")
+        assert b"SyncDiffusion" in connection.getresponse().read()
+    finally:
+        app.terminate()
+        app.wait(30)
+    empty = subprocess.run(
+        [*command[:3], "--weights", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert empty.returncode == 2
+    assert "no model folder" in empty.stderr and "download_weights.py" in empty.stderr
+
+
+def test_one_job_at_a_time_in_line(fake_app):
+    fake_app.pipe.step_seconds = 0.1
+    form = {"prompt": "x", "width": "512", "num_inference_steps": "5", "sync_threshold": "2"}
+    body = {"model": MODEL, "inputs": form}
+    ids = [json.loads(call(fake_app, "POST", "/api/jobs", body)[1])["job"] for _ in range(3)]
+    seen: dict[str, list[dict]] = {}
+    watchers = [
+        threading.Thread(target=lambda job=job: seen.update({job: events(fake_app, job)}))
+        for job in ids
+    ]
+    for watcher in watchers:
+        watcher.start()
+    for watcher in watchers:
+        watcher.join(30)
+    last = seen[ids[2]]
+    # The third user sees their place in line move up, then their run.
+    places = [e["ahead"] for e in last if e["state"] == "queued"]
+    assert places == [2, 1]
+    assert last[2] == {"state": "running", "steps": 5, "synced": [0, 1]}
+    steps = [e for e in last if e["state"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5]
+    assert [e["sync"] for e in steps] == [True, True, False, False, False]
+    assert steps[-1]["eta"] == 0
+    assert [seen[job][-1]["state"] for job in ids] == ["done"] * 3
+    assert fake_app.pipe.calls == 3
+
+
+def test_a_job_nobody_follows_is_stopped(fake_app):
+    fake_app.pipe.step_seconds = 0.1
+    form = {"prompt": "x", "width": "512", "num_inference_steps": "200", "sync_threshold": "0"}
+    answer = json.loads(call(fake_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})[1])
+    jobs = fake_app.app.jobs
+    job = jobs.jobs[answer["job"]]
+    watching = jobs.watch(job, heartbeat=0.1)
+    while (event := next(watching)) is None or event["state"] != "step":
+        pass
+    watching.close()  # the tab closed mid-run
+    deadline = time.monotonic() + 10
+    while not job.finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.events[-1] == {"state": "cancelled"}
+    assert job.events[-2]["step"] < 50  # stopped at a step soon after, not at the end
+    # A job whose tab never came to follow it is dropped from the line too.
+    orphan = jobs.submit(Job(MODEL, panorama_request({"prompt": "x"}), "png", 80))
+    deadline = time.monotonic() + 10
+    while not orphan.finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert orphan.events[-1] == {"state": "cancelled"}
+
+
+def test_cancel_stops_a_job_and_leaves_the_app_ready(fake_app):
+    fake_app.pipe.step_seconds = 0.1
+    form = {"prompt": "x", "width": "512", "num_inference_steps": "200", "sync_threshold": "0"}
+    body = {"model": MODEL, "inputs": form}
+    job = json.loads(call(fake_app, "POST", "/api/jobs", body)[1])["job"]
+    seen = []
+    watcher = threading.Thread(target=lambda: seen.extend(events(fake_app, job)))
+    watcher.start()
+    while not any(e.get("state") == "step" for e in fake_app.app.jobs.jobs[job].events):
+        time.sleep(0.05)
+    assert call(fake_app, "POST", f"/api/jobs/{job}/cancel", {})[0] == 200
+    watcher.join(10)
+    assert seen[-1] == {"state": "cancelled"}
+    assert max(e["step"] for e in seen if e["state"] == "step") < 20
+    form["num_inference_steps"] = "2"
+    again = json.loads(call(fake_app, "POST", "/api/jobs", body)[1])["job"]
+    assert events(fake_app, again)[-1]["state"] == "done"
+
+
+def test_the_download_is_the_file_the_cli_writes(real_app):
+    form = {
+        "prompt": "a beach",
+        "width": "1024",
+        "height": "512",
+        "num_inference_steps": "1",
+        "sync_threshold": "0",
+        "loop_closure": True,
+        "output_format": "webp",
+    }
+    job = json.loads(call(real_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})[1])
+    done = events(real_app, job["job"])[-1]
+    assert done["state"] == "done", done
+    assert (done["width"], done["height"]) == (1024, 512) and done["name"].endswith(".webp")
+    status, data = call(real_app, "GET", done["file"])
+    assert status == 200
+    made = real_app.app.jobs.made[done["file"].split("/")[-1]].path
+    assert data == made.read_bytes()
+    saved = read_parameters(made)  # as --from-png reads it
+    assert saved["prompt"] == "a beach" and saved["loop_closure"] is True
+    assert saved["width"] == 1024 and "model" in saved and "syncdiffusion" in saved
+    with Image.open(io.BytesIO(data)) as image:
+        xmp = image.info.get("xmp", b"")
+        assert image.format == "WEBP" and b"GPano:FullPanoWidthPixels>1024<" in xmp
+    status, body = call(real_app, "GET", "/api/parameters/" + done["file"].split("/")[-1])
+    fields = json.loads(body)["fields"]
+    assert fields["prompt"] == "a beach" and fields["width"] == "1024"
+    assert fields["loop_closure"] is True and "model" not in fields
+
+
+def chromium() -> str | None:
+    """The Chromium $SYNCDIFFUSION_APP_BROWSER names, else Debian's (`apt-get install chromium`)."""
+    return os.environ.get(BROWSER_ENV) or shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def page(real_app):
+    """A page of the app in headless Chromium."""
+    if BROWSER_ENV in os.environ:  # named (as CI names it): the test must run
+        import playwright.sync_api as playwright_api
+    else:
+        playwright_api = pytest.importorskip("playwright.sync_api")
+        if chromium() is None:
+            pytest.skip("no Chromium: apt-get install chromium, or set " + BROWSER_ENV)
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium(),
+            # WebGL for the 360 viewer, drawn by the CPU.
+            args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader"],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.set_default_timeout(120_000)
+        page.goto(real_app.url)
+        page.wait_for_selector("body[data-ready=true]")
+        yield page
+        browser.close()
+
+
+def status(page, pattern: str) -> None:
+    """Wait until the run's status line reads `pattern`: the page's script is all its own
+    (its CSP allows no eval), so the waits are Playwright's, not strings of JavaScript."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#status")).to_have_text(re.compile(pattern), timeout=120_000)
+
+
+def fill(page, **fields: str) -> None:
+    for name, value in fields.items():
+        page.fill(f"#in-{name}", value)
+
+
+def test_in_a_browser_a_run_shows_the_picture_at_its_size(page):
+    fill(page, prompt="a mountain lake", width="768", height="512")
+    fill(page, num_inference_steps="1", sync_threshold="0", seed="7")
+    page.click("#run")
+    status(page, r"^Done in ")
+    from playwright.sync_api import expect
+
+    expect(page.locator("#picture")).to_have_js_property("naturalWidth", 768)
+    size = page.eval_on_selector("#picture", "img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [768, 512]
+    assert page.text_content("#result-text") == "768x512, seed 7"
+    assert page.get_attribute("#download", "download").endswith(".png")
+    assert page.is_hidden("#viewer")  # not a 360-degree panorama
+    assert page.locator("#history li").count() == 1
+    # "Use these settings" puts the run's inputs back, as --from-png reads them.
+    fill(page, prompt="something else", width="1024")
+    page.click("#history li >> nth=0 >> button.use")
+    assert page.input_value("#in-prompt") == "a mountain lake"
+    assert page.input_value("#in-width") == "768"
+
+
+def test_in_a_browser_a_bad_input_shows_its_message(page):
+    fill(page, width="500")
+    page.click("#run")
+    page.wait_for_selector("#error-width:not(:empty)")
+    message = "width must be a multiple of 8 from 512 to 4096; got 500"
+    assert page.text_content("#error-width") == message
+    assert message in page.text_content("#form-error")
+    fill(page, width="768")
+
+
+def test_in_a_browser_cancel_stops_the_run(page):
+    fill(page, prompt="a long one", width="512", height="512", num_inference_steps="100")
+    fill(page, sync_threshold="5")  # one window: its synced steps are cheap
+    page.click("#run")
+    status(page, r"^Step [1-9]\d*/100")
+    assert page.locator("#progress .step").count() == 100
+    # The synced steps are marked, the first ones done.
+    assert page.locator("#progress .step.sync").count() == 5
+    assert page.locator("#progress .step.sync.done").count() >= 1
+    page.click("#cancel")
+    status(page, r"^Cancelled\.$")
+    assert page.is_enabled("#run") and page.is_disabled("#cancel")
+
+
+def test_in_a_browser_a_360_panorama_opens_in_the_viewer(page, real_app):
+    fill(page, prompt="a beach at dusk", width="1024", height="512", num_inference_steps="1")
+    fill(page, sync_threshold="0", seed="3")
+    page.check("#in-loop_closure")
+    page.click("#run")
+    status(page, r"^Done in ")
+    page.wait_for_selector("#viewer canvas")
+    page.wait_for_selector("#viewer .pnlm-load-box", state="hidden")
+    page.wait_for_timeout(500)
+    view = Image.open(io.BytesIO(page.locator("#viewer canvas").screenshot())).convert("L")
+    assert ImageStat.Stat(view).stddev[0] > 5, "the 360 viewer's canvas is blank"
+    # Dragging turns the view.
+    box = page.locator("#viewer").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 4, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.wait_for_timeout(500)
+    turned = Image.open(io.BytesIO(page.locator("#viewer canvas").screenshot())).convert("L")
+    assert turned.tobytes() != view.tobytes()
+    assert page.locator("#history li").count() == 2
+    if out := os.environ.get(SCREENSHOT_ENV):
+        page.locator("header").scroll_into_view_if_needed()
+        shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+        shot = shot.resize((shot.width * 3 // 4, shot.height * 3 // 4), Image.Resampling.LANCZOS)
+        shot.quantize(32).save(Path(out), optimize=True)  # small enough to commit
