@@ -24,7 +24,7 @@ from syncdiffusion import SyncDiffusionPipeline
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A panorama the tiny model makes in seconds, whatever size and steps a block asks for.
-QUICK: dict[str, Any] = {"width": 1024, "num_inference_steps": 2, "sync_threshold": 1}
+QUICK: dict[str, Any] = {"width": 512, "num_inference_steps": 1, "sync_threshold": 1}
 QUICK_OPTIONS = [item for k, v in QUICK.items() for item in ("--" + k.replace("_", "-"), str(v))]
 FENCE = re.compile(
     r"^(?:<!-- skip: (?P<skip>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```", re.S | re.M
@@ -171,8 +171,6 @@ def test_the_layout_names_every_file():
         return re.search(rf"(?<![\w.-]){re.escape(word)}(?![\w-])", layout) is not None
 
     missing = [
-        f
-        for f in files
-        if not named(f) and not (named(Path(f).name) and named(f.split("/")[0]))
+        f for f in files if not named(f) and not (named(Path(f).name) and named(f.split("/")[0]))
     ]
     assert not missing, f"docs/development.md's layout lacks {missing}"
