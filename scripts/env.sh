@@ -1,10 +1,13 @@
 # Sourced by scripts/test and scripts/demo: make (once) and enter the project's virtual environment.
-# PYTHON picks the interpreter (default python3.11); VENV the folder (default .venv).
+# PYTHON picks the interpreter (default: the first Python 3.11 to 3.14 on PATH, found by
+# scripts/find_python.sh, which names the fix when there is none); VENV the folder (default .venv).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
-  "${PYTHON:-python3.11}" -m venv "$VENV"
+  python="$(scripts/find_python.sh)"
+  echo "Making $VENV with $python (Python $("$python" -c 'import sys; print(sys.version.split()[0])'))."
+  "$python" -m venv "$VENV"
 fi
 # Install only when the requirements or the project's metadata changed since the last install.
 # The project itself goes in editable, so the scripts import `syncdiffusion` from this checkout.

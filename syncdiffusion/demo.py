@@ -7,7 +7,9 @@
    cannot be reached, or HF_HUB_OFFLINE is set, fall back to the tiny random test model, whose
    picture is noise, and say so.
 2. On a GPU, the published defaults. On the CPU, a smaller panorama (CPU_SETTINGS), with an
-   estimate of the time first. Any option given on the command line wins over the demo's.
+   estimate of the time first; where an NVIDIA GPU is present but torch cannot use it (a driver
+   too old for its CUDA, a CPU-only torch), say so and why before anything else. Any option
+   given on the command line wins over the demo's.
 3. Run the CLI (`python -m syncdiffusion`) with them, writing demo.png.
 """
 
@@ -15,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import re
+import shutil
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,13 @@ from .windows import SD2_BASE
 PROMPT = "a photo of a mountain range at twilight"
 OUTPUT = "demo.png"
 DOWNLOAD_SIZE = "about 3.1 GB"
+# What tells that an NVIDIA GPU is here even when torch cannot use it: its kernel driver's file,
+# or the driver's command-line tool.
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+NVIDIA_SMI = "nvidia-smi"
+# torch's CUDA 13.0 builds (requirements.txt's) need this driver or later (NVIDIA's CUDA 13.0
+# release notes).
+MIN_DRIVER = 580
 TINY_WEIGHTS = Path(".tiny-weights")
 
 # The tiny model is quick at any size; these keep its run to seconds.
@@ -149,6 +161,60 @@ def unanswered(url: str, timeout: float = NETWORK_TIMEOUT_S) -> str | None:
         return f"{host} cannot be reached ({' '.join(str(reason).split())})"
 
 
+def nvidia_driver() -> str | None:
+    """How an NVIDIA GPU shows itself here, whether or not torch can use it: "driver 535.104.05"
+    (the kernel module's version file), "nvidia-smi" (on PATH), or None."""
+    try:
+        text = NVIDIA_DRIVER_FILE.read_text(errors="replace")
+    except OSError:
+        text = None
+    if text is not None:
+        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", text)
+        return f"driver {found.group(1)}" if found else f"{NVIDIA_DRIVER_FILE}"
+    return NVIDIA_SMI if shutil.which(NVIDIA_SMI) else None
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch cannot use CUDA, in torch's own words where it gave any: the warning that
+    `torch.cuda.is_available()` gives once per process, else the error of `torch.cuda.init()`."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.is_available()
+    said = [str(w.message) for w in caught]
+    if not said:
+        try:
+            torch.cuda.init()
+        except Exception as error:  # torch raises RuntimeError or AssertionError, by cause
+            said = [str(error)]
+    text = " ".join(" ".join(said).split()).removeprefix("CUDA initialization: ")
+    return text.rstrip(".") or "torch gave no reason"
+
+
+def unusable_gpu_note() -> str | None:
+    """What to say before a CPU run on a machine whose NVIDIA GPU torch cannot use, or None
+    where there is no such GPU or torch can use it."""
+    if torch.cuda.is_available() or (driver := nvidia_driver()) is None:
+        return None
+    if torch.version.cuda is None:
+        fix = (
+            "install the CUDA build that requirements.txt names (scripts/env.sh does; it needs "
+            f"NVIDIA driver {MIN_DRIVER} or later)"
+        )
+    else:
+        fix = (
+            f"torch's CUDA {torch.version.cuda} build needs NVIDIA driver {MIN_DRIVER} or later: "
+            "update the driver (nvidia-smi shows its version), or install a torch built for a "
+            "CUDA release your driver supports (README, Requirements)"
+        )
+    return (
+        f"An NVIDIA GPU is here ({driver}), but torch {torch.__version__} cannot use it: "
+        f"{cuda_unavailable_reason()}. To use the GPU, {fix}. Until then the demo runs on the "
+        "CPU, at the CPU's smaller settings."
+    )
+
+
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
     """The options argv sets, by destination, with their values (argparse's errors and help)."""
     unset = object()
@@ -181,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         "The options are the CLI's; any given wins over the demo's own choices."
     )
     given = given_options(parser, argv)
+    # Said first: a GPU owner should know before a long download and a CPU run.
+    if "device" not in given and (note := unusable_gpu_note()):
+        print(note)
 
     # 1. The model: download it, or say why the tiny one stands in.
     weights = given.get("weights") or default_weights_dir()

@@ -156,7 +156,11 @@ def test_demo_settings_per_machine(tiny_weights, monkeypatch, capsys):
     def chosen(*argv: str) -> dict:
         assert demo.main(["--weights", str(tiny_weights), *argv]) == 0
         args = seen.pop()
-        return {name: getattr(args, name) for name in PUBLISHED}
+        # Options not given stay None: the model's defaults fill them in (the published ones).
+        return {
+            name: PUBLISHED[name] if getattr(args, name) is None else getattr(args, name)
+            for name in PUBLISHED
+        }
 
     assert chosen() == {**PUBLISHED, **demo.CPU_SETTINGS}
     assert chosen("--num-inference-steps", "50", "--stride", "16") == {
@@ -185,3 +189,85 @@ def test_estimate_scales_with_the_work_and_the_cpu():
     synced = demo.estimate_cpu_seconds(cpu, demo.COST_PROBE_CPU_S)
     # 3 windows: the anchor's decode and the two other windows' gradients.
     assert synced - unsynced == pytest.approx(demo.COST_DECODE_S + 2 * demo.COST_SYNCED_S)
+
+
+DRIVER_535 = (
+    "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+    "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+)
+TOO_OLD = (
+    "CUDA initialization: The NVIDIA driver on your system is too old (found version 12020). "
+    "Please update your GPU driver by downloading and installing a new version from the URL: "
+    "http://www.nvidia.com/Download/index.aspx"
+)
+
+
+@pytest.fixture
+def gpu_machine(tmp_path, monkeypatch):
+    """A machine with an NVIDIA GPU whose driver torch's CUDA build cannot use: the driver's
+    version file and torch's warning are faked, nvidia-smi is not on PATH."""
+    version = tmp_path / "version"
+    version.write_text(DRIVER_535)
+    monkeypatch.setattr(demo, "NVIDIA_DRIVER_FILE", version)
+    monkeypatch.setattr(demo.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+    def is_available() -> bool:
+        import warnings
+
+        warnings.warn(TOO_OLD, UserWarning, stacklevel=2)
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    return version
+
+
+def test_an_unusable_gpu_is_named_with_torchs_reason_and_the_fix(gpu_machine):
+    note = demo.unusable_gpu_note()
+    assert note.startswith("An NVIDIA GPU is here (driver 535.104.05), but torch ")
+    assert "The NVIDIA driver on your system is too old (found version 12020)." in note
+    assert "CUDA initialization" not in note
+    assert "CUDA 13.0 build needs NVIDIA driver 580 or later: update the driver" in note
+    assert note.endswith("Until then the demo runs on the CPU, at the CPU's smaller settings.")
+
+
+def test_torchs_reason_comes_from_init_once_its_warning_was_given(gpu_machine, monkeypatch):
+    # torch warns once per process: a second look finds no warning, so init() says why.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def init() -> None:
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12020)")
+
+    monkeypatch.setattr(torch.cuda, "init", init)
+    assert demo.cuda_unavailable_reason() == (
+        "The NVIDIA driver on your system is too old (found version 12020)"
+    )
+
+
+def test_nvidia_smi_alone_shows_a_gpu_and_a_cpu_only_torch_is_named(gpu_machine, monkeypatch):
+    gpu_machine.unlink()
+    assert demo.nvidia_driver() is None
+    monkeypatch.setattr(demo.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    note = demo.unusable_gpu_note()
+    assert note.startswith("An NVIDIA GPU is here (nvidia-smi)")
+    assert "is built without CUDA. To use the GPU, install the CUDA build" in note
+
+
+def test_no_nvidia_gpu_or_a_usable_one_says_nothing(gpu_machine, monkeypatch):
+    gpu_machine.unlink()
+    assert demo.unusable_gpu_note() is None  # no GPU: the CPU run is expected
+    gpu_machine.write_text(DRIVER_535)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo.unusable_gpu_note() is None
+
+
+def test_the_demo_says_why_first_unless_a_device_is_given(
+    gpu_machine, tiny_weights, in_tmp, capsys
+):
+    assert demo.main(["--weights", str(tiny_weights), *QUICK]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("An NVIDIA GPU is here (driver 535.104.05)")
+    assert out[1].startswith("On the CPU: ")
+    assert demo.main(["--weights", str(tiny_weights), *QUICK, "--device", "cpu"]) == 0
+    assert "NVIDIA" not in capsys.readouterr().out
