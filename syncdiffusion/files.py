@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .inputs import OUTPUT_FORMATS
-from .lpips_trunk import one_line
+from .perceptual import one_line
 
 logger = logging.getLogger(__name__)
 
