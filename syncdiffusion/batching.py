@@ -167,10 +167,15 @@ def plain_window_bytes(
 
 def free_memory(device: torch.device) -> int:
     """Bytes free for tensors on `device`: the GPU's free memory plus what PyTorch's allocator
-    holds cached but unused, or the machine's available RAM."""
+    holds cached but unused, within this process's cap where one is set
+    (`torch.cuda.set_per_process_memory_fraction`), or the machine's available RAM."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        unused = reserved - torch.cuda.memory_allocated(device)
+        # The allocator refuses to reserve past the cap, whatever the GPU has free.
+        cap = torch.cuda.get_per_process_memory_fraction(device) * total
+        return min(free, max(0, int(cap) - reserved)) + unused
     return psutil.virtual_memory().available
 
 

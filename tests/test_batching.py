@@ -209,3 +209,15 @@ def test_a_denoising_step_issues_no_blocking_copy(pipe):
     ops = {event.key for event in profiler.key_averages()}
     assert "aten::convolution" in ops  # the UNet ran, in three chunks
     assert not ops & _BLOCKING
+
+
+def test_free_memory_under_a_per_process_cap_is_what_the_cap_leaves(monkeypatch):
+    gib = 2**30
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 8 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+    assert batching.free_memory(gpu) == 72 * gib  # 70 free on the GPU, 2 cached and unused
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.3)
+    assert batching.free_memory(gpu) == 16 * gib  # a 24 GiB cap: 14 more reserved, 2 unused
