@@ -3,8 +3,10 @@
     python scripts/gpu_check.py [--out DIR]           # CUDA: SD2-base architecture, random
     python scripts/gpu_check.py --smoke [--out DIR]   # the CPU, the tiny model, small sizes
 
-Writes DIR/gpu-check.md (the report that goes into BENCHMARKS.md) and DIR/gpu-check.json (its
-figures) after every section, so a run cut short still leaves what it measured. Sections:
+Each section runs even where an earlier one failed (its error goes into the report), and
+`--only SECTION` reruns one. Writes DIR/gpu-check.md (the report that goes into BENCHMARKS.md)
+and DIR/gpu-check.json (its figures) after every section, so a run cut short still leaves
+what it measured. Sections:
 
 1. published: the published algorithm as the published wrapper ran it (the oracle, fp32
    weights under autocast) against the fast path (fp16): seconds, peak memory, largest pixel
@@ -60,6 +62,7 @@ from syncdiffusion.testing.tiny_models import TINY_MODELS, make_tiny_weights
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a mountain range at twilight"
 HUGE_CAP_BYTES = 24 * 2**30
+SECTIONS = ("published", "repeatable", "gradient", "memory", "out-of-memory", "huge", "sdxl")
 # Sizes and steps per mode: the GPU check's own, and the CPU smoke run's (same code, minutes).
 SETTINGS = {
     "gpu": {
@@ -413,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / ".tiny-weights",
         help="the tiny model's folder for --smoke, written there if missing",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run this section alone (repeatable); memory runs with out-of-memory",
+    )
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("error: no CUDA GPU here; --smoke runs the same checks on the CPU", file=sys.stderr)
@@ -437,19 +446,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     fast_dtype = torch.float16 if device.type == "cuda" else torch.float32
     tiny = args.tiny_weights if args.smoke else None
-    fast = load(tiny, device, fast_dtype)
-    reference = load(tiny, device, torch.float32) if fast_dtype != torch.float32 else fast
-    check_published(report, fast, reference, settings["published"], device)
-    check_repeatable(report, fast, settings["repeatable"])
-    check_gradient(report, fast, reference)
-    del reference
-    release_memory()
+    wanted = set(args.only or SECTIONS)
+
+    def section(name: str, check, *check_args):
+        """Run one check; a failure is reported and the run goes on to the next section."""
+        if name not in wanted:
+            return None
+        try:
+            return check(report, *check_args)
+        except Exception as error:
+            failure = f"{type(error).__name__}: {error}"
+            report.add(name, {"error": failure}, [f"FAILED: {failure}"])
+            release_memory()
+            return None
+
     chunks = settings["chunks"]
-    memory = check_memory(report, fast, settings["memory"], chunks, device)
-    check_out_of_memory(report, fast, settings["memory"], chunks[-1], device, memory)
-    check_huge(report, fast, settings["huge"], device)
-    del fast
-    check_sdxl(report, args.smoke, settings["sdxl"], device)
+    if wanted - {"sdxl"}:
+        fast = load(tiny, device, fast_dtype)
+        reference = fast
+        if fast_dtype != torch.float32 and wanted & {"published", "gradient"}:
+            reference = load(tiny, device, torch.float32)
+        section("published", check_published, fast, reference, settings["published"], device)
+        section("repeatable", check_repeatable, fast, settings["repeatable"])
+        section("gradient", check_gradient, fast, reference)
+        del reference
+        release_memory()
+        if wanted & {"memory", "out-of-memory"}:
+            wanted.add("memory")  # the out-of-memory check is sized from its figures
+        memory = section("memory", check_memory, fast, settings["memory"], chunks, device)
+        if memory is not None:
+            section(
+                "out-of-memory", check_out_of_memory, fast, settings["memory"], chunks[-1],
+                device, memory,
+            )  # fmt: skip
+        section("huge", check_huge, fast, settings["huge"], device)
+        del fast
+        release_memory()
+    section("sdxl", check_sdxl, args.smoke, settings["sdxl"], device)
     seconds = time.perf_counter() - started
     report.add("total", {"seconds": seconds}, [f"{seconds:.0f} s in all."])
     return 0

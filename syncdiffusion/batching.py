@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import psutil
 import torch
 from accelerate.utils.memory import should_reduce_batch_size
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Share of the free memory the chunks may fill: the rest is left to what the estimate leaves
 # out (the backward pass's gradient buffers, cuDNN/cuBLAS workspaces) and the allocator's slack.
@@ -20,31 +24,81 @@ _CPU_MAX_CHUNK = 2
 # cuDNN report as plain RuntimeErrors when they cannot get a workspace, and CUDA's own (its
 # list has " out of memory." with a period; CUDA's message goes on "out of memory\nCUDA kernel
 # errors might be...").
+# cuDNN's "GET/FIND was unable to find an engine to execute this computation" is how it says
+# that no algorithm's workspace fits in what is left (pytorch#102596 and its many duplicates).
 _LIBRARY_OUT_OF_MEMORY = (
     "CUBLAS_STATUS_ALLOC_FAILED",
     "CUDNN_STATUS_ALLOC_FAILED",
     "CUDA error: out of memory",
+    "unable to find an engine",
 )
 
 
-def saved_bytes(forward: Callable[[], torch.Tensor], parameters: Iterable[torch.Tensor]) -> int:
-    """Bytes of the tensors that autograd keeps for the backward pass of `forward()`.
+def _storages(tensors: Any) -> Iterator[torch.UntypedStorage]:
+    for tensor in tree_leaves(tensors):
+        if isinstance(tensor, torch.Tensor):
+            yield tensor.untyped_storage()
+
+
+def saved_bytes(
+    forward: Callable[[], Any],
+    parameters: Iterable[torch.Tensor],
+    layers: Sequence[torch.nn.Module] = (),
+) -> tuple[int, int]:
+    """Bytes of the tensors that autograd keeps for the backward pass of `forward()`: those
+    kept outside `layers`, and the most that one call of one of `layers` keeps.
 
     Counted with autograd's saved-tensor hooks, each storage once, the networks' parameters
-    (resident anyway) left out: exactly what a backward pass through these networks holds.
+    (resident anyway) left out. Where `layers` are recomputed in the backward
+    (`recompute.recomputing`), the first figure is what the forward leaves for the backward
+    and the second what recomputing one layer adds at the backward's peak; with `layers`
+    empty, the first is all a backward through these networks holds.
     """
     resident = {p.untyped_storage().data_ptr() for p in parameters}
-    kept: dict[int, int] = {}
+    outside: dict[int, int] = {}
+    inside: list[dict[int, int]] = []  # per call of a layer, while it runs
+    depth = 0
+
+    def enter(*_: Any) -> None:
+        nonlocal depth
+        depth += 1
+        if depth == 1:
+            inside.append({})
+
+    def leave(*_: Any) -> None:
+        nonlocal depth
+        depth -= 1
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in resident:
-            kept[storage.data_ptr()] = storage.nbytes()
+        ptr = storage.data_ptr()
+        # A layer's own input is kept outside it already.
+        if ptr not in resident and not (depth and ptr in outside):
+            (inside[-1] if depth else outside)[ptr] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
-    return sum(kept.values())
+    def keep_args(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        enter()
+        # A layer's inputs are what recomputing it starts from: kept outside it.
+        for storage in _storages((args, kwargs)):
+            if storage.data_ptr() not in resident:
+                outside[storage.data_ptr()] = storage.nbytes()
+
+    hooks = [
+        hook
+        for layer in layers
+        for hook in (
+            layer.register_forward_pre_hook(keep_args, with_kwargs=True),
+            layer.register_forward_hook(leave),
+        )
+    ]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(outside.values()), max((sum(call.values()) for call in inside), default=0)
 
 
 def sync_window_bytes(
@@ -52,9 +106,12 @@ def sync_window_bytes(
     probe: torch.Tensor,
     window: int,
     parameters: Iterable[torch.Tensor],
+    layers: Sequence[torch.nn.Module] = (),
 ) -> int:
     """One window's memory in a sync chunk: what the backward of its loss keeps through the UNet
-    (both classifier-free guidance inputs), the VAE decoder and LPIPS.
+    (both classifier-free guidance inputs), the VAE decoder and LPIPS, with `layers`
+    recomputed in the backward (`recompute`): their inputs, everything outside them, and at the
+    backward's peak the largest layer's recomputed activations.
 
     Counted on `probe`, a small latent view (1, c, s, s), and scaled to a `window` x `window`
     one: every kept activation grows with the pixels (attention kernels keep no n x n maps).
@@ -62,16 +119,63 @@ def sync_window_bytes(
     side = probe.shape[-1]
     probe = probe.detach().requires_grad_()
     with torch.enable_grad():
-        kept = saved_bytes(lambda: sync_loss(probe), parameters)
-    return kept * window**2 // side**2
+        kept, recomputed = saved_bytes(lambda: sync_loss(probe), parameters, layers)
+    return (kept + recomputed) * window**2 // side**2
+
+
+def peak_live_bytes(forward: Callable[[], Any], parameters: Iterable[torch.Tensor]) -> int:
+    """The most bytes of tensors that `forward()` holds alive at once, its result included and
+    `parameters` left out: a forward under `no_grad` frees each activation once it is used."""
+    resident = {p.untyped_storage().data_ptr() for p in parameters}
+    live: dict[int, int] = {}
+    peak = 0
+
+    def free(ptr: int) -> None:
+        live.pop(ptr, None)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal peak
+            out = func(*args, **(kwargs or {}))
+            for storage in _storages(out):
+                ptr = storage.data_ptr()
+                if ptr not in live and ptr not in resident and storage.nbytes():
+                    live[ptr] = storage.nbytes()
+                    weakref.finalize(storage, free, ptr)
+            peak = max(peak, sum(live.values()))
+            return out
+
+    with Count():
+        forward()
+    return peak
+
+
+def plain_window_bytes(
+    denoise: Callable[[torch.Tensor], torch.Tensor],
+    probe: torch.Tensor,
+    window: int,
+    parameters: Iterable[torch.Tensor],
+) -> int:
+    """One window's memory in a step without sync: the peak of the UNet's guided forward under
+    `no_grad` (both guidance inputs) and the DDIM step, counted on `probe` (1, c, s, s) as
+    `sync_window_bytes` is and scaled to a `window` x `window` view."""
+    side = probe.shape[-1]
+    with torch.no_grad():
+        peak = peak_live_bytes(lambda: denoise(probe), parameters)
+    return peak * window**2 // side**2
 
 
 def free_memory(device: torch.device) -> int:
     """Bytes free for tensors on `device`: the GPU's free memory plus what PyTorch's allocator
-    holds cached but unused, or the machine's available RAM."""
+    holds cached but unused, within this process's cap where one is set
+    (`torch.cuda.set_per_process_memory_fraction`), or the machine's available RAM."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        unused = reserved - torch.cuda.memory_allocated(device)
+        # The allocator refuses to reserve past the cap, whatever the GPU has free.
+        cap = torch.cuda.get_per_process_memory_fraction(device) * total
+        return min(free, max(0, int(cap) - reserved)) + unused
     return psutil.virtual_memory().available
 
 
@@ -87,7 +191,8 @@ def auto_view_batch_size(n_windows: int, window_bytes: int, device: torch.device
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` says an allocation failed (PyTorch's allocator, cuBLAS or cuDNN)."""
+    """Whether `error` says an allocation failed (PyTorch's allocator, cuBLAS or cuDNN, cuDNN's
+    "unable to find an engine" included)."""
     return (
         isinstance(error, torch.OutOfMemoryError)
         or should_reduce_batch_size(error)
@@ -105,8 +210,11 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_in_chunks(fn: Callable[[list[int]], None], indices: Sequence[int], batch_size: int) -> int:
-    """Call `fn` on consecutive chunks of `indices`; a chunk out of memory is halved, retried.
+def run_in_chunks(
+    fn: Callable[[Sequence[int]], None], indices: Sequence[int], batch_size: int
+) -> int:
+    """Call `fn` on consecutive chunks of `indices` (its slices: ranges where it is a range, so
+    a chunk of views is a slice, not an index); a chunk out of memory is halved, retried.
 
     `fn` must write its results only once it has them all, so a failed chunk leaves no trace.
     Returns the chunk size that last succeeded, so later steps start from a size that fits.
@@ -114,7 +222,7 @@ def run_in_chunks(fn: Callable[[list[int]], None], indices: Sequence[int], batch
     """
     start = 0
     while start < len(indices):
-        chunk = list(indices[start : start + batch_size])
+        chunk = indices[start : start + batch_size]
         try:
             fn(chunk)
             start += len(chunk)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -31,10 +31,16 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """D(z): latents (n, 4, h, w) to images (n, 3, 8h, 8w) in [0, 1], with the VAE's own
-    scaling factor (0.18215 for SD 1.x/2.x, 0.13025 for SDXL)."""
-    # `1 / s * z` rather than `z / s`, as the published code writes it: the same up to one rounding.
-    images = vae.decode(1 / vae.config.scaling_factor * latents.to(vae.dtype)).sample
-    return (images / 2 + 0.5).clamp(0, 1)
+    scaling factor (0.18215 for SD 1.x/2.x, 0.13025 for SDXL).
+
+    A VAE in fp32 runs in fp32 inside a caller's autocast too: SDXL's is fp32 because its
+    decoder overflows fp16 (`precision`), which autocast would bring back."""
+    fp32 = vae.dtype == torch.float32
+    with torch.autocast(latents.device.type, enabled=False) if fp32 else nullcontext():
+        # `1 / s * z` rather than `z / s`, as the published code writes it: the same up to one
+        # rounding.
+        images = vae.decode(1 / vae.config.scaling_factor * latents.to(vae.dtype)).sample
+        return (images / 2 + 0.5).clamp(0, 1)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from .batching import (
     auto_view_batch_size,
     free_memory,
     is_out_of_memory,
+    plain_window_bytes,
     release_memory,
     sync_window_bytes,
 )
@@ -34,6 +35,7 @@ from .inputs import InputError, panorama_request, sync_schedule
 from .model_folder import read_family, read_source, sd_variant
 from .perceptual import VGG16_RELPATH, load_lpips
 from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
+from .recompute import recompute_layers
 from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
 from .sync import lpips_features, sync_loss
 from .weights import check_weights, default_weights_dir, model_dirname
@@ -132,7 +134,10 @@ class SyncDiffusionPipeline:
             model.eval().requires_grad_(False)
         # Whatever the other networks' dtype, the perceptual one is fp32 (see `precision`).
         perceptual.to(PERCEPTUAL_DTYPE)
-        self._window_bytes: dict[tuple[torch.device, torch.dtype], int] = {}
+        # What the sync backward recomputes rather than keeps (`recompute`): the networks it
+        # runs through, the VAE's decoder only.
+        self.recompute = recompute_layers(unet, vae.decoder, perceptual)
+        self._window_bytes: dict[tuple[torch.device, torch.dtype, bool], int] = {}
         # The hub revision of the weights, where their folder records one (`from_pretrained`).
         self.model_revision: str | None = None
 
@@ -229,12 +234,29 @@ class SyncDiffusionPipeline:
         """The model's windows: what its inputs' bounds and its panoramas' views follow."""
         return Geometry(self.window, self.vae_scale_factor)
 
-    def window_bytes(self, eps: Callable, scheduler: DDIMScheduler) -> int:
-        """One window's memory in a sync chunk (`batching.sync_window_bytes`), counted once per
-        device and dtype on a 16x16-latent probe; `eps` and `scheduler` are a call's own."""
-        key = (self.device, self.dtype)
-        if key not in self._window_bytes:
-            side, t = 16, scheduler.timesteps[0]
+    def window_bytes(self, eps: Callable, scheduler: DDIMScheduler, sync: bool = True) -> int:
+        """One window's memory in a chunk, counted once per device and dtype on a 16x16-latent
+        probe; `eps` and `scheduler` are a call's own. In a sync step
+        (`batching.sync_window_bytes`): what its backward keeps, with `self.recompute`
+        recomputed, and the peak of that recomputation; in another step
+        (`batching.plain_window_bytes`): the peak of its guided UNet forward."""
+        key = (self.device, self.dtype, sync)
+        if key in self._window_bytes:
+            return self._window_bytes[key]
+        side, t = 16, scheduler.timesteps[0]
+        probe = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device)
+        parameters = [
+            p
+            for model in (self.unet, self.vae, self.perceptual)
+            for p in (*model.parameters(), *model.buffers())
+        ]
+        if not sync:
+
+            def denoise(x: torch.Tensor) -> torch.Tensor:
+                return scheduler.step(eps(x, t), int(t), x).prev_sample
+
+            count = plain_window_bytes(denoise, probe, self.window, parameters)
+        else:
             pixels = self.vae_scale_factor * side
             with torch.no_grad():
                 anchor = lpips_features(
@@ -247,14 +269,9 @@ class SyncDiffusionPipeline:
                 model=self.perceptual,
                 anchor_features=anchor,
             )
-            probe = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device)
-            parameters = [
-                p
-                for model in (self.unet, self.vae, self.perceptual)
-                for p in (*model.parameters(), *model.buffers())
-            ]
-            self._window_bytes[key] = sync_window_bytes(loss, probe, self.window, parameters)
-        return self._window_bytes[key]
+            count = sync_window_bytes(loss, probe, self.window, parameters, self.recompute)
+        self._window_bytes[key] = count
+        return count
 
     def new_scheduler(self) -> DDIMScheduler:
         """A fresh DDIM scheduler, so no call sees another's state."""
@@ -381,12 +398,16 @@ class SyncDiffusionPipeline:
 
         # 5. Denoise, then decode. Out of memory where no smaller chunk or tiled decode fits
         # fails this panorama only, and after clean-up.
-        out_of_memory = False
+        out_of_memory = None
         try:
             with torch.no_grad():
+                plain_batch_size = view_batch_size
                 if view_batch_size is None:
-                    view_batch_size = auto_view_batch_size(
-                        len(windows), self.window_bytes(eps, scheduler), self.device
+                    view_batch_size, plain_batch_size = (
+                        auto_view_batch_size(
+                            len(windows), self.window_bytes(eps, scheduler, sync), self.device
+                        )
+                        for sync in (True, False)
                     )
                 latent = sample_panorama(
                     latent,
@@ -397,6 +418,8 @@ class SyncDiffusionPipeline:
                     perceptual=self.perceptual,
                     sync=sync_schedule(request),
                     view_batch_size=view_batch_size,
+                    plain_batch_size=plain_batch_size,
+                    recompute=self.recompute,
                     initial_loss_scale=initial_loss_scale(self.dtype),
                     callback=callback,
                 )
@@ -407,8 +430,8 @@ class SyncDiffusionPipeline:
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-            out_of_memory = True
-        if out_of_memory:
+            out_of_memory = str(error)  # its text only: the error would keep the chunk alive
+        if out_of_memory is not None:
             # Raised here, past the `except`, so that neither this error's context nor a
             # traceback keeps the failed chunk's tensors alive while the next request sizes
             # its chunks.
@@ -416,7 +439,8 @@ class SyncDiffusionPipeline:
             raise MemoryError(
                 f"out of {self.device.type} memory even with one window at a time "
                 f"({free_memory(self.device) / 2**30:.1f} GiB free after clean-up); "
-                "the GPU is too small for this model or is shared with other work"
+                "the GPU is too small for this model or is shared with other work. "
+                f"PyTorch said: {out_of_memory}"
             )
         if image is None:
             return latent

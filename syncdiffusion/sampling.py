@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lpips
@@ -84,40 +83,64 @@ def denoise_views(
     sync: SyncSchedule,
     loss_scale: LossScale,
     view_batch_size: int,
+    recompute: Sequence[torch.nn.Module] = (),
 ) -> tuple[torch.Tensor, int]:
     """One DDIM step of every view (n, 4, s, s), after the sync gradient step when it is due.
 
+    `t` is the step's timestep as `scheduler.timesteps` holds it (on the CPU). Chunks of views
+    are contiguous slices, and the timestep goes to the device once, so that a step waits on
+    the device only where the sync step must read back whether its gradients are finite.
+    `recompute`: the layers recomputed in the sync backward (`recompute`).
     Returns the denoised views and the chunk size that fitted.
     """
-    denoised = torch.empty_like(views)
+    t_unet = t.to(views.device)
+    timestep = int(t)  # DDIM's arithmetic indexes host tables with it
 
-    def denoise(chunk: list[int], x: torch.Tensor) -> None:
+    def denoise(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            denoised[chunk] = scheduler.step(eps(x, t), t, x).prev_sample.to(views.dtype)
+            return scheduler.step(eps(x, t_unet), timestep, x).prev_sample.to(views.dtype)
 
     if not sync.active(step):
-        batch = run_in_chunks(
-            lambda chunk: denoise(chunk, views[chunk]), range(len(views)), view_batch_size
-        )
-        return denoised, batch
+        denoised = torch.empty_like(views)
+
+        def plain(rows: range) -> None:
+            denoised[rows.start : rows.stop] = denoise(views[rows.start : rows.stop])
+
+        return denoised, run_in_chunks(plain, range(len(views)), view_batch_size)
 
     with torch.no_grad():
         x_anchor = views[anchor : anchor + 1]
-        anchor_step = scheduler.step(eps(x_anchor, t), t, x_anchor)
+        anchor_step = scheduler.step(eps(x_anchor, t_unet), timestep, x_anchor)
         # The anchor is never moved, so this eps is also the one of its denoising step.
-        denoised[anchor] = anchor_step.prev_sample[0].to(views.dtype)
+        anchor_denoised = anchor_step.prev_sample.to(views.dtype)
         anchor_image = decode(anchor_step.pred_original_sample)
         anchor_features = lpips_features(perceptual, anchor_image * 2 - 1)
     weight = sync.weight_at(step)
-    x0 = partial(predict_x0, scheduler, eps, t)
 
-    def sync_and_denoise(chunk: list[int]) -> None:
-        x = views[chunk]
-        grad = sync_gradient(x, chunk, x0, decode, perceptual, anchor_features, loss_scale)
-        denoise(chunk, x - weight * grad.to(x.dtype))
+    def x0(x: torch.Tensor) -> torch.Tensor:
+        return scheduler.step(eps(x, t_unet), timestep, x).pred_original_sample
 
-    others = [k for k in range(len(views)) if k != anchor]
-    return denoised, run_in_chunks(sync_and_denoise, others, view_batch_size)
+    # The other views side by side, so that each chunk is a slice of them.
+    others = torch.cat([views[:anchor], views[anchor + 1 :]])
+    numbers = [k for k in range(len(views)) if k != anchor]
+    moved = torch.empty_like(others)
+
+    def sync_and_denoise(rows: range) -> None:
+        x = others[rows.start : rows.stop]
+        grad = sync_gradient(
+            x,
+            numbers[rows.start : rows.stop],
+            x0,
+            decode,
+            perceptual,
+            anchor_features,
+            loss_scale,
+            recompute,
+        )
+        moved[rows.start : rows.stop] = denoise(x - weight * grad.to(x.dtype))
+
+    batch = run_in_chunks(sync_and_denoise, range(len(others)), view_batch_size)
+    return torch.cat([moved[:anchor], anchor_denoised, moved[anchor:]]), batch
 
 
 def sample_panorama(
@@ -130,13 +153,18 @@ def sample_panorama(
     perceptual: lpips.LPIPS,
     sync: SyncSchedule,
     view_batch_size: int,
+    plain_batch_size: int | None = None,
+    recompute: Sequence[torch.nn.Module] = (),
     initial_loss_scale: float = 1.0,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Denoise a panorama latent (1, 4, H', W') over `scheduler.timesteps` (SyncDiffusion, Alg. 1).
 
     `eps(views, t)` is the guided noise prediction and `decode` the VAE decode to [0, 1];
-    views go through them `view_batch_size` at a time. `initial_loss_scale` starts every
+    views go through them `view_batch_size` at a time in sync steps and `plain_batch_size`
+    (default the same) in the others, which keep nothing for a backward; a chunk that runs out
+    of memory is halved, and each kind of step goes on from the size that fitted it. The layers
+    in `recompute` are recomputed in the sync backward. `initial_loss_scale` starts every
     window's loss scale for the sync backward (`precision`): 1 for fp32 networks. `callback`
     gets each step's state, with the chunk size that fitted (`view_batch_size`), which
     measurements of memory read.
@@ -144,8 +172,10 @@ def sample_panorama(
     anchor = anchor_index(windows)
     loss_scale = LossScale(len(windows), initial_loss_scale)
     steps = len(scheduler.timesteps)
+    batch_sizes = {True: view_batch_size, False: plain_batch_size or view_batch_size}
     for i, t in enumerate(scheduler.timesteps):
-        denoised, view_batch_size = denoise_views(
+        synced = sync.active(i)
+        denoised, batch_sizes[synced] = denoise_views(
             gather(latent, windows),
             i,
             t,
@@ -156,7 +186,8 @@ def sample_panorama(
             perceptual=perceptual,
             sync=sync,
             loss_scale=loss_scale,
-            view_batch_size=view_batch_size,
+            view_batch_size=batch_sizes[synced],
+            recompute=recompute,
         )
         value = torch.zeros_like(latent)
         count = torch.zeros_like(latent)
@@ -168,9 +199,9 @@ def sample_panorama(
                     "step": i,
                     "steps": steps,
                     "t": t,
-                    "sync": sync.active(i),
+                    "sync": synced,
                     "latent": latent,
-                    "view_batch_size": view_batch_size,
+                    "view_batch_size": batch_sizes[synced],
                 }
             )
     return latent

@@ -9,6 +9,7 @@ import lpips
 import torch
 
 from .precision import LossScale
+from .recompute import recomputing
 
 
 def lpips_features(model: lpips.LPIPS, images: torch.Tensor) -> list[torch.Tensor]:
@@ -55,18 +56,20 @@ def scaled_sync_gradient(
     model: lpips.LPIPS,
     anchor_features: list[torch.Tensor],
     loss_scale: torch.Tensor,
+    recompute: Sequence[torch.nn.Module] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d LPIPS(D(x0(x_v)), anchor) / d x_v for each view, through the decoder and the UNet.
 
     Each view's loss is multiplied by its `loss_scale` (n,) for the backward pass, so that fp16
     gradients do not underflow, and its gradient divided by it again in fp32. Views never
     interact inside the networks, so one backward pass of the summed loss gives every view's
-    own gradient. Returns the gradients (n, 4, h, w) in fp32 and the distances (n,); a view's
-    gradient that overflowed is not finite.
+    own gradient. The layers in `recompute` keep only their inputs and run again in the backward
+    (`recompute.recomputing`): the same gradient, in less memory. Returns the gradients
+    (n, 4, h, w) in fp32 and the distances (n,); a view's gradient that overflowed is not finite.
     """
     views = views.detach().requires_grad_()
     scale = loss_scale.to(views.device, torch.float32)
-    with torch.enable_grad():
+    with torch.enable_grad(), recomputing(recompute):
         distance = sync_loss(views, predict_x0, decode, model, anchor_features)
         (grad,) = torch.autograd.grad((distance * scale).sum(), views)
     unscale = (1 / loss_scale).to(views.device, torch.float32)
@@ -81,27 +84,36 @@ def sync_gradient(
     model: lpips.LPIPS,
     anchor_features: list[torch.Tensor],
     loss_scale: LossScale,
+    recompute: Sequence[torch.nn.Module] = (),
 ) -> torch.Tensor:
-    """The sync gradient of `views` (n, 4, h, w), the windows numbered `windows`, in fp32.
+    """The sync gradient of `views` (n, 4, h, w), the windows numbered `windows`, in fp32, with
+    the layers in `recompute` recomputed in the backward (`scaled_sync_gradient`).
 
     A view whose scaled gradient is not finite is redone alone at its lowered scale; one whose
     distance to the anchor is not finite cannot be helped by any scale and raises.
     """
     ids = torch.as_tensor(list(windows))
-    grad = torch.empty(views.shape, dtype=torch.float32, device=views.device)
+    grad = None
     todo = torch.arange(len(ids))  # positions in `views` still without a finite gradient
+    x = views
     while len(todo):
         g, distance = scaled_sync_gradient(
-            views[todo], predict_x0, decode, model, anchor_features, loss_scale.of(ids[todo])
+            x, predict_x0, decode, model, anchor_features, loss_scale.of(ids[todo]), recompute
         )
-        if not distance.isfinite().all():
-            bad = ids[todo][~distance.isfinite().cpu()][0].item()
+        # One read back to the host per pass, which the loss scale needs: what is finite.
+        near, finite = torch.stack([distance.isfinite(), g.flatten(1).isfinite().all(dim=1)]).cpu()
+        if not near.all():
+            bad = ids[todo][~near][0].item()
             raise FloatingPointError(
                 f"the LPIPS distance of window {bad} to the anchor is not finite: the networks "
                 "overflow in their precision; load the pipeline with dtype=torch.float32"
             )
-        finite = g.flatten(1).isfinite().all(dim=1).cpu()
+        if grad is None and finite.all():
+            return g  # every gradient finite at the first try: the usual case, nothing copied
+        if grad is None:
+            grad = torch.empty(views.shape, dtype=torch.float32, device=views.device)
         grad[todo[finite]] = g[finite]
         todo = todo[~finite]
         loss_scale.back_off(ids[todo].tolist())
+        x = views[todo]
     return grad

@@ -88,3 +88,12 @@ def test_a_panorama_too_big_to_decode_whole_is_decoded_in_tiles(pipe, monkeypatc
         image = decode_panorama(pipe.vae, latent, loop_closure=False)
         assert torch.equal(image, decode_tiled(pipe.vae, latent))
     assert "does not fit in memory in one piece" in caplog.text
+
+
+def test_an_fp32_vae_decodes_in_fp32_inside_a_callers_autocast(pipe):
+    latent = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = decode(pipe.vae, latent)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            image = decode(pipe.vae, latent)
+    assert image.dtype == torch.float32 and torch.equal(image, expected)

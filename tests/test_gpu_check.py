@@ -99,3 +99,28 @@ def test_the_cpu_stand_in_cap_halves_and_fails_as_a_real_one_and_leaves_the_pipe
         capped(**inputs, width=640, output_type="latent", view_batch_size=1)
     assert "out of cpu memory even with one window" in str(failure.value)
     assert capped.unet is pipe.unet and capped.perceptual.net is not pipe.perceptual.net
+
+
+def test_a_failing_section_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(gpu_check, "load", lambda tiny, device, dtype: SimpleNamespace())
+
+    def broken(report, *args):
+        raise RuntimeError("this section broke")
+
+    def fine(report, *args):
+        report.add("huge", {"ok": True}, ["fine"])
+
+    monkeypatch.setattr(gpu_check, "check_repeatable", broken)
+    monkeypatch.setattr(gpu_check, "check_huge", fine)
+    argv = ["--smoke", "--out", str(tmp_path), "--only", "repeatable", "--only", "huge"]
+    assert gpu_check.main(argv) == 0
+    figures = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert list(figures) == ["repeatable", "huge", "total"]
+    assert figures["repeatable"]["error"] == "RuntimeError: this section broke"

@@ -1,0 +1,76 @@
+"""Trading recomputation for memory in the sync backward (activation checkpointing).
+
+A synced window's backward runs through the UNet (both guidance inputs), the VAE decoder at the
+window's full pixel size and LPIPS. Kept whole, the activations of that one forward are what a
+GPU has (SD2-base 9 GiB in fp32, SDXL 50 GiB). Within `recomputing(layers)` each layer keeps
+only its inputs, and its forward runs again when the backward reaches it: the same arithmetic
+in the same order, so the gradient is the same to the bit, for about one more forward's time.
+
+The layers are the networks' repeated blocks (residual blocks, transformer blocks, attention,
+up- and downsamplers, LPIPS's VGG slices): small enough that one block's recomputed
+activations are a fraction of the whole, large enough that their inputs are too. Only the sync
+backward uses this; plain denoising runs under `no_grad`, which keeps nothing anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import lpips
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
+
+# The blocks recomputed in the backward, outermost first found (none nested in another).
+RECOMPUTED = (ResnetBlock2D, BasicTransformerBlock, Attention, Upsample2D, Downsample2D)
+
+
+def recompute_layers(*networks: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers of `networks` to recompute in the sync backward: every block of the kinds in
+    `RECOMPUTED` not inside another, and an LPIPS model's VGG slices (`net.slice1`...)."""
+    layers: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        if isinstance(module, RECOMPUTED):
+            layers.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    for network in networks:
+        if isinstance(network, lpips.LPIPS):
+            layers.extend(getattr(network.net, f"slice{k}") for k in range(1, 6))
+        else:
+            visit(network)
+    return layers
+
+
+def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextmanager
+def recomputing(layers: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Within the block, each of `layers` called with gradients on keeps only its inputs for
+    the backward pass and recomputes its activations there (`torch.utils.checkpoint`, the
+    non-reentrant kind diffusers' `enable_gradient_checkpointing` uses). On leaving, every
+    layer's forward is its own again; a backward started inside may finish outside."""
+    saved = [(layer, layer.__dict__.get("forward")) for layer in layers]
+    try:
+        for layer in layers:
+            layer.forward = partial(_checkpointed, layer.forward)
+        yield
+    finally:
+        for layer, forward in saved:
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
