@@ -75,6 +75,7 @@ def denoise_views(
     step: int,
     t: torch.Tensor,
     *,
+    timestep: int,
     anchor: int,
     eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler: DDIMScheduler,
@@ -87,18 +88,16 @@ def denoise_views(
 ) -> tuple[torch.Tensor, int]:
     """One DDIM step of every view (n, 4, s, s), after the sync gradient step when it is due.
 
-    `t` is the step's timestep as `scheduler.timesteps` holds it (on the CPU). Chunks of views
-    are contiguous slices, and the timestep goes to the device once, so that a step waits on
-    the device only where the sync step must read back whether its gradients are finite.
+    `t` is the step's timestep on the views' device, for the UNet, and `timestep` the same as a
+    Python int, for DDIM's arithmetic on its host tables: neither is copied per chunk. Chunks
+    of views are contiguous slices, so a step waits on the device only where the sync step must
+    read back whether its gradients are finite.
     `recompute`: the layers recomputed in the sync backward (`recompute`).
     Returns the denoised views and the chunk size that fitted.
     """
-    t_unet = t.to(views.device)
-    timestep = int(t)  # DDIM's arithmetic indexes host tables with it
-
     def denoise(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return scheduler.step(eps(x, t_unet), timestep, x).prev_sample.to(views.dtype)
+            return scheduler.step(eps(x, t), timestep, x).prev_sample.to(views.dtype)
 
     if not sync.active(step):
         denoised = torch.empty_like(views)
@@ -110,7 +109,7 @@ def denoise_views(
 
     with torch.no_grad():
         x_anchor = views[anchor : anchor + 1]
-        anchor_step = scheduler.step(eps(x_anchor, t_unet), timestep, x_anchor)
+        anchor_step = scheduler.step(eps(x_anchor, t), timestep, x_anchor)
         # The anchor is never moved, so this eps is also the one of its denoising step.
         anchor_denoised = anchor_step.prev_sample.to(views.dtype)
         anchor_image = decode(anchor_step.pred_original_sample)
@@ -118,7 +117,7 @@ def denoise_views(
     weight = sync.weight_at(step)
 
     def x0(x: torch.Tensor) -> torch.Tensor:
-        return scheduler.step(eps(x, t_unet), timestep, x).pred_original_sample
+        return scheduler.step(eps(x, t), timestep, x).pred_original_sample
 
     # The other views side by side, so that each chunk is a slice of them.
     others = torch.cat([views[:anchor], views[anchor + 1 :]])
@@ -173,12 +172,15 @@ def sample_panorama(
     loss_scale = LossScale(len(windows), initial_loss_scale)
     steps = len(scheduler.timesteps)
     batch_sizes = {True: view_batch_size, False: plain_batch_size or view_batch_size}
-    for i, t in enumerate(scheduler.timesteps):
+    # Every timestep goes to the device, and to Python ints, once for the whole loop.
+    on_device, timesteps = scheduler.timesteps.to(latent.device), scheduler.timesteps.tolist()
+    for i, (t, timestep) in enumerate(zip(on_device, timesteps, strict=True)):
         synced = sync.active(i)
         denoised, batch_sizes[synced] = denoise_views(
             gather(latent, windows),
             i,
             t,
+            timestep=timestep,
             anchor=anchor,
             eps=eps,
             scheduler=scheduler,

@@ -200,10 +200,11 @@ def test_a_denoising_step_issues_no_blocking_copy(pipe):
 
     eps, scheduler = _first_step(pipe)
     views = torch.randn(5, 4, 64, 64, generator=torch.Generator().manual_seed(2))
-    t = scheduler.timesteps[0]
+    t, timestep = scheduler.timesteps[0], int(scheduler.timesteps[0])
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         sampling.denoise_views(
-            views, 0, t, anchor=2, eps=eps, scheduler=scheduler, decode=None, perceptual=None,
+            views, 0, t, timestep=timestep, anchor=2, eps=eps, scheduler=scheduler, decode=None,
+            perceptual=None,
             sync=SyncSchedule(0, 0.99, 1, 0), loss_scale=None, view_batch_size=2,
         )  # fmt: skip
     ops = {event.key for event in profiler.key_averages()}
