@@ -293,7 +293,8 @@ class SyncDiffusionPipeline:
         texts = []
         for name, text in (("negative_prompt", negative_prompt), ("prompt", prompt)):
             read, n_tokens = encoder_text(self.tokenizer, text)
-            if n_tokens is None or n_tokens > (max_length := self.tokenizer.model_max_length):
+            max_length = self.tokenizer.model_max_length
+            if n_tokens is None or n_tokens > max_length:
                 length = f"more than {max_length}" if n_tokens is None else str(n_tokens)
                 logger.warning(
                     "%s is %s tokens long; the text encoder reads the first %d",

@@ -79,6 +79,7 @@ class CogServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="cog-server-"))
         self.log_path = self.workdir / "server.log"
+        self._final_logs = ""
 
     def __enter__(self) -> CogServer:
         self.start()
@@ -127,10 +128,13 @@ class CogServer:
             self.process.kill()
             self.process.wait()
         self._log.close()
+        self._final_logs = self.logs()  # still readable once the folder is gone
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def logs(self) -> str:
-        """What the server process printed so far."""
+        """What the server process printed so far (all of it, once stopped)."""
+        if not self.log_path.exists():
+            return self._final_logs
         return self.log_path.read_text(errors="replace")
 
     def openapi(self) -> requests.Response:
