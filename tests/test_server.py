@@ -58,6 +58,14 @@ def test_prediction_returns_a_png_of_the_asked_size(server):
     assert "step 2/2" in result["logs"]
 
 
+def test_a_sync_weight_of_zero_runs_no_sync_step(server):
+    synced = server.predict({**SMALL, "sync_threshold": 2})
+    assert re.search(r"^step 1/2 sync ", synced["logs"], re.MULTILINE), synced["logs"]
+    plain = server.predict({**SMALL, "sync_threshold": 2, "sync_weight": 0})
+    assert plain["status"] == "succeeded", plain
+    assert " sync " not in plain["logs"] and "step 2/2" in plain["logs"]
+
+
 def test_bad_input_fails_naming_it_and_the_server_carries_on(server):
     result = server.predict({**SMALL, "width": 700})
     assert result["status"] == "failed"
