@@ -45,7 +45,14 @@ def recompute_layers(*networks: torch.nn.Module) -> list[torch.nn.Module]:
 
     for network in networks:
         if isinstance(network, lpips.LPIPS):
-            layers.extend(getattr(network.net, f"slice{k}") for k in range(1, 6))
+            # By name, wherever they sit: a wrapper around the trunk keeps them.
+            slices = dict(network.net.named_modules())
+            layers.extend(
+                module
+                for k in range(1, 6)
+                for name, module in slices.items()
+                if name.rsplit(".", 1)[-1] == f"slice{k}"
+            )
         else:
             visit(network)
     return layers
