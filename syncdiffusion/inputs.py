@@ -10,13 +10,18 @@ which `cog build` reads without running Python, and tests/test_predict.py holds 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from .schedule import SyncSchedule
 from .windows import SD2_BASE, Geometry
+
+logger = logging.getLogger(__name__)
 
 
 class _Required:
@@ -49,7 +54,8 @@ class Input:
     """One input: what it is called, what it takes and what it does.
 
     `ge`/`le` bound a number, `multiple_of` an integer's step, `choices` a string's values.
-    `note` says why a bound is where it is, in the refusal's message.
+    `note` says why a bound is where it is, in the refusal's message. `zero`, where given, is
+    what the integer 0 means, outside the bounds (published as the lower bound 0).
     """
 
     name: str
@@ -62,6 +68,7 @@ class Input:
     choices: tuple[str, ...] | None = None
     max_length: int | None = None
     note: str = ""
+    zero: str = ""
 
     @property
     def required(self) -> bool:
@@ -72,6 +79,8 @@ class Input:
         """What the input takes, as a refusal says it."""
         if self.type is bool:
             return "true or false"
+        if self.type is Image.Image:
+            return "an image"
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
         if self.type is str and self.max_length is not None:
@@ -79,7 +88,10 @@ class Input:
         if self.type is str:
             return "a string"
         if self.multiple_of is not None:
-            return f"a multiple of {self.multiple_of} from {self.ge} to {self.le}{self.note}"
+            zero = f"0 ({self.zero}) or " if self.zero else ""
+            return (
+                f"{zero}a multiple of {self.multiple_of} from {self.ge} to {self.le}{self.note}"
+            )
         if self.type is float:
             return f"a number from {self.ge:g} to {self.le:g}"
         if self.le is None:
@@ -88,8 +100,8 @@ class Input:
 
     def accepts(self, value: Any) -> bool:
         """Whether `value` is one this input takes (an int is a float; a bool is neither)."""
-        if self.type is bool:
-            return isinstance(value, bool)
+        if self.type in (bool, Image.Image):
+            return isinstance(value, self.type)
         if self.type is str:
             return (
                 isinstance(value, str)
@@ -100,6 +112,8 @@ class Input:
             return False
         if self.type is int and not isinstance(value, int):
             return False
+        if self.zero and value == 0:
+            return True
         if isinstance(value, float) and not math.isfinite(value):
             return False
         if self.multiple_of is not None and value % self.multiple_of:
@@ -242,12 +256,51 @@ OUTPUT_INPUTS = {
 """How the panorama is written to a file (the Cog model's last two inputs)."""
 OUTPUT_FORMATS = OUTPUT_INPUTS["output_format"].choices
 
+CONTROL_INPUTS = {
+    spec.name: spec
+    for spec in (
+        Input(
+            "control_image",
+            Image.Image,
+            "The layout: a condition image for the ControlNet (an edge map, a QR code), "
+            "stretched over the whole panorama. Without a size, the panorama takes its size.",
+        ),
+        Input(
+            "controlnet_conditioning_scale",
+            float,
+            "How strongly the condition image steers the picture; 0 ignores it.",
+            default=1.0,
+            ge=0,
+            le=2,
+        ),
+        Input(
+            "control_guidance_start",
+            float,
+            "Fraction of the denoising steps after which the ControlNet starts steering.",
+            default=0.0,
+            ge=0,
+            le=1,
+        ),
+        Input(
+            "control_guidance_end",
+            float,
+            "Fraction of the denoising steps after which the ControlNet stops steering.",
+            default=1.0,
+            ge=0,
+            le=1,
+        ),
+    )
+}
+"""The inputs of a panorama laid out by a ControlNet (`control`), after the prompts."""
+
 # The inputs whose default, bounds or help follow the model's window.
 _WINDOW_INPUTS = ("width", "height", "stride")
 
 
-def panorama_inputs(geometry: Geometry = SD2_BASE) -> dict[str, Input]:
-    """The panorama inputs of a model with `geometry`, by name, in the published order.
+def panorama_inputs(geometry: Geometry = SD2_BASE, control: bool = False) -> dict[str, Input]:
+    """The panorama inputs of a model with `geometry`, by name, in the published order; with
+    `control`, those of its ControlNet (`CONTROL_INPUTS`) after the prompts, and sides that
+    default to the condition image's.
 
     Sides are at least one window; the default is four windows by one (SD2-base: 2048x512).
     The stride is below the window; its default a quarter of it (SD2-base: 16).
@@ -270,7 +323,21 @@ def panorama_inputs(geometry: Geometry = SD2_BASE) -> dict[str, Input]:
                 **window_inputs[spec.name],
             )
         described[spec.name] = spec
-    return described
+    if not control:
+        return described
+    for name in ("width", "height"):
+        described[name] = dataclasses.replace(
+            described[name],
+            default=0,
+            help=described[name].help.replace(
+                "a multiple of 8.", "a multiple of 8, or 0 for the control image's."
+            ),
+            zero="the control image's",
+        )
+    # The layout right after the text: on a form, what the panorama is comes first.
+    names = list(described)
+    order = [*names[:2], *CONTROL_INPUTS, *names[2:]]
+    return {name: described.get(name) or CONTROL_INPUTS[name] for name in order}
 
 
 def _refuse(problems: list[str | None]) -> None:
@@ -278,11 +345,17 @@ def _refuse(problems: list[str | None]) -> None:
         raise InputError("; ".join(problems))
 
 
-def panorama_request(inputs: Mapping[str, Any], geometry: Geometry = SD2_BASE) -> dict[str, Any]:
+def panorama_request(
+    inputs: Mapping[str, Any], geometry: Geometry = SD2_BASE, control: bool = False
+) -> dict[str, Any]:
     """Every input of one panorama by name, in the published order: those given, checked, and
     the model's defaults for the rest. Raises `InputError` naming every input that breaks a rule
-    (an unknown or missing one too), its value and the rule."""
-    described = panorama_inputs(geometry)
+    (an unknown or missing one too), its value and the rule.
+
+    With `control` (a model with a ControlNet) the control inputs join them, and a side not
+    given is the condition image's, rounded to the rules (the logs say how).
+    """
+    described = panorama_inputs(geometry, control)
     unknown = [name for name in inputs if name not in described]
     if unknown:
         raise InputError(
@@ -293,6 +366,9 @@ def panorama_request(inputs: Mapping[str, Any], geometry: Geometry = SD2_BASE) -
     _refuse([f"{name} is required" for name in missing])
     request = {name: inputs.get(name, spec.default) for name, spec in described.items()}
     _refuse([spec.problem(request[name]) for name, spec in described.items()])
+    if control:
+        _refuse([_control_problem(request)])
+        _size_from_condition(request, geometry)
     if (cost := request_cost(request, geometry)) > MAX_COST:
         n_windows = len(geometry.windows(request))
         raise InputError(
@@ -303,6 +379,29 @@ def panorama_request(inputs: Mapping[str, Any], geometry: Geometry = SD2_BASE) -
             "steps or a smaller size"
         )
     return request
+
+
+def _control_problem(request: Mapping[str, Any]) -> str | None:
+    start, end = request["control_guidance_start"], request["control_guidance_end"]
+    if start >= end:
+        return (
+            "control_guidance_start must be below control_guidance_end; "
+            f"got {_shown(start)} and {_shown(end)}"
+        )
+    return None
+
+
+def _size_from_condition(request: dict[str, Any], geometry: Geometry) -> None:
+    """Give the sides left 0 the condition image's size, within the rules."""
+    if request["width"] and request["height"]:
+        return
+    from .control_image import panorama_size  # here: it imports this module
+
+    width, height, note = panorama_size(request["control_image"], geometry)
+    request["width"] = request["width"] or width
+    request["height"] = request["height"] or height
+    if note is not None:
+        logger.info(note)
 
 
 def sync_schedule(request: Mapping[str, Any]) -> SyncSchedule:

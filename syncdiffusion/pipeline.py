@@ -13,7 +13,13 @@ from typing import Any, Literal
 import lpips
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    DiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -28,6 +34,7 @@ from .batching import (
     release_memory,
     sync_window_bytes,
 )
+from .control import Control, WindowControl, condition_tensor, image_record
 from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .family import SDXL, unet_family
 from .files import model_identity
@@ -114,8 +121,10 @@ class SyncDiffusionPipeline:
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = False,
+        controlnet: ControlNetModel | None = None,
     ) -> None:
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.controlnet = controlnet
         self.tokenizer, self.scheduler_config, self.perceptual = (
             tokenizer,
             scheduler.config,
@@ -136,10 +145,13 @@ class SyncDiffusionPipeline:
         perceptual.to(PERCEPTUAL_DTYPE)
         # What the sync backward recomputes rather than keeps (`recompute`): the networks it
         # runs through, the VAE's decoder only.
-        self.recompute = recompute_layers(unet, vae.decoder, perceptual)
+        self.recompute = recompute_layers(*self._denoisers(), vae.decoder, perceptual)
         self._window_bytes: dict[tuple[torch.device, torch.dtype, bool], int] = {}
         # The hub revision of the weights, where their folder records one (`from_pretrained`).
         self.model_revision: str | None = None
+        # The ControlNet's folder name and hub revision, where it was loaded from one.
+        self.controlnet_name: str | None = None
+        self.controlnet_revision: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -148,17 +160,26 @@ class SyncDiffusionPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         model: str | None = None,
+        controlnet: str | None = None,
     ) -> SyncDiffusionPipeline:
         """Load from a weights folder (default `$SYNCDIFFUSION_WEIGHTS` or `weights/`), no network.
 
         `model` is the model's folder in it (default `$SYNCDIFFUSION_MODEL`, else
         stable-diffusion-2-base): any SD 1.x/2.x or SDXL checkpoint in the diffusers layout,
-        its family read from its files. CUDA when available, else the CPU; fp16 on CUDA, fp32
-        on the CPU unless `dtype` says. `dtype` is that of the UNet, VAE and text encoders,
-        except a VAE that must be upcast; LPIPS is always fp32 (`precision`).
+        its family read from its files. `controlnet` is a ControlNet's folder under
+        `controlnet/` (a hub id or a known name, as `download_weights.py --controlnet` takes),
+        which must fit the model; the pipeline then lays panoramas out by a condition image.
+        CUDA when available, else the CPU; fp16 on CUDA, fp32 on the CPU unless `dtype` says.
+        `dtype` is that of the UNet, ControlNet, VAE and text encoders, except a VAE that must be
+        upcast; LPIPS is always fp32 (`precision`).
         """
         weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
         check_weights(weights_dir, model)
+        control_dir = None
+        if controlnet is not None:
+            control_dir = controlnet_dir(weights_dir, controlnet)
+            check_controlnet(control_dir)
+            check_controlnet_fits(weights_dir / model_dirname(model), control_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         sd = weights_dir / model_dirname(model)
@@ -186,13 +207,25 @@ class SyncDiffusionPipeline:
                 scheduler=DDIMScheduler.from_pretrained(sd, subfolder="scheduler", **local),
                 perceptual=load_lpips(weights_dir / VGG16_RELPATH),
                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt")),
+                controlnet=None
+                if control_dir is None
+                else ControlNetModel.from_pretrained(
+                    control_dir, **{**kwargs, "variant": sd_variant(control_dir)}
+                ),
             )
         pipe.model_revision = (read_source(sd) or {}).get("revision")
+        if control_dir is not None:
+            pipe.controlnet_name = control_dir.name
+            pipe.controlnet_revision = (read_source(control_dir) or {}).get("revision")
         return pipe.to(device)
 
     def _networks(self) -> list[torch.nn.Module]:
         """The model's networks (not LPIPS)."""
-        return [self.unet, self.vae, *self.text_encoders()]
+        return [*self._denoisers(), self.vae, *self.text_encoders()]
+
+    def _denoisers(self) -> list[torch.nn.Module]:
+        """The networks of a noise prediction: the UNet, and the ControlNet where there is one."""
+        return [self.unet] + ([self.controlnet] if self.controlnet is not None else [])
 
     def text_encoders(self) -> list[torch.nn.Module]:
         """The text encoders, in the order their states are concatenated."""
@@ -244,27 +277,32 @@ class SyncDiffusionPipeline:
         if key in self._window_bytes:
             return self._window_bytes[key]
         side, t = 16, scheduler.timesteps[0]
+        pixels = self.vae_scale_factor * side
         probe = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device)
+        control = None
+        if self.controlnet is not None:
+            crop = torch.zeros(1, 3, pixels, pixels, device=self.device)
+            control = WindowControl(self.controlnet, crop, 1.0)
         parameters = [
             p
-            for model in (self.unet, self.vae, self.perceptual)
+            for model in (*self._denoisers(), self.vae, self.perceptual)
             for p in (*model.parameters(), *model.buffers())
         ]
         if not sync:
 
             def denoise(x: torch.Tensor) -> torch.Tensor:
-                return scheduler.step(eps(x, t), int(t), x).prev_sample
+                return scheduler.step(eps(x, t, control), int(t), x).prev_sample
 
             count = plain_window_bytes(denoise, probe, self.window, parameters)
         else:
-            pixels = self.vae_scale_factor * side
             with torch.no_grad():
                 anchor = lpips_features(
                     self.perceptual, torch.zeros(1, 3, pixels, pixels, device=self.device)
                 )
             loss = partial(
                 sync_loss,
-                predict_x0=partial(predict_x0, scheduler, eps, t),
+                windows=[0],
+                predict_x0=lambda x, _: predict_x0(scheduler, eps, t, x, control),
                 decode=partial(decode, self.vae),
                 model=self.perceptual,
                 anchor_features=anchor,
@@ -338,8 +376,9 @@ class SyncDiffusionPipeline:
 
     def request(self, **inputs: Any) -> dict[str, Any]:
         """Every input of one panorama on this model by name: those given, checked, and the
-        model's defaults for the rest (`inputs.panorama_inputs`). Raises `InputError`."""
-        return panorama_request(inputs, self.geometry)
+        model's defaults for the rest (`inputs.panorama_inputs`; with a ControlNet, the control
+        inputs too). Raises `InputError`."""
+        return panorama_request(inputs, self.geometry, control=self.controlnet is not None)
 
     def __call__(
         self,
@@ -385,8 +424,21 @@ class SyncDiffusionPipeline:
             (1, self.unet.config.in_channels, *latent_size), generator=generator
         ).to(self.device)
 
-        # 4. The views and the schedule.
+        # 4. The views, the schedule and the condition image's crops.
         windows = self.geometry.windows(request)
+        control = None
+        if self.controlnet is not None:
+            control = Control(
+                self.controlnet,
+                condition_tensor(request["control_image"], request["width"], request["height"]).to(
+                    self.device
+                ),
+                windows,
+                self.vae_scale_factor,
+                request["controlnet_conditioning_scale"],
+                request["control_guidance_start"],
+                request["control_guidance_end"],
+            )
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(request["num_inference_steps"])
         eps = partial(
@@ -422,6 +474,7 @@ class SyncDiffusionPipeline:
                     plain_batch_size=plain_batch_size,
                     recompute=self.recompute,
                     initial_loss_scale=initial_loss_scale(self.dtype),
+                    control=control,
                     callback=callback,
                 )
                 if output_type == "latent":
@@ -451,6 +504,20 @@ class SyncDiffusionPipeline:
             **request,
             "model": model_identity(self.unet.config),
             **({"model_revision": self.model_revision} if self.model_revision else {}),
+            **self._controlnet_record(request),
             "syncdiffusion": __version__,
         }
         return image
+
+    def _controlnet_record(self, request: dict[str, Any]) -> dict[str, Any]:
+        """What a file saves of the ControlNet and the condition image (by its pixels' hash and
+        size: the image itself stays with its owner)."""
+        if self.controlnet is None:
+            return {}
+        record = {
+            "control_image": image_record(request["control_image"]),
+            "controlnet": self.controlnet_name or model_identity(self.controlnet.config),
+        }
+        if self.controlnet_revision:
+            record["controlnet_revision"] = self.controlnet_revision
+        return record

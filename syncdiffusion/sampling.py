@@ -10,12 +10,15 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from .batching import run_in_chunks
+from .control import Control, WindowControl
 from .precision import LossScale
 from .schedule import SyncSchedule
 from .sync import lpips_features, sync_gradient
 from .windows import Window, anchor_index, gather, scatter_add
 
 Callback = Callable[[dict[str, Any]], None]
+# The guided noise prediction of views at a timestep, with the ControlNet's part in the call.
+Eps = Callable[[torch.Tensor, torch.Tensor, WindowControl | None], torch.Tensor]
 
 
 def _pair(conditions: torch.Tensor, n: int) -> torch.Tensor:
@@ -28,21 +31,21 @@ def guided_eps(
     unet: UNet2DConditionModel,
     views: torch.Tensor,
     t: torch.Tensor,
+    control: WindowControl | None = None,
+    *,
     text_embeddings: torch.Tensor,
     guidance_scale: float,
     added_conditions: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided eps (the model's own output: noise, or v for v-prediction) of views
     (n, 4, s, s); `text_embeddings` (2, 77, D) and each of `added_conditions` (SDXL's pooled
-    text and size/crop numbers, (2, ...)) hold [negative, prompt]."""
+    text and size/crop numbers, (2, ...)) hold [negative, prompt]. With `control`, the
+    ControlNet's residuals for the views' condition crops join the UNet's, in both halves."""
     n = views.shape[0]
     added = {k: _pair(v, n) for k, v in (added_conditions or {}).items()} or None
-    eps = unet(
-        torch.cat([views, views]).to(unet.dtype),
-        t,
-        encoder_hidden_states=_pair(text_embeddings, n),
-        added_cond_kwargs=added,
-    ).sample
+    sample, text = torch.cat([views, views]).to(unet.dtype), _pair(text_embeddings, n)
+    residuals = {} if control is None else control.residuals(sample, t, text, added)
+    eps = unet(sample, t, encoder_hidden_states=text, added_cond_kwargs=added, **residuals).sample
     eps_uncond, eps_cond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -62,12 +65,13 @@ def window_time_ids(window_pixels: int, n_prompts: int = 2) -> torch.Tensor:
 
 def predict_x0(
     scheduler: DDIMScheduler,
-    eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    eps: Eps,
     t: torch.Tensor,
     x: torch.Tensor,
+    control: WindowControl | None = None,
 ) -> torch.Tensor:
     """The clean latent that DDIM predicts from views `x` at timestep `t`."""
-    return scheduler.step(eps(x, t), t, x).pred_original_sample
+    return scheduler.step(eps(x, t, control), t, x).pred_original_sample
 
 
 def denoise_views(
@@ -77,7 +81,7 @@ def denoise_views(
     *,
     timestep: int,
     anchor: int,
-    eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    eps: Eps,
     scheduler: DDIMScheduler,
     decode: Callable[[torch.Tensor], torch.Tensor],
     perceptual: lpips.LPIPS,
@@ -85,6 +89,7 @@ def denoise_views(
     loss_scale: LossScale,
     view_batch_size: int,
     recompute: Sequence[torch.nn.Module] = (),
+    control: Control | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One DDIM step of every view (n, 4, s, s), after the sync gradient step when it is due.
 
@@ -92,32 +97,39 @@ def denoise_views(
     Python int, for DDIM's arithmetic on its host tables: neither is copied per chunk. Chunks
     of views are contiguous slices, so a step waits on the device only where the sync step must
     read back whether its gradients are finite.
-    `recompute`: the layers recomputed in the sync backward (`recompute`).
+    `recompute`: the layers recomputed in the sync backward (`recompute`). `control`: the
+    ControlNet, which every call of a view runs with the view's condition crop.
     Returns the denoised views and the chunk size that fitted.
     """
-    def denoise(x: torch.Tensor) -> torch.Tensor:
+    steps = len(scheduler.timesteps)
+
+    def control_of(ids: Sequence[int]) -> WindowControl | None:
+        return None if control is None else control.at(step, steps, ids)
+
+    def denoise(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
         with torch.no_grad():
-            return scheduler.step(eps(x, t), timestep, x).prev_sample.to(views.dtype)
+            noise = eps(x, t, control_of(ids))
+            return scheduler.step(noise, timestep, x).prev_sample.to(views.dtype)
 
     if not sync.active(step):
         denoised = torch.empty_like(views)
 
         def plain(rows: range) -> None:
-            denoised[rows.start : rows.stop] = denoise(views[rows.start : rows.stop])
+            denoised[rows.start : rows.stop] = denoise(views[rows.start : rows.stop], rows)
 
         return denoised, run_in_chunks(plain, range(len(views)), view_batch_size)
 
     with torch.no_grad():
         x_anchor = views[anchor : anchor + 1]
-        anchor_step = scheduler.step(eps(x_anchor, t), timestep, x_anchor)
+        anchor_step = scheduler.step(eps(x_anchor, t, control_of([anchor])), timestep, x_anchor)
         # The anchor is never moved, so this eps is also the one of its denoising step.
         anchor_denoised = anchor_step.prev_sample.to(views.dtype)
         anchor_image = decode(anchor_step.pred_original_sample)
         anchor_features = lpips_features(perceptual, anchor_image * 2 - 1)
     weight = sync.weight_at(step)
 
-    def x0(x: torch.Tensor) -> torch.Tensor:
-        return scheduler.step(eps(x, t), timestep, x).pred_original_sample
+    def x0(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+        return scheduler.step(eps(x, t, control_of(ids)), timestep, x).pred_original_sample
 
     # The other views side by side, so that each chunk is a slice of them.
     others = torch.cat([views[:anchor], views[anchor + 1 :]])
@@ -125,18 +137,11 @@ def denoise_views(
     moved = torch.empty_like(others)
 
     def sync_and_denoise(rows: range) -> None:
-        x = others[rows.start : rows.stop]
+        x, ids = others[rows.start : rows.stop], numbers[rows.start : rows.stop]
         grad = sync_gradient(
-            x,
-            numbers[rows.start : rows.stop],
-            x0,
-            decode,
-            perceptual,
-            anchor_features,
-            loss_scale,
-            recompute,
+            x, ids, x0, decode, perceptual, anchor_features, loss_scale, recompute
         )
-        moved[rows.start : rows.stop] = denoise(x - weight * grad.to(x.dtype))
+        moved[rows.start : rows.stop] = denoise(x - weight * grad.to(x.dtype), ids)
 
     batch = run_in_chunks(sync_and_denoise, range(len(others)), view_batch_size)
     return torch.cat([moved[:anchor], anchor_denoised, moved[anchor:]]), batch
@@ -146,7 +151,7 @@ def sample_panorama(
     latent: torch.Tensor,
     windows: list[Window],
     *,
-    eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    eps: Eps,
     scheduler: DDIMScheduler,
     decode: Callable[[torch.Tensor], torch.Tensor],
     perceptual: lpips.LPIPS,
@@ -155,11 +160,13 @@ def sample_panorama(
     plain_batch_size: int | None = None,
     recompute: Sequence[torch.nn.Module] = (),
     initial_loss_scale: float = 1.0,
+    control: Control | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Denoise a panorama latent (1, 4, H', W') over `scheduler.timesteps` (SyncDiffusion, Alg. 1).
 
-    `eps(views, t)` is the guided noise prediction and `decode` the VAE decode to [0, 1];
+    `eps(views, t, control)` is the guided noise prediction (with `control`'s ControlNet
+    where given: `control.Control`) and `decode` the VAE decode to [0, 1];
     views go through them `view_batch_size` at a time in sync steps and `plain_batch_size`
     (default the same) in the others, which keep nothing for a backward; a chunk that runs out
     of memory is halved, and each kind of step goes on from the size that fitted it. The layers
@@ -190,6 +197,7 @@ def sample_panorama(
             loss_scale=loss_scale,
             view_batch_size=batch_sizes[synced],
             recompute=recompute,
+            control=control,
         )
         value = torch.zeros_like(latent)
         count = torch.zeros_like(latent)

@@ -37,21 +37,29 @@ def lpips_to_anchor(
         return distance.flatten()
 
 
+# The clean latents DDIM predicts from views (n, 4, h, w) of the windows numbered by the second
+# argument (which a ControlNet's condition crops follow).
+PredictX0 = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+
+
 def sync_loss(
     views: torch.Tensor,
-    predict_x0: Callable[[torch.Tensor], torch.Tensor],
+    windows: Sequence[int],
+    predict_x0: PredictX0,
     decode: Callable[[torch.Tensor], torch.Tensor],
     model: lpips.LPIPS,
     anchor_features: list[torch.Tensor],
 ) -> torch.Tensor:
-    """LPIPS(D(x0(x_v)), anchor) of each view (n, 4, h, w), shape (n,): the sync step's loss."""
-    images = decode(predict_x0(views))  # (n, 3, 512, 512) in [0, 1]
+    """LPIPS(D(x0(x_v)), anchor) of each view (n, 4, h, w) of the windows numbered `windows`,
+    shape (n,): the sync step's loss."""
+    images = decode(predict_x0(views, windows))  # (n, 3, 512, 512) in [0, 1]
     return lpips_to_anchor(model, images * 2.0 - 1.0, anchor_features)
 
 
 def scaled_sync_gradient(
     views: torch.Tensor,
-    predict_x0: Callable[[torch.Tensor], torch.Tensor],
+    windows: Sequence[int],
+    predict_x0: PredictX0,
     decode: Callable[[torch.Tensor], torch.Tensor],
     model: lpips.LPIPS,
     anchor_features: list[torch.Tensor],
@@ -70,7 +78,7 @@ def scaled_sync_gradient(
     views = views.detach().requires_grad_()
     scale = loss_scale.to(views.device, torch.float32)
     with torch.enable_grad(), recomputing(recompute):
-        distance = sync_loss(views, predict_x0, decode, model, anchor_features)
+        distance = sync_loss(views, windows, predict_x0, decode, model, anchor_features)
         (grad,) = torch.autograd.grad((distance * scale).sum(), views)
     unscale = (1 / loss_scale).to(views.device, torch.float32)
     return grad.float() * unscale.view(-1, *[1] * (grad.dim() - 1)), distance.detach()
@@ -79,7 +87,7 @@ def scaled_sync_gradient(
 def sync_gradient(
     views: torch.Tensor,
     windows: Sequence[int],
-    predict_x0: Callable[[torch.Tensor], torch.Tensor],
+    predict_x0: PredictX0,
     decode: Callable[[torch.Tensor], torch.Tensor],
     model: lpips.LPIPS,
     anchor_features: list[torch.Tensor],
@@ -98,7 +106,14 @@ def sync_gradient(
     x = views
     while len(todo):
         g, distance = scaled_sync_gradient(
-            x, predict_x0, decode, model, anchor_features, loss_scale.of(ids[todo]), recompute
+            x,
+            ids[todo].tolist(),
+            predict_x0,
+            decode,
+            model,
+            anchor_features,
+            loss_scale.of(ids[todo]),
+            recompute,
         )
         # One read back to the host per pass, which the loss scale needs: what is finite.
         near, finite = torch.stack([distance.isfinite(), g.flatten(1).isfinite().all(dim=1)]).cpu()

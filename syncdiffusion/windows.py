@@ -27,6 +27,10 @@ class Window:
         """Whether the view crosses the panorama's right edge back to its left edge."""
         return self.w1 <= self.w0
 
+    def scaled(self, factor: int) -> Window:
+        """The same window in units `factor` times smaller: latent pixels to image pixels."""
+        return Window(self.h0 * factor, self.h1 * factor, self.w0 * factor, self.w1 * factor)
+
 
 def _offsets(length: int, stride: int, cover_edge: bool, window: int) -> list[int]:
     """Window starts along one side: every `stride`, plus one flush with the end if asked."""
