@@ -1,5 +1,5 @@
-"""The condition image: what opens, what is refused and how the refusal reads. Every file is
-written here, small."""
+"""The condition image: what opens, what is refused and how the refusal reads, and Canny edges.
+Every file is written here, small."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from syncdiffusion.control_image import (
+    CONTROL_PREPROCESSORS,
     MAX_CONTROL_PIXELS,
     MAX_CONTROL_SIDE,
     _declared_size,
     _kind,
+    canny,
     open_control_image,
+    preprocess,
 )
 from syncdiffusion.inputs import MAX_SIDE, InputError
 
@@ -295,3 +298,40 @@ def test_a_jpeg_with_more_pictures_gives_its_first(tmp_path):
     assert Image.open(path).n_frames == 2
     red, _, blue = np.asarray(open_control_image(path)).astype(int).mean(axis=(0, 1))
     assert red > 200 > blue
+
+
+# Canny edges and the preprocessors
+
+
+def square() -> Image.Image:
+    """A white 16x16 square on a black 48x48 picture."""
+    image = Image.new("RGB", (48, 48))
+    image.paste(Image.new("RGB", (16, 16), "white"), (16, 16))
+    return image
+
+
+def test_canny_draws_the_edges_white_on_black_in_rgb():
+    edges = canny(square())
+    assert edges.mode == "RGB" and edges.size == (48, 48)
+    pixels = np.asarray(edges)
+    assert set(np.unique(pixels)) == {0, 255}
+    assert (pixels == pixels[..., :1]).all()  # the one channel stacked three times
+    found = pixels[..., 0] > 0
+    assert found[14:34, 14:34].sum() == found.sum() > 0  # only around the square's border
+    assert not found[19:29, 19:29].any()  # and none inside it
+    assert not np.asarray(canny(Image.new("RGB", (48, 48), "gray"))).any()
+
+
+def test_canny_of_grayscale_matches_canny_of_its_rgb():
+    gray = square().convert("L")
+    assert np.array_equal(np.asarray(canny(gray)), np.asarray(canny(gray.convert("RGB"))))
+
+
+def test_preprocess_by_name():
+    assert CONTROL_PREPROCESSORS == ("none", "canny")
+    image = square()
+    assert preprocess(image, "none") is image
+    assert np.array_equal(np.asarray(preprocess(image, "canny")), np.asarray(canny(image)))
+    with pytest.raises(InputError) as caught:
+        preprocess(image, "sobel")
+    assert str(caught.value) == "control_preprocess must be one of none, canny; got 'sobel'"
