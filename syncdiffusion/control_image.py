@@ -1,5 +1,5 @@
-"""The ControlNet condition image: opened from what a user gives and checked, and an edge map
-made from a photo.
+"""The ControlNet condition image: opened from what a user gives and checked, an edge map made
+from a photo, and the panorama size an image implies.
 
 A condition image is read whole and only when it is a PNG, JPEG or WebP file of 8-bit RGB or
 grayscale pixels and of a size we are willing to decode; anything else is refused with an
@@ -9,6 +9,7 @@ grayscale pixels and of a size we are willing to decode; anything else is refuse
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .inputs import MAX_SIDE, InputError, _shown
+from .windows import SD2_BASE, Geometry
 
 ControlImageSource = str | os.PathLike[str] | bytes | IO[bytes] | Image.Image
 
@@ -270,3 +272,47 @@ def preprocess(image: Image.Image, name: str) -> Image.Image:
     raise InputError(
         f"control_preprocess must be one of {', '.join(CONTROL_PREPROCESSORS)}; got {_shown(name)}"
     )
+
+
+def panorama_size(image: Image.Image, geometry: Geometry = SD2_BASE) -> tuple[int, int, str | None]:
+    """The panorama width and height a condition image implies when no size is given, and a
+    one-line note of how they differ from the image's (None when they do not).
+
+    Sides are multiples of 8 from one window (`geometry.window_pixels`) to MAX_SIDE. The image's
+    sides are rounded to the nearest multiples of 8; where that leaves a side out of bounds the
+    image is scaled first, both sides alike, so the condition is not stretched. Only an image
+    more elongated than a panorama can be (8:1 for 512-pixel windows) is then stretched.
+    """
+    least, most = geometry.window_pixels, MAX_SIDE
+    width, height = image.size
+    scale, how = 1.0, []
+    if _multiple_of_8(min(width, height)) < least:
+        scale, bound = least / min(width, height), f"at least {least}"
+    if _multiple_of_8(max(width, height)) > most or scale * max(width, height) > most:
+        scale, bound = most / max(width, height), f"at most {most}"
+    if scale != 1:
+        how.append(f"scaled by {scale:.3g} to {bound} pixels on a side, keeping its proportions")
+    scaled = [side * scale for side in image.size]
+    if any(abs(side - _multiple_of_8(side)) > 1e-6 for side in scaled):
+        how.append("sides rounded to multiples of 8")
+    sides = [min(most, max(least, _multiple_of_8(side))) for side in scaled]
+    for name, side, exact in zip(("width", "height"), sides, scaled, strict=True):
+        if side != _multiple_of_8(exact):
+            how.append(
+                f"the {name} then raised to {least}, which stretches the image: it is more "
+                f"elongated than a panorama can be ({most / least:.3g}:1)"
+            )
+    panorama_width, panorama_height = sides
+    if not how:
+        return panorama_width, panorama_height, None
+    return (
+        panorama_width,
+        panorama_height,
+        f"control_image is {width}x{height}; the panorama is {panorama_width}x{panorama_height} "
+        f"({'; '.join(how)})",
+    )
+
+
+def _multiple_of_8(length: float) -> int:
+    """The multiple of 8 nearest `length`, halves up."""
+    return 8 * math.floor(length / 8 + 0.5)

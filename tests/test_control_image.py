@@ -1,5 +1,5 @@
-"""The condition image: what opens, what is refused and how the refusal reads, and Canny edges.
-Every file is written here, small."""
+"""The condition image: what opens, what is refused and how the refusal reads, Canny edges, and
+the panorama size an image implies. Every file is written here, small."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from syncdiffusion.control_image import (
     _kind,
     canny,
     open_control_image,
+    panorama_size,
     preprocess,
 )
 from syncdiffusion.inputs import MAX_SIDE, InputError
+from syncdiffusion.windows import Geometry
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -335,3 +337,58 @@ def test_preprocess_by_name():
     with pytest.raises(InputError) as caught:
         preprocess(image, "sobel")
     assert str(caught.value) == "control_preprocess must be one of none, canny; got 'sobel'"
+
+
+# The panorama size an image implies
+
+
+@pytest.mark.parametrize(
+    ("size", "window", "expected", "note"),
+    [
+        ((3072, 512), 64, (3072, 512), None),
+        ((3070, 509), 64, (3072, 512), "sides rounded to multiples of 8"),
+        (
+            (6000, 4000),
+            64,
+            (4096, 2728),
+            "scaled by 0.683 to at most 4096 pixels on a side, keeping its proportions; sides "
+            "rounded to multiples of 8",
+        ),
+        (
+            (300, 200),
+            64,
+            (768, 512),
+            "scaled by 2.56 to at least 512 pixels on a side, keeping its proportions",
+        ),
+        (
+            (10000, 500),
+            64,
+            (4096, 512),
+            "scaled by 0.41 to at most 4096 pixels on a side, keeping its proportions; sides "
+            "rounded to multiples of 8; the height then raised to 512, which stretches the "
+            "image: it is more elongated than a panorama can be (8:1)",
+        ),
+        (
+            (1000, 2000),
+            128,
+            (1024, 2048),
+            "scaled by 1.02 to at least 1024 pixels on a side, keeping its proportions",
+        ),
+    ],
+)
+def test_the_panorama_size_an_image_implies(size, window, expected, note):
+    width, height, said = panorama_size(Image.new("L", size), Geometry(window=window))
+    assert (width, height) == expected
+    if note is None:
+        assert said is None
+    else:
+        assert said == (
+            f"control_image is {size[0]}x{size[1]}; the panorama is {width}x{height} ({note})"
+        )
+
+
+@pytest.mark.parametrize("size", [(1, 1), (511, 4097), (4099, 4099), (8000, 7), (513, 3000)])
+def test_the_panorama_size_keeps_the_size_rules(size):
+    width, height, _ = panorama_size(Image.new("1", size))
+    for side in (width, height):
+        assert side % 8 == 0 and 512 <= side <= MAX_SIDE
