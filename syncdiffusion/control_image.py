@@ -1,0 +1,318 @@
+"""The ControlNet condition image: opened from what a user gives and checked, an edge map made
+from a photo, and the panorama size an image implies.
+
+A condition image is read whole and only when it is a PNG, JPEG or WebP file of 8-bit RGB or
+grayscale pixels and of a size we are willing to decode; anything else is refused with an
+`InputError` that names `control_image`, what was given and what is taken.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from .inputs import MAX_SIDE, InputError, _shown
+from .windows import SD2_BASE, Geometry
+
+ControlImageSource = str | os.PathLike[str] | bytes | IO[bytes] | Image.Image
+
+# The condition image is resized to the panorama, which is at most MAX_SIDE on a side, so a larger
+# image only costs memory. Four times the largest panorama, side and area, takes any phone photo
+# (48 MP is 8000x6000) and decodes to at most 192 MiB of RGB. The area stays under Pillow's own
+# bomb limit (Image.MAX_IMAGE_PIXELS, 89 million), so Pillow never warns of an image we open.
+MAX_CONTROL_SIDE = 4 * MAX_SIDE
+MAX_CONTROL_PIXELS = 4 * MAX_SIDE * MAX_SIDE
+
+CONTROL_PREPROCESSORS = ("none", "canny")
+"""What `preprocess` makes of a condition image: nothing, or its Canny edges."""
+
+_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}  # Pillow's name: the one we print
+_ALLOWED = "a PNG, JPEG or WebP image"
+_COMPLETE = "a complete PNG, JPEG or WebP image"
+_MODES = ("RGB", "L", "1")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Other images a user may well have (a phone's HEIC photo, a GIF), named in the refusal.
+_OTHER_SIGNATURES = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+_HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}
+# JPEG's frame headers (SOF0..SOF15 but DHT, JPG and DAC): the one that holds the image's size.
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Errors Pillow raises on a file cut short or damaged (UnidentifiedImageError is an OSError).
+_DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+def open_control_image(source: ControlImageSource) -> Image.Image:
+    """The condition image in `source` (a path, bytes, a binary file or a PIL image), checked,
+    decoded whole, turned upright by its EXIF orientation (a phone photo for Canny edges is
+    upright) and in mode RGB.
+
+    Taken: PNG, JPEG and WebP files of 8-bit RGB or grayscale pixels (bilevel too), at most
+    `MAX_CONTROL_SIDE` pixels on a side and `MAX_CONTROL_PIXELS` in all, judged by the size the
+    file's header declares before anything is decoded. Refused with an `InputError`: anything
+    else, a file cut short or damaged, pixels with alpha, a palette, 16 bits or CMYK (the message
+    says how to convert them), and an animation (APNG, WebP): which of its frames is meant is
+    not ours to guess, so it is refused rather than cut to its first. A JPEG that carries more
+    pictures after the photo (MPO: a phone's depth map, a camera's second eye) gives the photo.
+    """
+    if isinstance(source, Image.Image):
+        return _checked(source, "a PIL image")
+    with _binary(source) as (fp, name):
+        head = fp.read(32)
+        if not head:
+            raise InputError(f"control_image must be {_ALLOWED}; got {name}: empty")
+        kind = _kind(head)
+        if kind is None:
+            raise InputError(f"control_image must be {_ALLOWED}; got {name}: {_not_ours(head)}")
+        described = f"{name}: a {_FORMATS[kind]}"
+        size = _declared_size(fp, kind)
+        if size is None:
+            raise InputError(
+                f"control_image must be {_COMPLETE}; got {described} whose header "
+                "is cut short or damaged"
+            )
+        _check_size(size, described)
+        fp.seek(0)
+        try:
+            image = Image.open(fp, formats=[kind])
+        except _DAMAGED as exc:
+            raise _damaged(described, exc) from exc
+        return _checked(image, described)
+
+
+@contextmanager
+def _binary(source: Any) -> Iterator[tuple[IO[bytes], str]]:
+    """A seekable binary file of `source` at its start, and `source` as a refusal names it."""
+    if isinstance(source, str | os.PathLike):
+        name = _shown(os.fspath(source))
+        try:
+            fp = open(source, "rb")  # noqa: SIM115 (closed below, after the image is decoded)
+        except OSError as exc:
+            raise InputError(
+                f"control_image must be {_ALLOWED}; got {name}, which cannot be read "
+                f"({exc.strerror or exc})"
+            ) from exc
+        with fp:
+            yield fp, name
+    elif isinstance(source, bytes | bytearray):
+        yield io.BytesIO(source), f"{len(source):,} bytes"
+    elif hasattr(source, "read"):
+        name = _shown(source.name) if isinstance(getattr(source, "name", None), str) else "a file"
+        seekable = getattr(source, "seekable", lambda: False)()
+        data = source.read(0) if seekable else source.read()
+        if not isinstance(data, bytes | bytearray):
+            raise InputError(
+                f"control_image must be {_ALLOWED}; got {name} opened in text mode: open it "
+                "with 'rb'"
+            )
+        fp = source if seekable else io.BytesIO(data)
+        fp.seek(0)
+        yield fp, name
+    else:
+        raise InputError(
+            f"control_image must be {_ALLOWED}: a path, bytes, a binary file or a PIL image; "
+            f"got {_shown(source)}"
+        )
+
+
+def _kind(head: bytes) -> str | None:
+    """Pillow's name of the format whose signature `head` starts with, among those we take."""
+    if head.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _not_ours(head: bytes) -> str:
+    """What a file we do not take is, as far as its first bytes tell."""
+    for signature, kind in _OTHER_SIGNATURES:
+        if head.startswith(signature):
+            return f"a {kind} image; save it as PNG, or as JPEG for a photo"
+    if head[4:8] == b"ftyp" and (kind := _HEIF_BRANDS.get(head[8:12])):
+        return f"a {kind} image; save it as JPEG or PNG"
+    return f"not an image (it begins {head[:16]!r})"
+
+
+def _declared_size(fp: IO[bytes], kind: str) -> tuple[int, int] | None:
+    """The width and height the header of a PNG, JPEG or WebP file declares, read without
+    decoding anything (Pillow's WebP opener allocates the canvas); None when there is no header.
+    """
+    fp.seek(0)
+    if kind == "JPEG":
+        return _jpeg_size(fp)
+    head = fp.read(30)
+    if kind == "PNG":  # the IHDR chunk comes first: width, height as big-endian 32-bit
+        ihdr = head[12:16] == b"IHDR" and len(head) >= 24
+        return struct.unpack(">II", head[16:24]) if ihdr else None
+    chunk, body = head[12:16], head[20:30]  # WebP's first chunk: its name, then its data
+    if len(body) < 10:
+        return None
+    if chunk == b"VP8X":  # extended: the canvas, 24 bits each, less one
+        return 1 + int.from_bytes(body[4:7], "little"), 1 + int.from_bytes(body[7:10], "little")
+    if chunk == b"VP8L" and body[0] == 0x2F:  # lossless: 14 bits each, less one
+        bits = int.from_bytes(body[1:5], "little")
+        return 1 + (bits & 0x3FFF), 1 + (bits >> 14 & 0x3FFF)
+    if chunk == b"VP8 " and body[3:6] == b"\x9d\x01\x2a":  # lossy key frame: 14 bits each
+        return (
+            int.from_bytes(body[6:8], "little") & 0x3FFF,
+            int.from_bytes(body[8:10], "little") & 0x3FFF,
+        )
+    return None
+
+
+def _jpeg_size(fp: IO[bytes]) -> tuple[int, int] | None:
+    """The size in a JPEG's frame header, found by skipping the marker segments before it."""
+    fp.seek(2)  # past the start-of-image marker
+    while fp.read(1) == b"\xff":
+        marker = fp.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = fp.read(1)
+        if not marker or marker[0] in (0xD9, 0xDA):  # the end, or the scan before any frame
+            return None
+        if 0xD0 <= marker[0] <= 0xD7 or marker[0] == 0x01:  # markers without a segment
+            continue
+        segment = fp.read(7)  # length (2 bytes); in a frame header precision, height, width
+        if len(segment) < 2 or (length := struct.unpack(">H", segment[:2])[0]) < 2:
+            return None  # a length under 2 would never move on
+        if marker[0] in _JPEG_FRAMES:
+            if len(segment) < 7:
+                return None
+            height, width = struct.unpack(">HH", segment[3:7])
+            return width, height
+        fp.seek(length - len(segment), io.SEEK_CUR)
+    return None
+
+
+def _check_size(size: tuple[int, int], described: str) -> None:
+    width, height = size
+    if max(width, height) > MAX_CONTROL_SIDE or width * height > MAX_CONTROL_PIXELS:
+        raise InputError(
+            f"control_image must be at most {MAX_CONTROL_SIDE:,} pixels on a side and "
+            f"{MAX_CONTROL_PIXELS:,} in all (4 times the largest panorama, {MAX_SIDE}x{MAX_SIDE});"
+            f" got {described} of {width}x{height} pixels"
+        )
+
+
+def _checked(image: Image.Image, described: str) -> Image.Image:
+    """`image` refused or taken: size, frames and mode judged before it is decoded, then decoded,
+    turned upright and converted to RGB."""
+    _check_size(image.size, described)
+    # A phone's JPEG may hold more pictures (MPO: a depth map, a preview); its first is the photo.
+    if (frames := getattr(image, "n_frames", 1)) > 1 and image.format != "MPO":
+        raise InputError(
+            f"control_image must be a still image; got {described} of {frames} frames (an "
+            "animation): save the frame to use as a still image"
+        )
+    if image.mode not in _MODES:
+        raise InputError(
+            "control_image must be 8-bit RGB or grayscale (mode RGB, L or 1); "
+            f"got {described} in mode {image.mode}{_mode_advice(image.mode)}"
+        )
+    try:
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+    except _DAMAGED as exc:
+        raise _damaged(described, exc) from exc
+    return upright.convert("RGB")
+
+
+def _mode_advice(mode: str) -> str:
+    """What the pixels of `mode` are, and how to make an image we take of them."""
+    if mode.upper().endswith("A"):  # RGBA, LA, PA and their premultiplied forms
+        return ", with an alpha channel: flatten it onto a background and save it as RGB"
+    if mode == "P":
+        return ", with a colour palette: convert it to RGB"
+    if mode.startswith("I;16"):
+        return ", 16 bits a pixel: convert it to 8-bit grayscale (mode L)"
+    if mode == "I":
+        return ", 32-bit integer pixels: convert it to 8-bit grayscale (mode L)"
+    if mode == "F":
+        return ", floating-point pixels: scale them to 0-255 and convert it to mode L"
+    if mode == "CMYK":
+        return ", CMYK colours: convert it to RGB"
+    return ": convert it to RGB"
+
+
+def _damaged(described: str, exc: Exception) -> InputError:
+    return InputError(
+        f"control_image must be {_COMPLETE}; got {described}, cut short or damaged ({exc})"
+    )
+
+
+def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """The edges of `image` by OpenCV's Canny with hysteresis thresholds `low` and `high`,
+    white on black in mode RGB: the canny ControlNet's condition. 100 and 200 are the thresholds
+    of diffusers' ControlNet examples, which run Canny on the RGB pixels as here."""
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)  # (H, W): 0 or 255
+    return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+
+def preprocess(image: Image.Image, name: str) -> Image.Image:
+    """`image` made into a condition by the preprocessor `name`, one of CONTROL_PREPROCESSORS."""
+    if name == "none":
+        return image
+    if name == "canny":
+        return canny(image)
+    raise InputError(
+        f"control_preprocess must be one of {', '.join(CONTROL_PREPROCESSORS)}; got {_shown(name)}"
+    )
+
+
+def panorama_size(image: Image.Image, geometry: Geometry = SD2_BASE) -> tuple[int, int, str | None]:
+    """The panorama width and height a condition image implies when no size is given, and a
+    one-line note of how they differ from the image's (None when they do not).
+
+    Sides are multiples of 8 from one window (`geometry.window_pixels`) to MAX_SIDE. The image's
+    sides are rounded to the nearest multiples of 8; where that leaves a side out of bounds the
+    image is scaled first, both sides alike, so the condition is not stretched. Only an image
+    more elongated than a panorama can be (8:1 for 512-pixel windows) is then stretched.
+    """
+    least, most = geometry.window_pixels, MAX_SIDE
+    width, height = image.size
+    scale, how = 1.0, []
+    if _multiple_of_8(min(width, height)) < least:
+        scale, bound = least / min(width, height), f"at least {least}"
+    if _multiple_of_8(max(width, height)) > most or scale * max(width, height) > most:
+        scale, bound = most / max(width, height), f"at most {most}"
+    if scale != 1:
+        how.append(f"scaled by {scale:.3g} to {bound} pixels on a side, keeping its proportions")
+    scaled = [side * scale for side in image.size]
+    if any(abs(side - _multiple_of_8(side)) > 1e-6 for side in scaled):
+        how.append("sides rounded to multiples of 8")
+    sides = [min(most, max(least, _multiple_of_8(side))) for side in scaled]
+    for name, side, exact in zip(("width", "height"), sides, scaled, strict=True):
+        if side != _multiple_of_8(exact):
+            how.append(
+                f"the {name} then raised to {least}, which stretches the image: it is more "
+                f"elongated than a panorama can be ({most / least:.3g}:1)"
+            )
+    panorama_width, panorama_height = sides
+    if not how:
+        return panorama_width, panorama_height, None
+    return (
+        panorama_width,
+        panorama_height,
+        f"control_image is {width}x{height}; the panorama is {panorama_width}x{panorama_height} "
+        f"({'; '.join(how)})",
+    )
+
+
+def _multiple_of_8(length: float) -> int:
+    """The multiple of 8 nearest `length`, halves up."""
+    return 8 * math.floor(length / 8 + 0.5)
