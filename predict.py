@@ -23,11 +23,13 @@ import torch
 from cog import BaseRunner, Input, Path
 
 from syncdiffusion import SyncDiffusionPipeline, WeightsError
+from syncdiffusion.control_image import open_control_image
 from syncdiffusion.files import save_image
 from syncdiffusion.inputs import check_output
 from syncdiffusion.weights import (
     MODEL_ENV,
     default_weights_dir,
+    download_controlnet,
     download_weights,
     hub_offline,
     missing_parts,
@@ -56,6 +58,8 @@ def return_memory() -> None:
 class Predictor(BaseRunner):
     # The model folder under weights/ (None: stable-diffusion-2-base); $SYNCDIFFUSION_MODEL wins.
     MODEL: str | None = None
+    # The ControlNet folder under weights/controlnet/, for a model laid out by a condition image.
+    CONTROLNET: str | None = None
 
     def setup(self) -> None:
         """Make sure the weights are on disk (download once), then load them with no network."""
@@ -72,7 +76,11 @@ class Predictor(BaseRunner):
             # HF_HUB_OFFLINE, read as huggingface_hub reads it: never download, only check.
             if missing_parts(weights_dir, model=model) and not hub_offline():
                 download_weights(weights_dir, model=model)
-            self.pipe = SyncDiffusionPipeline.from_pretrained(weights_dir, model=model)
+            if self.CONTROLNET is not None and not hub_offline():
+                download_controlnet(weights_dir, self.CONTROLNET)  # only what is missing
+            self.pipe = SyncDiffusionPipeline.from_pretrained(
+                weights_dir, model=model, controlnet=self.CONTROLNET
+            )
         except WeightsError as error:
             # One clear message (path and fix) as the setup error, not a trace through loaders.
             raise WeightsError(str(error)) from None
@@ -160,6 +168,9 @@ class Predictor(BaseRunner):
     def make_panorama(self, output_format: str, output_quality: int, **inputs) -> Path:
         """The panorama of the pipeline `inputs`, written as a file; `run` minus the schema."""
         check_output(output_format, output_quality)
+        if "control_image" in inputs:
+            # Read in full and checked here, so a bad upload fails with its name, not a trace.
+            inputs["control_image"] = open_control_image(inputs["control_image"])
         seed = inputs["seed"]
         print(f"Using seed: {seed}")
         started = time.monotonic()

@@ -45,7 +45,13 @@ from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upca
 from .recompute import recompute_layers
 from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
 from .sync import lpips_features, sync_loss
-from .weights import check_weights, default_weights_dir, model_dirname
+from .weights import (
+    check_controlnet,
+    check_controlnet_fits,
+    check_weights,
+    default_weights_dir,
+    model_dirname,
+)
 from .windows import Geometry
 
 logger = logging.getLogger(__name__)
@@ -177,8 +183,7 @@ class SyncDiffusionPipeline:
         check_weights(weights_dir, model)
         control_dir = None
         if controlnet is not None:
-            control_dir = controlnet_dir(weights_dir, controlnet)
-            check_controlnet(control_dir)
+            control_dir = check_controlnet(weights_dir, controlnet)
             check_controlnet_fits(weights_dir / model_dirname(model), control_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)

@@ -19,7 +19,7 @@ from syncdiffusion.control import Control, image_record
 from syncdiffusion.control_image import panorama_size
 from syncdiffusion.files import read_parameters, save_image
 from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
-from syncdiffusion.windows import Window
+from syncdiffusion.windows import Geometry, Window
 
 SD2_CONTROLNET, SDXL_CONTROLNET = "tiny-controlnet-sd2", "tiny-controlnet-sdxl"
 SMALL = dict(
@@ -201,3 +201,38 @@ def test_sdxl_with_its_controlnet(control_weights, layout):
     )
     assert steered.shape == off.shape == (1, 4, 32, 48)
     assert (steered - off).abs().max() > 1e-3
+
+
+def test_the_command_line_lays_a_photo_out_by_its_edges_and_remakes_it(control_weights, tmp_path):
+    from test_cli import run_cli
+
+    photo, other = tmp_path / "photo.jpg", tmp_path / "other.png"
+    rng = np.random.default_rng(3)
+    Image.fromarray((rng.random((256, 640, 3)) * 255).astype(np.uint8)).save(photo)
+    Image.new("RGB", (640, 256)).save(other)
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    common = ("--weights", str(control_weights), "--controlnet", SD2_CONTROLNET)
+    made = run_cli(
+        "--prompt", "a harbour", "--control-image", str(photo), "--control-preprocess", "canny",
+        "--num-inference-steps", "1", "--sync-threshold", "0", "--output", str(first), *common,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    saved = read_parameters(first)
+    with Image.open(photo) as opened:
+        assert (saved["width"], saved["height"]) == panorama_size(opened, Geometry())[:2]
+    assert saved["control_preprocess"] == "canny" and saved["controlnet"] == SD2_CONTROLNET
+
+    without = run_cli("--from-png", str(first), "--output", str(again), *common)
+    assert without.returncode == 2
+    assert "640x256" in without.stderr and "--control-image" in without.stderr
+    another = run_cli(
+        "--from-png", str(first), "--control-image", str(other), "--output", str(again), *common
+    )
+    assert another.returncode == 2
+    assert "is not the condition image" in another.stderr and "Traceback" not in another.stderr
+    remade = run_cli(
+        "--from-png", str(first), "--control-image", str(photo), "--output", str(again), *common
+    )
+    assert remade.returncode == 0, remade.stderr
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()

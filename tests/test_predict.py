@@ -35,7 +35,14 @@ PUBLISHED = {
     "output_format": ("str", "png", None, None),
     "output_quality": ("int", 80, 1, 100),
 }
-PREDICTORS = {"predict.py": Geometry(), "predict_sdxl.py": Geometry(window=128)}
+# Each predictor's model geometry, and whether it has a ControlNet.
+PREDICTORS = {
+    "predict.py": (Geometry(), False),
+    "predict_sdxl.py": (Geometry(window=128), False),
+    "predict_controlnet.py": (Geometry(), True),
+}
+# A condition image is an uploaded file, which cog passes as a Path.
+COG_TYPES = {"Image": "Path"}
 # cog reads a bound as a float64, which cannot hold the seed's top bound 2**64 - 1: the
 # library's check holds that one, and the schema leaves it out.
 FLOAT64_EXACT = 2**53
@@ -56,19 +63,22 @@ def test_what_cog_build_publishes_is_what_the_code_means(predictor):
         assert "description" in fields, f"{predictor}: {name} has no description cog can read"
 
 
-@pytest.mark.parametrize("predictor, geometry", PREDICTORS.items())
-def test_every_predictor_input_is_the_library_description(predictor, geometry):
+@pytest.mark.parametrize("predictor, model", PREDICTORS.items())
+def test_every_predictor_input_is_the_library_description(predictor, model):
     """Input by input, as `cog build` publishes it: type, default, bounds, length, choices
-    and help, as the library describes them for the predictor's model."""
+    and help, as the library describes them for the predictor's model. An input where 0 means
+    something (a side taken from the condition image) is published with the lower bound 0."""
     published = published_inputs(ROOT / predictor)
-    described = {**panorama_inputs(geometry), **OUTPUT_INPUTS}
+    described = {**panorama_inputs(*model), **OUTPUT_INPUTS}
     assert list(published) == list(described)
     for name, spec in described.items():
         fields = dict(published[name])
-        assert fields.pop("type") == spec.type.__name__, name
+        kind = spec.type.__name__
+        assert fields.pop("type") == COG_TYPES.get(kind, kind), name
         assert fields.pop("description") == spec.help, name
         assert fields.pop("default", REQUIRED) == spec.default, name
-        assert fields.pop("ge", None) == (None if spec.ge is None else float(spec.ge)), name
+        ge = 0 if spec.zero else spec.ge
+        assert fields.pop("ge", None) == (None if ge is None else float(ge)), name
         assert fields.pop("le", None) == _published(spec.le), name
         assert fields.pop("max_length", None) == spec.max_length, name
         choices = fields.pop("choices", None)
