@@ -36,7 +36,7 @@ from .batching import (
 )
 from .control import Control, WindowControl, condition_tensor, image_record
 from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
-from .family import SDXL, unet_family
+from .family import SDXL, controlnet_problem, unet_family
 from .files import model_identity
 from .inputs import InputError, panorama_request, sync_schedule
 from .model_folder import read_family, read_source, sd_variant
@@ -223,6 +223,31 @@ class SyncDiffusionPipeline:
             pipe.controlnet_name = control_dir.name
             pipe.controlnet_revision = (read_source(control_dir) or {}).get("revision")
         return pipe.to(device)
+
+    def with_controlnet(
+        self, controlnet: ControlNetModel | None, name: str | None = None
+    ) -> SyncDiffusionPipeline:
+        """The same networks with `controlnet` (None: without one), sharing every weight; `name`
+        is what files record of it (default: a hash of its config). Raises ValueError, saying
+        what differs, for a ControlNet that does not fit the UNet."""
+        if controlnet is not None and (
+            problem := controlnet_problem(dict(controlnet.config), dict(self.unet.config))
+        ):
+            raise ValueError(f"the ControlNet does not fit the model: {problem}")
+        pipe = SyncDiffusionPipeline(
+            unet=self.unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler=self.new_scheduler(),
+            perceptual=self.perceptual,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=self.tokenizer_2,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            controlnet=controlnet,
+        )
+        pipe.model_revision, pipe.controlnet_name = self.model_revision, name
+        return pipe.to(self.device)
 
     def _networks(self) -> list[torch.nn.Module]:
         """The model's networks (not LPIPS)."""
