@@ -37,6 +37,7 @@ KNOWN_REPOS = {
         "stabilityai/stable-diffusion-xl-base-1.0",
     )
 }
+CONTROLNET_DIRNAME = "controlnet"  # ControlNets sit in <weights>/controlnet/<repository name>/
 _PARTIAL_DIRNAME = ".partial"  # torchvision's file waits here, outside what the loader reads
 
 

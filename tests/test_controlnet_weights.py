@@ -1,13 +1,100 @@
-"""ControlNet weights: whether a ControlNet fits a model's UNet."""
+"""ControlNet weights: whether a ControlNet fits a model's UNet, and the tiny ControlNets the tests
+run on."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from syncdiffusion.family import controlnet_problem
+from syncdiffusion.testing.tiny_models import (
+    TINY_CONTROLNETS,
+    TINY_MODELS,
+    make_tiny_controlnet,
+    make_tiny_weights,
+)
+from syncdiffusion.weights import CONTROLNET_DIRNAME, SD_DIRNAME
 from tests.conftest import ROOT
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """Tiny SD2-base- and SDXL-shaped models with their tiny ControlNets; read, never change."""
+    return make_tiny_weights(tmp_path_factory.mktemp("controlnets"), ("sd2", "sdxl"), True)
+
+
+def _tiny_controlnet(tiny: Path, shape: str) -> Path:
+    return tiny / CONTROLNET_DIRNAME / TINY_CONTROLNETS[shape]
+
+
+# --- the tiny ControlNets -----------------------------------------------------------------
+
+
+def _unet_inputs(unet, seed: int = 0) -> dict:
+    """One step's inputs for the UNet (and its ControlNet): latents, timestep, text states and,
+    for SDXL, the pooled text and the six size numbers."""
+    generator = torch.Generator().manual_seed(seed)
+    side, width = unet.config.sample_size, unet.config.cross_attention_dim
+    inputs = {
+        "sample": torch.randn(1, 4, side, side, generator=generator),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 77, width, generator=generator),
+    }
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim
+        pooled -= 6 * unet.config.addition_time_embed_dim
+        sizes = [8.0 * side] * 2 + [0.0] * 2 + [8.0 * side] * 2
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, generator=generator),
+            "time_ids": torch.tensor([sizes]),
+        }
+    return inputs
+
+
+@pytest.mark.parametrize("shape", ["sd2", "sdxl"])
+def test_a_tiny_controlnet_changes_its_models_output(tiny: Path, shape: str) -> None:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny / TINY_MODELS[shape][0] / "unet").eval()
+    controlnet = ControlNetModel.from_pretrained(_tiny_controlnet(tiny, shape)).eval()
+    inputs = _unet_inputs(unet)
+    side = 8 * unet.config.sample_size  # the control image is the window's size in pixels
+    images = torch.rand(2, 1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = unet(**inputs).sample
+        residuals = [controlnet(**inputs, controlnet_cond=i, return_dict=False) for i in images]
+        controlled = [
+            unet(
+                **inputs,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample
+            for down, mid in residuals
+        ]
+    down, mid = residuals[0]
+    assert all(r.abs().mean() > 0.05 for r in [*down, mid])
+    assert (controlled[0] - plain).norm() > 0.2 * plain.norm()
+    # What the control image holds matters, not only that there is one.
+    assert (controlled[0] - controlled[1]).norm() > 0.01 * plain.norm()
+
+
+def test_the_script_writes_the_same_tiny_controlnet(tiny: Path, tmp_path: Path, run_script):
+    result = run_script("make_tiny_weights.py", str(tmp_path), "--controlnets")
+    assert result.returncode == 0, result.stderr
+    assert "tiny-controlnet-sd2" in result.stdout
+    written, expected = _tiny_controlnet(tmp_path, "sd2"), _tiny_controlnet(tiny, "sd2")
+    for name in ("config.json", WEIGHTS):
+        assert (written / name).read_bytes() == (expected / name).read_bytes(), name
+    other_seed = make_tiny_controlnet(tiny / SD_DIRNAME, tmp_path / "seed-1", seed=1)
+    assert (other_seed / WEIGHTS).read_bytes() != (expected / WEIGHTS).read_bytes()
+
+
+# --- the fit check ------------------------------------------------------------------------
 
 # The keys of real configs that the fit reads, and some it does not (they differ between
 # ControlNets that fit): lllyasviel/sd-controlnet-canny's (SD 1.5's UNet; no
