@@ -1,25 +1,42 @@
-"""ControlNet weights: whether a ControlNet fits a model's UNet, and the tiny ControlNets the tests
-run on."""
+"""ControlNet weights: their folders, the download (the hub faked as in test_weights.py), the fit
+check against a model's UNet, and the tiny ControlNets the tests run on."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from syncdiffusion import download
 from syncdiffusion.family import controlnet_problem
+from syncdiffusion.model_folder import controlnet_variant, read_source
 from syncdiffusion.testing.tiny_models import (
     TINY_CONTROLNETS,
     TINY_MODELS,
     make_tiny_controlnet,
     make_tiny_weights,
 )
-from syncdiffusion.weights import CONTROLNET_DIRNAME, SD_DIRNAME
+from syncdiffusion.weights import (
+    CONTROLNET_DIRNAME,
+    DOWNLOAD_COMMAND,
+    KNOWN_CONTROLNETS,
+    SD_DIRNAME,
+    VGG16_RELPATH,
+    WeightsError,
+    check_controlnet,
+    check_controlnet_fits,
+    controlnet_dir,
+    controlnet_repo_id,
+    download_controlnet,
+)
 from tests.conftest import ROOT
 
+CANNY = "lllyasviel/sd-controlnet-canny"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+FP16_WEIGHTS = "diffusion_pytorch_model.fp16.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +109,87 @@ def test_the_script_writes_the_same_tiny_controlnet(tiny: Path, tmp_path: Path, 
         assert (written / name).read_bytes() == (expected / name).read_bytes(), name
     other_seed = make_tiny_controlnet(tiny / SD_DIRNAME, tmp_path / "seed-1", seed=1)
     assert (other_seed / WEIGHTS).read_bytes() != (expected / WEIGHTS).read_bytes()
+
+
+# --- folders and their check --------------------------------------------------------------
+
+
+def test_controlnet_folders_are_named_after_their_repository(tmp_path: Path) -> None:
+    folder = tmp_path / CONTROLNET_DIRNAME / "sd-controlnet-canny"
+    assert controlnet_dir(tmp_path, CANNY) == folder
+    assert controlnet_dir(tmp_path, "sd-controlnet-canny") == folder
+    assert controlnet_repo_id("sd-controlnet-canny") == CANNY
+    assert controlnet_repo_id("alice/my-controlnet") == "alice/my-controlnet"
+    assert set(KNOWN_CONTROLNETS.values()) == {
+        CANNY,
+        "monster-labs/control_v1p_sd15_qrcode_monster",
+        "diffusers/controlnet-canny-sdxl-1.0",
+    }
+    for bad in ("a/b/c", ".cache", ""):
+        with pytest.raises(WeightsError, match=f"controlnet must be .* got {bad!r}"):
+            controlnet_dir(tmp_path, bad)
+    with pytest.raises(WeightsError, match="nor one of the folders download_weights knows"):
+        controlnet_repo_id("my-controlnet")
+
+
+def test_a_tiny_controlnet_passes_its_check(tiny: Path) -> None:
+    for shape in ("sd2", "sdxl"):
+        assert check_controlnet(tiny, TINY_CONTROLNETS[shape]) == _tiny_controlnet(tiny, shape)
+
+
+def _edit_config(**changes: object):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+    return edit
+
+
+def _cut_weights(folder: Path) -> None:
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+BROKEN = {  # how the folder is broken -> what the message says
+    "no folder": (lambda f: shutil.rmtree(f), "does not exist"),
+    "no config": (lambda f: (f / "config.json").unlink(), "incomplete: config.json is missing"),
+    "config not JSON": (lambda f: (f / "config.json").write_text("{"), "is not valid JSON"),
+    "config a list": (lambda f: (f / "config.json").write_text("[]"), "is not a JSON object"),
+    "not a ControlNet": (
+        _edit_config(_class_name="UNet2DConditionModel"),
+        "is not a diffusers ControlNet: config.json is for 'UNet2DConditionModel'",
+    ),
+    "no weights": (
+        lambda f: (f / WEIGHTS).unlink(),
+        f"incomplete: {WEIGHTS} is missing (nor is there {FP16_WEIGHTS})",
+    ),
+    "weights cut": (_cut_weights, f"incomplete: {WEIGHTS} is truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
+def test_a_broken_controlnet_folder(tiny: Path, tmp_path: Path, case: str) -> None:
+    weights = tmp_path / "weights"
+    folder = Path(shutil.copytree(_tiny_controlnet(tiny, "sd2"), controlnet_dir(weights, "x")))
+    breakage, expected = BROKEN[case]
+    breakage(folder)
+    with pytest.raises(WeightsError) as exc:
+        check_controlnet(weights, "x")
+    message = str(exc.value)
+    assert f"ControlNet folder {folder} " in message and expected in message
+    # A folder name the download does not know: the fix needs the repository's owner.
+    assert f"Run: {DOWNLOAD_COMMAND} --controlnet OWNER/x --weights {weights}" in message
+
+
+def test_the_fp16_variant_is_checked_and_loads(tiny: Path, tmp_path: Path) -> None:
+    from diffusers import ControlNetModel
+
+    folder = Path(shutil.copytree(_tiny_controlnet(tiny, "sd2"), controlnet_dir(tmp_path, "x")))
+    assert controlnet_variant(folder) is None
+    (folder / WEIGHTS).rename(folder / FP16_WEIGHTS)
+    assert controlnet_variant(folder) == "fp16"
+    check_controlnet(tmp_path, "x")
+    ControlNetModel.from_pretrained(folder, variant="fp16")
 
 
 # --- the fit check ------------------------------------------------------------------------
@@ -188,3 +286,153 @@ def test_per_level_values_of_a_unet_compare_with_one_number() -> None:
     assert controlnet_problem(SDXL_CANNY, unet) == (
         "layers_per_block is 2 in the ControlNet and [2, 2, 3] in the UNet"
     )
+
+
+def test_the_fit_check_names_both_folders(tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    model, controlnet = weights / SD_DIRNAME, controlnet_dir(weights, CANNY)
+    (model / "unet").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "sd2-base" / "unet.json", model / "unet" / "config.json")
+    controlnet.mkdir(parents=True)
+    (controlnet / "config.json").write_text(json.dumps(SD15_CANNY))
+    with pytest.raises(WeightsError) as exc:
+        check_controlnet_fits(model, controlnet)
+    assert str(exc.value) == (
+        f"{controlnet} does not fit {model}: cross_attention_dim is 768 in the ControlNet and "
+        "1024 in the UNet"
+    )
+
+
+def test_tiny_controlnets_fit_their_own_model_only(tiny: Path) -> None:
+    sd2, sdxl = tiny / SD_DIRNAME, tiny / TINY_MODELS["sdxl"][0]
+    check_controlnet_fits(sd2, _tiny_controlnet(tiny, "sd2"))
+    check_controlnet_fits(sdxl, _tiny_controlnet(tiny, "sdxl"))
+    with pytest.raises(WeightsError, match="the ControlNet is for SDXL, the UNet is Stable"):
+        check_controlnet_fits(sd2, _tiny_controlnet(tiny, "sdxl"))
+    with pytest.raises(WeightsError, match="addition_embed_type is None in the ControlNet"):
+        check_controlnet_fits(sdxl, _tiny_controlnet(tiny, "sd2"))
+
+
+# --- the download -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path):
+    """The canny ControlNet's repository behind a fake hub (the tiny SD2 ControlNet, with what
+    the real one holds beside it and the download must skip), and the tiny SD2 model's as any
+    other repository."""
+    from test_weights import FakeHub
+
+    controlnet = _tiny_controlnet(tiny, "sd2")
+    repo = Path(shutil.copytree(controlnet, tmp_path / "hub" / "canny"))
+    (repo / "diffusion_pytorch_model.bin").write_bytes(b"pickled weights")
+    (repo / "control_sd15_canny.safetensors").write_bytes(b"a single-file checkpoint")
+    (repo / "README.md").write_text("a model card")
+    shutil.copytree(controlnet, repo / "v2")  # another version, in a subfolder
+    hub = FakeHub(Path(shutil.copytree(tiny / SD_DIRNAME, tmp_path / "hub" / "sd2")))
+    hub.repos[CANNY] = repo
+    return hub.install(monkeypatch)
+
+
+def _with_fp16(repo: Path) -> None:
+    shutil.copy(repo / WEIGHTS, repo / FP16_WEIGHTS)
+
+
+def _fetched(hub) -> list[str]:
+    """The repositories fetched, in order (a repository without fp16 files is fetched twice)."""
+    return list(dict.fromkeys(hub.calls))
+
+
+def test_download_fetches_only_what_diffusers_reads(tmp_path: Path, hub) -> None:
+    from diffusers import ControlNetModel
+
+    folder = download_controlnet(tmp_path / "w", "sd-controlnet-canny", progress=False)
+    assert folder == controlnet_dir(tmp_path / "w", CANNY) and _fetched(hub) == [CANNY]
+    got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert got == ["config.json", WEIGHTS, "syncdiffusion-source.json"]
+    assert read_source(folder) == {"repo_id": CANNY, "revision": hub.revision}
+    assert check_controlnet(tmp_path / "w", CANNY) == folder
+    ControlNetModel.from_pretrained(folder)
+    hub.calls.clear()
+    download_controlnet(tmp_path / "w", CANNY, progress=False)  # complete: nothing to fetch
+    assert hub.calls == []
+
+
+def test_download_takes_the_fp16_file_where_there_is_one(tmp_path: Path, hub) -> None:
+    _with_fp16(hub.repos[CANNY])
+    folder = download_controlnet(tmp_path / "w", CANNY, progress=False)
+    assert controlnet_variant(folder) == "fp16" and not (folder / WEIGHTS).exists()
+    check_controlnet(tmp_path / "w", CANNY)
+
+
+def test_a_failed_download_is_continued(tmp_path: Path, hub) -> None:
+    _with_fp16(hub.repos[CANNY])
+    hub.fail = True  # after the config, before the weights
+    with pytest.raises(WeightsError) as exc:
+        download_controlnet(tmp_path / "w", "sd-controlnet-canny", progress=False)
+    folder = controlnet_dir(tmp_path / "w", CANNY)
+    message = str(exc.value)
+    assert f"Downloading {CANNY} into {folder} failed (ConnectionError" in message
+    assert f"--controlnet sd-controlnet-canny --weights {tmp_path / 'w'}" in message
+    assert (folder / "config.json").is_file() and not (folder / FP16_WEIGHTS).exists()
+    with pytest.raises(WeightsError, match=f"{WEIGHTS} is missing"):
+        check_controlnet(tmp_path / "w", CANNY)
+    hub.fail = False
+    download_controlnet(tmp_path / "w", "sd-controlnet-canny", progress=False)
+    assert controlnet_variant(check_controlnet(tmp_path / "w", CANNY)) == "fp16"
+
+
+def test_download_refuses_what_it_cannot_fetch(
+    tmp_path: Path, hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(WeightsError, match="sd-controlnet-canny, control_v1p_sd15_qrcode"):
+        download_controlnet(tmp_path / "w", "my-controlnet", progress=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE=1 forbids downloads"):
+        download_controlnet(tmp_path / "w", CANNY, progress=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    download_controlnet(tmp_path / "w", CANNY, progress=False)
+    with pytest.raises(WeightsError) as exc:  # another owner's ControlNet of the same name
+        download_controlnet(tmp_path / "w", "bob/sd-controlnet-canny", progress=False)
+    assert f"holds {CANNY}, not bob/sd-controlnet-canny: ControlNets of one name" in str(exc.value)
+    assert "--controlnet bob/sd-controlnet-canny --weights" in str(exc.value)
+    assert _fetched(hub) == [CANNY]
+
+
+def test_the_command_fetches_a_controlnet_alone(tmp_path: Path, hub, capsys) -> None:
+    target = tmp_path / "w"
+    assert download.main(["--controlnet", "sd-controlnet-canny", "--weights", str(target)]) == 0
+    assert f"Downloading into {target}: controlnet/sd-controlnet-canny" in capsys.readouterr().out
+    assert _fetched(hub) == [CANNY]  # no model, no trunk
+    assert not (target / SD_DIRNAME).exists() and not (target / VGG16_RELPATH).exists()
+    assert download.main(["--controlnet", CANNY, "--weights", str(target)]) == 0
+    assert "nothing to download" in capsys.readouterr().out
+
+
+def test_the_command_fetches_a_model_and_its_controlnet_and_checks_the_fit(
+    tiny: Path, tmp_path: Path, hub, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from syncdiffusion import perceptual
+
+    target = tmp_path / "w"
+    shutil.copytree(tiny / "lpips", target / "lpips")  # the trunk is test_weights.py's
+    monkeypatch.setattr(perceptual, "VGG16_URL", (tmp_path / "gone.pth").as_uri())
+    argv = ["--model", "alice/tiny-sd", "--controlnet", CANNY, "--weights", str(target)]
+    assert download.main(argv) == 0
+    assert "tiny-sd, controlnet/sd-controlnet-canny" in capsys.readouterr().out
+    assert _fetched(hub) == ["alice/tiny-sd", CANNY]
+
+    config = controlnet_dir(target, CANNY) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "cross_attention_dim": 768}))
+    assert download.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert f"{config.parent} does not fit {target / 'tiny-sd'}: cross_attention_dim is 768" in err
+
+
+def test_the_help_lists_the_known_controlnets(run_script) -> None:
+    result = run_script("download_weights.py", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--controlnet NAME" in result.stdout
+    text = "".join(result.stdout.split())  # argparse wraps lines at hyphens
+    assert all(name in text for name in KNOWN_CONTROLNETS)
