@@ -1,6 +1,6 @@
 """Download the model weights into a weights folder (see weights/README.md).
 
-Usage: python scripts/download_weights.py [--model NAME] [--weights DIR]
+Usage: python scripts/download_weights.py [--model NAME] [--controlnet NAME] [--weights DIR]
 
 The command itself: `syncdiffusion.download`.
 """

@@ -4,7 +4,8 @@ Everything else that differs between checkpoints (the window side, the VAE's sca
 depth, the prediction type, the text encoders' widths) is read from the components' configs
 where it is used. A folder's family is read from its files (the UNet's config, then
 `model_index.json`), never from its name, and `architecture_problem` holds the components'
-configs to what the family's architecture needs.
+configs to what the family's architecture needs; `controlnet_problem` holds a ControlNet's config
+to a UNet's.
 """
 
 from __future__ import annotations
@@ -126,3 +127,66 @@ def architecture_problem(configs: dict[str, Any], family: Family) -> str | None:
             "they must be equal"
         )
     return None
+
+
+# What decides whether a ControlNet fits a UNet: the shapes of the residuals it adds to the
+# UNet's skip connections and middle block, and the inputs both networks take in one step.
+# An absent key takes diffusers' default, the same in ControlNetModel's and
+# UNet2DConditionModel's __init__. Not compared: the kinds of the down blocks, their attention
+# heads and transformer depth, which shape only the ControlNet's inside (diffusers' smaller
+# SDXL ControlNets have no cross-attention in their down blocks and fit SDXL all the same).
+_CONTROLNET_SHAPES: dict[str, Any] = {
+    "in_channels": 4,  # the noisy latents both take
+    "block_out_channels": [320, 640, 1280, 1280],  # the levels and their residuals' channels
+    "layers_per_block": 2,  # residuals per level (and with the levels, how many in all)
+    "cross_attention_dim": 1280,  # the width of the text states both take
+    "addition_embed_type": None,  # SDXL's "text_time": the pooled text and six size numbers
+}
+# Read only where both have SDXL's added conditioning: how it is embedded, and its width.
+_TEXT_TIME_SHAPES: dict[str, Any] = {
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
+}
+# The ControlNet's conditioning embedding halves the control image once a level after its first
+# (diffusers' default (16, 32, 96, 256): 8x), as the VAE does; every family's VAE is 8x
+# (`architecture_problem`), so the embedding lands on the latents' grid.
+_CONDITIONING_LEVELS = ("conditioning_embedding_out_channels", [16, 32, 96, 256])
+_VAE_FACTOR = 8
+
+
+def _fit_value(config: dict[str, Any], key: str, default: Any) -> Any:
+    """A config's value in one form for comparing: a list for a tuple, and one number for a
+    per-level list of equal numbers (a UNet may give `layers_per_block` and `cross_attention_dim`
+    per level, a ControlNet gives one)."""
+    value = config.get(key, default)
+    value = list(value) if isinstance(value, list | tuple) else value
+    if key in ("layers_per_block", "cross_attention_dim") and isinstance(value, list):
+        return value[0] if len(set(value)) == 1 else value
+    return value
+
+
+def controlnet_problem(
+    controlnet_config: dict[str, Any], unet_config: dict[str, Any]
+) -> str | None:
+    """What in a ControlNet's config.json does not fit a UNet's (each difference, "; "-joined,
+    saying both values), or None."""
+    keys = dict(_CONTROLNET_SHAPES)
+    if controlnet_config.get("addition_embed_type") == unet_config.get("addition_embed_type"):
+        keys |= _TEXT_TIME_SHAPES
+    differences = []
+    for key, default in keys.items():
+        control, unet = (_fit_value(c, key, default) for c in (controlnet_config, unet_config))
+        if control != unet:
+            differences.append(f"{key} is {control!r} in the ControlNet and {unet!r} in the UNet")
+    key, default = _CONDITIONING_LEVELS
+    levels = _fit_value(controlnet_config, key, default)
+    if not isinstance(levels, list) or 2 ** (len(levels) - 1) != _VAE_FACTOR:
+        differences.append(
+            f"{key} is {levels!r} in the ControlNet; it needs {_VAE_FACTOR.bit_length()} levels "
+            f"to scale the control image down {_VAE_FACTOR}x like the latents"
+        )
+    families = [unet_family(c) for c in (controlnet_config, unet_config)]
+    if differences and None not in families and families[0] is not families[1]:
+        which = f"the ControlNet is for {families[0].name}, the UNet is {families[1].name}'s"
+        differences.insert(0, which)
+    return "; ".join(differences) or None

@@ -1,4 +1,5 @@
-"""A model's folder in diffusers' layout: what each family's folder holds, checked unloaded.
+"""A model's folder in diffusers' layout: what each family's folder holds, checked unloaded;
+likewise a ControlNet's folder.
 
 By hand because no library checks a folder without loading it: diffusers and transformers find
 a missing or broken file part way through a load, deep in a traceback. Here every file the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,15 @@ def sd_variant(sd_dir: str | os.PathLike[str]) -> str | None:
         components = read_family(sd_dir).weight_components
     except (OSError, ValueError):  # unreadable: folder_problem says why
         components = SD.weight_components
-    return _variant(Path(sd_dir), components)
+    return _variant(Path(sd_dir), lambda v: [weights_file(c, v) for c in components])
 
 
-def _variant(sd_dir: Path, components: tuple[str, ...]) -> str | None:
+def _variant(folder: Path, files: Callable[[str | None], list[str]]) -> str | None:
+    """The variant "fp16" if the folder holds all of `files("fp16")` and not all of
+    `files(None)`, else None."""
+
     def has(variant: str | None) -> bool:
-        return all((sd_dir / weights_file(c, variant)).is_file() for c in components)
+        return all((folder / rel).is_file() for rel in files(variant))
 
     return "fp16" if has("fp16") and not has(None) else None
 
@@ -81,6 +86,28 @@ def hub_patterns(variant: str | None) -> list[str]:
     return files + [f"{c}/config.json" for c in _STEMS] + [weights_file(c, variant) for c in _STEMS]
 
 
+def _file_problem(folder: Path, rel: str, configs: dict[str, Any], noun: str) -> str | None:
+    """What is wrong with one file of a folder (absent, a safetensors header that does not match
+    the file's size, a JSON file that does not parse), or None. A JSON file's content goes into
+    `configs` under its first path part (the component, or the file's own name at the top)."""
+    path, incomplete = folder / rel, f"{noun} {folder} is incomplete"
+    if not path.is_file():
+        return f"{incomplete}: {rel} is missing"
+    if rel.endswith(".safetensors"):
+        try:
+            with safe_open(path, framework="pt"):  # checks the header against the file size
+                return None
+        except Exception as exc:  # SafetensorError, or OSError for an unreadable file
+            size = f"{path.stat().st_size:,} bytes"
+            return f"{incomplete}: {rel} is truncated or corrupt ({size}; {exc})"
+    try:
+        if rel.endswith(".json"):
+            configs[rel.split("/")[0]] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{incomplete}: {rel} is not valid JSON ({exc})"
+    return None
+
+
 def folder_problem(sd_dir: Path) -> str | None:
     """One sentence on what is wrong with the model folder, or None."""
     if not sd_dir.is_dir():
@@ -89,22 +116,7 @@ def folder_problem(sd_dir: Path) -> str | None:
     configs: dict[str, Any] = {}  # component (or model_index.json) -> its JSON
 
     def problem(rel: str) -> str | None:
-        path = sd_dir / rel
-        if not path.is_file():
-            return f"{incomplete}: {rel} is missing"
-        if rel.endswith(".safetensors"):
-            try:
-                with safe_open(path, framework="pt"):  # checks the header against the file size
-                    return None
-            except Exception as exc:  # SafetensorError, or OSError for an unreadable file
-                size = f"{path.stat().st_size:,} bytes"
-                return f"{incomplete}: {rel} is truncated or corrupt ({size}; {exc})"
-        try:
-            if rel.endswith(".json"):
-                configs[rel.split("/")[0]] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return f"{incomplete}: {rel} is not valid JSON ({exc})"
-        return None
+        return _file_problem(sd_dir, rel, configs, "Weights folder")
 
     if found := next(filter(None, map(problem, _FAMILY_FILES)), None):
         return found
@@ -114,7 +126,7 @@ def folder_problem(sd_dir: Path) -> str | None:
     if isinstance(family, str):
         return f"Weights folder {sd_dir} is not Stable Diffusion 1.x/2.x or SDXL: {family}"
     components = family.weight_components
-    variant = _variant(sd_dir, components)
+    variant = _variant(sd_dir, lambda v: [weights_file(c, v) for c in components])
     files = [f"{c}/config.json" for c in components[1:]] + ["scheduler/scheduler_config.json"]
     files += [f"{t}/{f}" for t in family.tokenizers for f in _TOKENIZER_FILES]
     if found := next(filter(None, map(problem, files)), None):
@@ -129,3 +141,51 @@ def folder_problem(sd_dir: Path) -> str | None:
             return found
     found = architecture_problem(configs, family)
     return f"Weights folder {sd_dir} is not {family.name}: {found}" if found else None
+
+
+# --- ControlNets ----------------------------------------------------------------------------
+
+CONTROLNET_CLASS = "ControlNetModel"  # diffusers' class, as a ControlNet's config.json names it
+
+
+def controlnet_weights_file(variant: str | None) -> str:
+    """A ControlNet folder's weights file: diffusion_pytorch_model[.fp16].safetensors."""
+    return f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
+
+
+def controlnet_variant(controlnet_dir: str | os.PathLike[str]) -> str | None:
+    """The weights file's variant for diffusers' `variant=`, as `sd_variant` says for models."""
+    return _variant(Path(controlnet_dir), lambda v: [controlnet_weights_file(v)])
+
+
+def controlnet_patterns(variant: str | None) -> list[str]:
+    """What to fetch of a ControlNet's hub repository: its top-level config and weights file
+    (the repositories also hold .bin copies, single-file checkpoints and other versions in
+    subfolders)."""
+    return ["config.json", controlnet_weights_file(variant)]
+
+
+def controlnet_folder_problem(controlnet_dir: Path) -> str | None:
+    """One sentence on what is wrong with a ControlNet folder (diffusers' ControlNetModel
+    layout: config.json and one whole weights file), or None. Whether it fits a model:
+    `family.controlnet_problem`."""
+    noun = "ControlNet folder"
+    if not controlnet_dir.is_dir():
+        return f"{noun} {controlnet_dir} does not exist"
+    configs: dict[str, Any] = {}
+    if found := _file_problem(controlnet_dir, "config.json", configs, noun):
+        return found
+    if not isinstance(config := configs["config.json"], dict):
+        return f"{noun} {controlnet_dir} is incomplete: config.json is not a JSON object"
+    if (found := config.get("_class_name", CONTROLNET_CLASS)) != CONTROLNET_CLASS:
+        return (
+            f"{noun} {controlnet_dir} is not a diffusers ControlNet: config.json is for "
+            f"{found!r}, expected a {CONTROLNET_CLASS}"
+        )
+    rel = controlnet_weights_file(controlnet_variant(controlnet_dir))
+    if not (controlnet_dir / rel).is_file():
+        return (
+            f"{noun} {controlnet_dir} is incomplete: {rel} is missing (nor is there "
+            f"{controlnet_weights_file('fp16')})"
+        )
+    return _file_problem(controlnet_dir, rel, configs, noun)

@@ -1,21 +1,34 @@
 """Model weights on disk: the layout (weights/README.md), checking it, downloading it.
 
 A weights folder holds one folder per model, named after its hub repository (`model_folder`
-checks one), and the LPIPS trunk (`perceptual`). huggingface_hub downloads a model (resuming;
-each file verified, then moved into place); torch.hub downloads torchvision's VGG16 for the
-trunk. Whatever is wrong surfaces as WeightsError, whose message names the path and the command
-that fixes it.
+checks one), the LPIPS trunk (`perceptual`), and ControlNets in `controlnet/`, one folder each,
+likewise named. huggingface_hub downloads a model or a ControlNet (resuming; each file verified,
+then moved into place); torch.hub downloads torchvision's VGG16 for the trunk. Whatever is wrong
+surfaces as WeightsError, whose message names the path and the command that fixes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import perceptual
-from .model_folder import folder_problem, hub_patterns, read_source, sd_variant, write_source
+from .family import controlnet_problem
+from .model_folder import (
+    controlnet_folder_problem,
+    controlnet_patterns,
+    controlnet_variant,
+    folder_problem,
+    hub_patterns,
+    read_source,
+    sd_variant,
+    write_source,
+)
 from .perceptual import LEGACY_VGG16_RELPATH, VGG16_RELPATH, one_line
 
 WEIGHTS_ENV, MODEL_ENV = "SYNCDIFFUSION_WEIGHTS", "SYNCDIFFUSION_MODEL"
@@ -35,6 +48,16 @@ KNOWN_REPOS = {
         "stabilityai/stable-diffusion-2-1",
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "stabilityai/stable-diffusion-xl-base-1.0",
+    )
+}
+CONTROLNET_DIRNAME = "controlnet"  # ControlNets sit in <weights>/controlnet/<repository name>/
+# ControlNets `download_weights.py --controlnet` knows by their folder name alone.
+KNOWN_CONTROLNETS = {
+    repo.split("/")[1]: repo
+    for repo in (
+        "lllyasviel/sd-controlnet-canny",  # SD 1.5, canny edges
+        "monster-labs/control_v1p_sd15_qrcode_monster",  # SD 1.5, QR codes (the authors' example)
+        "diffusers/controlnet-canny-sdxl-1.0",  # SDXL, canny edges
     )
 }
 _PARTIAL_DIRNAME = ".partial"  # torchvision's file waits here, outside what the loader reads
@@ -57,25 +80,44 @@ def default_model() -> str:
 def model_dirname(model: str | None = None) -> str:
     """The folder under weights/ of `model`, a folder name or a hub repository id (owner/name)
     whose name part names the folder; None: the default model."""
-    model = model or default_model()
-    name = model.rstrip("/").rsplit("/", 1)[-1]
-    if not name or name.startswith(".") or model.count("/") > 1:
-        raise WeightsError(
-            f"model must be a folder name under the weights folder or a hub repository id "
-            f"(owner/name); got {model!r}"
-        )
-    return name
+    return _dirname(model or default_model(), "model", "the weights folder")
 
 
 def repo_id(model: str | None = None) -> str:
     """The hub repository `model` is downloaded from: itself if an id, else a known folder's."""
-    model = model or default_model()
-    if "/" not in model and model not in KNOWN_REPOS:
+    return _repo_id(model or default_model(), _MODEL)
+
+
+def controlnet_dir(weights_dir: str | os.PathLike[str], name: str) -> Path:
+    """The folder of ControlNet `name` (a hub repository id, whose name part names the folder,
+    or a folder name): <weights>/controlnet/<name>."""
+    where = f"{CONTROLNET_DIRNAME}/ in the weights folder"
+    return Path(weights_dir) / CONTROLNET_DIRNAME / _dirname(name, "controlnet", where)
+
+
+def controlnet_repo_id(name: str) -> str:
+    """The hub repository ControlNet `name` is downloaded from: itself if an id, else a known
+    folder's (KNOWN_CONTROLNETS)."""
+    return _repo_id(name, _CONTROLNET)
+
+
+def _dirname(name: str, what: str, where: str) -> str:
+    folder = name.rstrip("/").rsplit("/", 1)[-1]
+    if not folder or folder.startswith(".") or name.count("/") > 1:
         raise WeightsError(
-            f"model {model!r} is not a hub repository id (owner/name) nor one of the folders "
-            f"download_weights knows: {', '.join(KNOWN_REPOS)}"
+            f"{what} must be a folder name under {where} or a hub repository id (owner/name); "
+            f"got {name!r}"
         )
-    return model if "/" in model else KNOWN_REPOS[model]
+    return folder
+
+
+def _repo_id(name: str, kind: _Kind) -> str:
+    if "/" not in name and name not in kind.known:
+        raise WeightsError(
+            f"{kind.what} {name!r} is not a hub repository id (owner/name) nor one of the "
+            f"folders download_weights knows: {', '.join(kind.known)}"
+        )
+    return name if "/" in name else kind.known[name]
 
 
 def missing_parts(
@@ -97,7 +139,7 @@ def check_weights(weights_dir: str | os.PathLike[str], model: str | None = None)
     if not weights_dir.is_dir():
         raise WeightsError(f"Weights folder {weights_dir} does not exist. {fix}")
     if "/" in (model := model or default_model()):  # a repository id: the folder holds it
-        _check_source(weights_dir, model)
+        _check_source(weights_dir, model, _MODEL)
     trunk = weights_dir / VGG16_RELPATH
     old_layout = not trunk.exists() and (weights_dir / LEGACY_VGG16_RELPATH).is_file()
     problems = [folder_problem(weights_dir / model_dirname(model))]
@@ -115,42 +157,134 @@ def download_weights(
     `progress` governs this module's messages and torch.hub's bar; huggingface_hub's bars follow
     its own switch, HF_HUB_DISABLE_PROGRESS_BARS=1."""
     weights_dir = Path(weights_dir)
-    _check_source(weights_dir, repo_id(model))  # an unknown name fails first
+    _check_source(weights_dir, repo_id(model), _MODEL)  # an unknown name fails first
     if folder_problem(weights_dir / model_dirname(model)):
-        _download_sd(weights_dir, repo_id(model), progress)
+        fix = _fix(weights_dir, None if repo_id(model) == SD_REPO_ID else repo_id(model))
+        _download(weights_dir, repo_id(model), _MODEL, fix, progress)
     if perceptual.read_trunk(weights_dir / VGG16_RELPATH, verify=True)[1]:
         _make_trunk(weights_dir, progress)
     with contextlib.suppress(OSError):  # not empty: something else is staged there
         (weights_dir / _PARTIAL_DIRNAME).rmdir()
 
 
+# --- ControlNets ---------------------------------------------------------------------------
+
+
+def check_controlnet(weights_dir: str | os.PathLike[str], name: str) -> Path:
+    """Return the folder of ControlNet `name` (see controlnet_dir) if it is complete, else
+    raise WeightsError naming the folder, what is wrong and the command that fixes it.
+
+    Reads the config and the weights file's header only, as check_weights does for models."""
+    weights_dir, fix = Path(weights_dir), _controlnet_fix(Path(weights_dir), name)
+    if "/" in name:  # a repository id: the folder holds it
+        _check_source(weights_dir, name, _CONTROLNET)
+    folder = controlnet_dir(weights_dir, name)
+    if problem := controlnet_folder_problem(folder):
+        raise WeightsError(f"{problem}. {fix}")
+    return folder
+
+
+def download_controlnet(
+    weights_dir: str | os.PathLike[str], name: str, progress: bool = True
+) -> Path:
+    """Fetch ControlNet `name` (a hub repository id or a folder KNOWN_CONTROLNETS names) into
+    controlnet_dir(weights_dir, name) unless it is complete there; return that folder.
+
+    As download_weights fetches a model: the fp16 file where the repository has one, the source
+    recorded, a rerun continuing a failed download."""
+    weights_dir = Path(weights_dir)
+    repo = controlnet_repo_id(name)  # an unknown name fails first
+    _check_source(weights_dir, repo, _CONTROLNET)
+    folder = controlnet_dir(weights_dir, repo)
+    if controlnet_folder_problem(folder):
+        _download(weights_dir, repo, _CONTROLNET, _controlnet_fix(weights_dir, name), progress)
+    return folder
+
+
+def check_controlnet_fits(model_dir: Path, controlnet_dir: Path) -> None:
+    """Raise WeightsError naming both folders and each difference if the ControlNet's residuals
+    or inputs do not fit the model's UNet (`family.controlnet_problem`)."""
+
+    def config(path: Path) -> dict:
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"{path} cannot be read ({one_line(exc)})") from exc
+        if not isinstance(found, dict):
+            raise WeightsError(f"{path} is not a JSON object")
+        return found
+
+    unet = config(Path(model_dir) / "unet" / "config.json")
+    if problem := controlnet_problem(config(Path(controlnet_dir) / "config.json"), unet):
+        raise WeightsError(f"{controlnet_dir} does not fit {model_dir}: {problem}")
+
+
 # --- messages and downloads ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between a model and a ControlNet, for naming, checking and fetching one."""
+
+    what: str  # as download_weights.py's option names one (--model, --controlnet)
+    plural: str  # in messages
+    known: dict[str, str]  # folder name -> hub repository, for those the download knows
+    folder: Callable[[Path, str], Path]  # (weights folder, repository id) -> its folder
+    problem: Callable[[Path], str | None]  # what is wrong with a folder, or None
+    patterns: Callable[[str | None], list[str]]  # what to fetch of its repository, by variant
+    variant: Callable[[Path], str | None]  # the variant a folder holds
+
+
+_MODEL = _Kind(
+    "model",
+    "models",
+    KNOWN_REPOS,
+    lambda weights_dir, repo: weights_dir / model_dirname(repo),
+    folder_problem,
+    hub_patterns,
+    sd_variant,
+)
+_CONTROLNET = _Kind(
+    "controlnet",
+    "ControlNets",
+    KNOWN_CONTROLNETS,
+    controlnet_dir,
+    controlnet_folder_problem,
+    controlnet_patterns,
+    controlnet_variant,
+)
 
 
 def _fix(weights_dir: Path | None, model: str | None = None) -> str:
     model = model or default_model()
-    name = model_dirname(model)
-    if name == SD_DIRNAME:
-        chosen = ""
-    elif "/" in model or name in KNOWN_REPOS:
-        chosen = f" --model {shlex.quote(model)}"
-    else:  # a folder the download does not know: it needs the repository's owner too
-        chosen = f" --model OWNER/{shlex.quote(name)}"
+    chosen = "" if model_dirname(model) == SD_DIRNAME else _option(_MODEL, model)
     folder = f" --weights {shlex.quote(str(weights_dir))}" if weights_dir is not None else ""
     return f"Run: {DOWNLOAD_COMMAND}{chosen}{folder}"
 
 
-def _check_source(weights_dir: Path, repo: str) -> None:
+def _controlnet_fix(weights_dir: Path, name: str) -> str:
+    folder = shlex.quote(str(weights_dir))
+    return f"Run: {DOWNLOAD_COMMAND}{_option(_CONTROLNET, name)} --weights {folder}"
+
+
+def _option(kind: _Kind, name: str) -> str:
+    """The download's option that names `name`, or with a folder name the download does not
+    know, the repository id to fill in (it needs the owner too)."""
+    known = "/" in name or name in kind.known
+    return f" --{kind.what} {shlex.quote(name) if known else 'OWNER/' + shlex.quote(name)}"
+
+
+def _check_source(weights_dir: Path, repo: str, kind: _Kind) -> None:
     """Raise WeightsError if the folder of `repo` records another repository of the same name."""
-    sd_dir = weights_dir / model_dirname(repo)
-    held = (read_source(sd_dir) or {}).get("repo_id", repo)
+    folder = kind.folder(weights_dir, repo)
+    held = (read_source(folder) or {}).get("repo_id", repo)
     if held != repo:
         other = shlex.quote(f"{weights_dir}-{repo.split('/')[0]}")
         raise WeightsError(
-            f"Weights folder {sd_dir} holds {held}, not {repo}: models of one name share a "
-            f"folder. Remove {sd_dir} to put {repo} there, or keep both with another weights "
-            f"folder for {repo}: {DOWNLOAD_COMMAND} --model {shlex.quote(repo)} --weights "
-            f"{other}, then set {WEIGHTS_ENV}={other} (or pass --weights {other})"
+            f"Weights folder {folder} holds {held}, not {repo}: {kind.plural} of one name share "
+            f"a folder. Remove {folder} to put {repo} there, or keep both with another weights "
+            f"folder for {repo}: {DOWNLOAD_COMMAND}{_option(kind, repo)} --weights {other}, "
+            f"then set {WEIGHTS_ENV}={other} (or pass --weights {other})"
         )
 
 
@@ -172,22 +306,21 @@ def _offline_error(what: str, fix: str) -> WeightsError:
     )
 
 
-def _download_sd(weights_dir: Path, repo: str, progress: bool) -> None:
+def _download(weights_dir: Path, repo: str, kind: _Kind, fix: str, progress: bool) -> None:
     import huggingface_hub
 
     # Straight into place: huggingface_hub writes each file under .cache/ and moves it in whole,
     # so a file the loader finds is never half-written; it resumes those it had begun, and
     # re-hashes files it did not record (or that changed since) and fetches those that differ.
-    sd_dir = weights_dir / model_dirname(repo)
-    sd_dir.mkdir(parents=True, exist_ok=True)
-    fix = _fix(weights_dir, None if repo == SD_REPO_ID else repo)
+    folder = kind.folder(weights_dir, repo)
+    folder.mkdir(parents=True, exist_ok=True)
     if hub_offline():
-        raise _offline_error(f"{repo} in {sd_dir}", fix)
-    _say(progress, f"Downloading {repo} (fp16 files where it has them) into {sd_dir}")
+        raise _offline_error(f"{repo} in {folder}", fix)
+    _say(progress, f"Downloading {repo} (fp16 files where it has them) into {folder}")
 
     def failed(exc: Exception) -> WeightsError:
         return WeightsError(
-            f"Downloading {repo} into {sd_dir} failed ({one_line(exc)}). The files "
+            f"Downloading {repo} into {folder} failed ({one_line(exc)}). The files "
             f"fetched so far are kept and a rerun continues. {fix}"
         )
 
@@ -197,22 +330,22 @@ def _download_sd(weights_dir: Path, repo: str, progress: bool) -> None:
         revision = huggingface_hub.model_info(repo).sha
     except Exception as exc:  # network and hub errors come in many types
         raise failed(exc) from exc
-    write_source(sd_dir, repo, revision)
+    write_source(folder, repo, revision)
 
     def fetch(variant: str | None) -> None:
         try:
             huggingface_hub.snapshot_download(
-                repo, revision=revision, local_dir=sd_dir, allow_patterns=hub_patterns(variant)
+                repo, revision=revision, local_dir=folder, allow_patterns=kind.patterns(variant)
             )
         except Exception as exc:  # the same
             raise failed(exc) from exc
 
     fetch("fp16")
-    if sd_variant(sd_dir) != "fp16":  # a repository without fp16 files (fine-tunes often)
+    if kind.variant(folder) != "fp16":  # a repository without fp16 files (fine-tunes often)
         fetch(None)
-    if problem := folder_problem(sd_dir):
+    if problem := kind.problem(folder):
         raise WeightsError(f"Downloaded {repo}, but {problem}. {fix}")
-    _say(progress, f"{repo} is in {sd_dir}")
+    _say(progress, f"{repo} is in {folder}")
 
 
 def _make_trunk(weights_dir: Path, progress: bool) -> None:

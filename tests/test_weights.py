@@ -352,7 +352,7 @@ def test_default_weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 class FakeHub:
     """Stands in for huggingface_hub's snapshot_download and model_info, serving files from a
-    local tree at one revision.
+    local tree at one revision: `repos[repo_id]`, else `repo` whatever the id.
 
     Like the real one, it moves each file into place only once whole, leaves files that match
     alone, and can fail part way (then nothing half-written is left in local_dir).
@@ -360,6 +360,7 @@ class FakeHub:
 
     def __init__(self, repo: Path, revision: str = "0123abc") -> None:
         self.repo, self.revision, self.fail, self.calls = repo, revision, False, []
+        self.repos: dict[str, Path] = {}
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
         import huggingface_hub
@@ -376,11 +377,12 @@ class FakeHub:
     ) -> str:
         assert revision == self.revision
         self.calls.append(repo_id)
-        files = sorted(p for p in self.repo.rglob("*") if p.is_file())
-        rels = [p.relative_to(self.repo).as_posix() for p in files]
+        repo = self.repos.get(repo_id, self.repo)
+        files = sorted(p for p in repo.rglob("*") if p.is_file())
+        rels = [p.relative_to(repo).as_posix() for p in files]
         wanted = [r for r in rels if any(fnmatch.fnmatch(r, a) for a in allow_patterns)]
         for i, rel in enumerate(wanted):
-            src, dst = self.repo / rel, Path(local_dir) / rel
+            src, dst = repo / rel, Path(local_dir) / rel
             if self.fail and i >= len(wanted) // 2:
                 raise ConnectionError("Connection reset by peer")
             if not dst.is_file() or dst.read_bytes() != src.read_bytes():

@@ -9,6 +9,13 @@ window's pixels and the code reads the side from the config either way; the SD2-
 the real 64, which the oracle needs. `python scripts/make_tiny_weights.py OUT` writes them from
 the command line.
 
+`make_tiny_controlnet` writes a ControlNet for a tiny model, made from its UNet as diffusers makes
+one for training, but with random weights where diffusers starts at zero, so that its residuals
+change the UNet's output and the control image changes them. `make_tiny_weights(out, models,
+controlnets=True)` writes one for each model, in controlnet/tiny-controlnet-<shape>
+(tiny-controlnet-sd2 for the SD2-base-shaped model, tiny-controlnet-sdxl for the SDXL one, and
+so on: TINY_CONTROLNETS).
+
 The result has exactly the layout `python scripts/download_weights.py` produces (see
 weights/README.md), so tests and CPU smoke runs exercise the same loading code as production,
 in seconds and without network. The output is deterministic (seeded) but meaningless: images
@@ -25,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..perceptual import save_trunk
-from ..weights import SD_DIRNAME, VGG16_RELPATH
+from ..weights import CONTROLNET_DIRNAME, SD_DIRNAME, VGG16_RELPATH
 
 # SD2-base's scheduler config, verbatim, so the tiny model is sampled with the real schedule.
 SCHEDULER_CONFIG = {
@@ -193,6 +200,12 @@ TINY_MODELS = {
     "sd2-v": ("tiny-sd2-v", 48),
     "sdxl": ("tiny-sdxl", 32),
 }
+# Shape -> the folder under controlnet/ of the ControlNet made for that tiny model.
+TINY_CONTROLNETS = {shape: f"tiny-controlnet-{shape}" for shape in TINY_MODELS}
+# The conditioning embedding's channels: four levels scale the control image down 8x, onto the
+# latents' grid, as diffusers' default (16, 32, 96, 256) does; few channels because its first
+# level runs at the image's full resolution.
+CONTROLNET_CONDITIONING_CHANNELS = (4, 8, 16, 32)
 
 
 def _write_json(path: Path, config: dict) -> None:
@@ -295,12 +308,47 @@ def make_tiny_model(sd_dir: Path, shape: str = "sd2", window: int = 64) -> Path:
     return sd_dir
 
 
-def make_tiny_weights(out: Path, models: tuple[str, ...] = ("sd2",)) -> Path:
-    """Write the tiny `models` (keys of TINY_MODELS) and the LPIPS trunk into `out`; return it."""
+def make_tiny_controlnet(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny ControlNet for the tiny model in `model_dir` into `out_dir`; return it.
+
+    Built from the model's UNet (diffusers' `ControlNetModel.from_unet`: its down and middle
+    blocks copied) with a small conditioning embedding, and random weights (seeded) where a
+    fresh ControlNet would hide a wrong test:
+    - diffusers starts the convolutions that give out the residuals, and the embedding's last,
+      at zero, so that training grows them from nothing; a fresh ControlNet then adds nothing.
+      These get an ordinary convolution's random start: they change the tiny UNet's output by
+      some 60% of its size.
+    - an ordinary start shrinks the control image through the embedding's seven convolutions
+      to almost a constant, so that any control image would do (two random ones give outputs
+      0.01% of their size apart); He's start with zero biases keeps it (5 to 15% apart)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS
+    )
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        conv.reset_parameters()
+    embedding = controlnet.controlnet_cond_embedding
+    for conv in [embedding.conv_in, *embedding.blocks, embedding.conv_out]:
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
+    controlnet.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def make_tiny_weights(
+    out: Path, models: tuple[str, ...] = ("sd2",), controlnets: bool = False
+) -> Path:
+    """Write the tiny `models` (keys of TINY_MODELS) and the LPIPS trunk into `out`, and with
+    `controlnets` a tiny ControlNet for each model (TINY_CONTROLNETS); return `out`."""
     out = Path(out)
     for shape in models:
         name, window = TINY_MODELS[shape]
         make_tiny_model(out / name, shape, window)
+        if controlnets:
+            make_tiny_controlnet(out / name, out / CONTROLNET_DIRNAME / TINY_CONTROLNETS[shape])
 
     torch.manual_seed(0)
     vgg_path = out / VGG16_RELPATH
