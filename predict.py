@@ -27,6 +27,7 @@ from syncdiffusion.control_image import open_control_image
 from syncdiffusion.files import save_image
 from syncdiffusion.inputs import check_output
 from syncdiffusion.weights import (
+    CONTROLNET_ENV,
     MODEL_ENV,
     default_weights_dir,
     download_controlnet,
@@ -76,10 +77,12 @@ class Predictor(BaseRunner):
             # HF_HUB_OFFLINE, read as huggingface_hub reads it: never download, only check.
             if missing_parts(weights_dir, model=model) and not hub_offline():
                 download_weights(weights_dir, model=model)
-            if self.CONTROLNET is not None and not hub_offline():
-                download_controlnet(weights_dir, self.CONTROLNET)  # only what is missing
+            # A ControlNet model's ControlNet; $SYNCDIFFUSION_CONTROLNET wins.
+            controlnet = self.CONTROLNET and (os.environ.get(CONTROLNET_ENV) or self.CONTROLNET)
+            if controlnet and not hub_offline():
+                download_controlnet(weights_dir, controlnet)  # only what is missing
             self.pipe = SyncDiffusionPipeline.from_pretrained(
-                weights_dir, model=model, controlnet=self.CONTROLNET
+                weights_dir, model=model, controlnet=controlnet
             )
         except WeightsError as error:
             # One clear message (path and fix) as the setup error, not a trace through loaders.

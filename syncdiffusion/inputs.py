@@ -89,9 +89,7 @@ class Input:
             return "a string"
         if self.multiple_of is not None:
             zero = f"0 ({self.zero}) or " if self.zero else ""
-            return (
-                f"{zero}a multiple of {self.multiple_of} from {self.ge} to {self.le}{self.note}"
-            )
+            return f"{zero}a multiple of {self.multiple_of} from {self.ge} to {self.le}{self.note}"
         if self.type is float:
             return f"a number from {self.ge:g} to {self.le:g}"
         if self.le is None:

@@ -39,7 +39,7 @@ from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .family import SDXL, controlnet_problem, unet_family
 from .files import model_identity
 from .inputs import InputError, panorama_request, sync_schedule
-from .model_folder import read_family, read_source, sd_variant
+from .model_folder import controlnet_variant, read_family, read_source, sd_variant
 from .perceptual import VGG16_RELPATH, load_lpips
 from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .recompute import recompute_layers
@@ -215,7 +215,7 @@ class SyncDiffusionPipeline:
                 controlnet=None
                 if control_dir is None
                 else ControlNetModel.from_pretrained(
-                    control_dir, **{**kwargs, "variant": sd_variant(control_dir)}
+                    control_dir, **{**kwargs, "variant": controlnet_variant(control_dir)}
                 ),
             )
         pipe.model_revision = (read_source(sd) or {}).get("revision")

@@ -138,9 +138,7 @@ def denoise_views(
 
     def sync_and_denoise(rows: range) -> None:
         x, ids = others[rows.start : rows.stop], numbers[rows.start : rows.stop]
-        grad = sync_gradient(
-            x, ids, x0, decode, perceptual, anchor_features, loss_scale, recompute
-        )
+        grad = sync_gradient(x, ids, x0, decode, perceptual, anchor_features, loss_scale, recompute)
         moved[rows.start : rows.stop] = denoise(x - weight * grad.to(x.dtype), ids)
 
     batch = run_in_chunks(sync_and_denoise, range(len(others)), view_batch_size)

@@ -32,6 +32,7 @@ from .model_folder import (
 from .perceptual import LEGACY_VGG16_RELPATH, VGG16_RELPATH, one_line
 
 WEIGHTS_ENV, MODEL_ENV = "SYNCDIFFUSION_WEIGHTS", "SYNCDIFFUSION_MODEL"
+CONTROLNET_ENV = "SYNCDIFFUSION_CONTROLNET"  # the ControlNet of a ControlNet Cog model
 OFFLINE_ENV = "HF_HUB_OFFLINE"
 # The values huggingface_hub reads as true (its constants._is_true), in any case.
 _TRUE = {"1", "ON", "YES", "TRUE"}

@@ -120,21 +120,19 @@ def test_the_controlnet_steers_the_steps_between_start_and_end_as_diffusers_does
 
 
 def test_a_360_panorama_with_a_layout(cpipe, layout):
-    image = cpipe(
-        control_image=layout, loop_closure=True, **{**SMALL, "sync_threshold": 0}
-    )
+    image = cpipe(control_image=layout, loop_closure=True, **{**SMALL, "sync_threshold": 0})
     assert image.size == (640, 512)
 
 
 def test_the_control_inputs_are_checked_by_name(cpipe, layout):
     with pytest.raises(InputError, match="control_image is required"):
         cpipe.request(prompt="x")
-    with pytest.raises(InputError, match="control_image must be an image; got 'edges.png'"):
+    with pytest.raises(InputError, match=r"control_image must be an image; got 'edges.png'"):
         cpipe.request(prompt="x", control_image="edges.png")
     with pytest.raises(InputError, match="controlnet_conditioning_scale must be a number from 0"):
         cpipe.request(prompt="x", control_image=layout, controlnet_conditioning_scale=2.5)
     with pytest.raises(
-        InputError, match="control_guidance_start must be below control_guidance_end; got 0.5 and"
+        InputError, match=r"control_guidance_start must be below control_guidance_end; got 0.5 and"
     ):
         cpipe.request(
             prompt="x", control_image=layout, control_guidance_start=0.5, control_guidance_end=0.5

@@ -161,9 +161,7 @@ def oracle_sync_controlnet(
                     with torch.enable_grad():
                         latent_view = latent_view.requires_grad_(True)
                         noise_pred = noise_prediction(latent_view, t, cond_i, i)
-                        pred_x0 = scheduler.step(noise_pred, t, latent_view)[
-                            "pred_original_sample"
-                        ]
+                        pred_x0 = scheduler.step(noise_pred, t, latent_view)["pred_original_sample"]
                         decoded_x0 = decode_latents(pred_x0)
                         perceptual = perceptual_loss(
                             2 * decoded_x0 - 1, 2 * decoded_image_anchor - 1
