@@ -423,8 +423,9 @@ class SyncDiffusionPipeline:
         `inputs` are the panorama's, by name (`prompt`, `width`, `seed`, ...: see
         `inputs.panorama_inputs`); the model's defaults fill in the rest. Sides are at least
         one window (`window_pixels`) and `stride` is below one window. `callback` gets a dict
-        after every denoising step (step, steps, t, sync, latent, and view_batch_size: the
-        windows per network call that fitted in that step). The image's
+        after every denoising step (step, steps, t, sync, latent, view_batch_size: the
+        windows per network call that fitted in that step, and loss_scale_back_offs: the
+        windows' sync backward passes redone at a lower fp16 loss scale so far). The image's
         `info["parameters"]` holds every input, the model's identity (and hub revision, where
         its folder records one) and the version.
         """

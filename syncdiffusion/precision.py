@@ -78,11 +78,14 @@ class LossScale:
 
     A window keeps the scale that last worked for it across the sync steps of one panorama;
     there is no growth, since a panorama has only a few sync steps (5 by default).
+    `back_offs` counts the scales lowered so far, one per window each time: every one cost
+    that window a second backward pass.
     """
 
     def __init__(self, n_windows: int, initial: float) -> None:
         self.initial = initial
         self.scales = torch.full((n_windows,), initial, dtype=torch.float64)
+        self.back_offs = 0
 
     def of(self, windows: torch.Tensor) -> torch.Tensor:
         """The current scales of `windows` (window numbers), shape (len(windows),)."""
@@ -105,3 +108,4 @@ class LossScale:
                 "load the pipeline with dtype=torch.float32"
             )
         self.scales[windows] *= BACKOFF
+        self.back_offs += len(windows)

@@ -171,7 +171,7 @@ def sample_panorama(
     in `recompute` are recomputed in the sync backward. `initial_loss_scale` starts every
     window's loss scale for the sync backward (`precision`): 1 for fp32 networks. `callback`
     gets each step's state, with the chunk size that fitted (`view_batch_size`), which
-    measurements of memory read.
+    measurements of memory read, and the windows' loss-scale back-offs so far.
     """
     anchor = anchor_index(windows)
     loss_scale = LossScale(len(windows), initial_loss_scale)
@@ -210,6 +210,7 @@ def sample_panorama(
                     "sync": synced,
                     "latent": latent,
                     "view_batch_size": batch_sizes[synced],
+                    "loss_scale_back_offs": loss_scale.back_offs,
                 }
             )
     return latent

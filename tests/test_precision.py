@@ -14,8 +14,9 @@ import torch
 
 from syncdiffusion import SyncDiffusionPipeline
 from syncdiffusion.decoding import decode
+from syncdiffusion.inputs import sync_schedule
 from syncdiffusion.precision import LossScale, initial_loss_scale
-from syncdiffusion.sampling import guided_eps, predict_x0
+from syncdiffusion.sampling import guided_eps, predict_x0, sample_panorama
 from syncdiffusion.sync import lpips_features, lpips_to_anchor, sync_gradient
 
 
@@ -115,6 +116,54 @@ def test_without_a_loss_scale_the_fp16_gradient_underflows(view_gradients):
     g32, unscaled = view_gradients["fp32"], view_gradients["fp16 unscaled"]
     assert cosine(unscaled, g32) < cosine(view_gradients["fp16"], g32)
     assert (unscaled == 0).float().mean() > 10 * (view_gradients["fp16"] == 0).float().mean()
+
+
+def test_a_window_redone_at_a_lower_loss_scale_is_counted_and_reaches_the_callback(pipe):
+    # fp32 gradients do not overflow even at a scale of 3e38, so the overflow is a stand-in: the
+    # first backward pass through the decoder comes back infinite, as an fp16 one would.
+    request = pipe.request(
+        prompt="a bay", width=768, num_inference_steps=2, sync_threshold=1, seed=0
+    )
+    windows = pipe.geometry.windows(request)  # 3: the anchor and 2 synced windows
+    scheduler = pipe.new_scheduler()
+    scheduler.set_timesteps(request["num_inference_steps"])
+    backward_passes = []
+
+    def decode_overflowing_once(x0):
+        if x0.requires_grad:  # a sync backward's decode, not the anchor's
+            if not backward_passes:
+                x0.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+            backward_passes.append(len(x0))
+        return decode(pipe.vae, x0)
+
+    states = []
+    latent = sample_panorama(
+        torch.randn(1, 4, 64, 96, generator=torch.Generator().manual_seed(0)),
+        windows,
+        eps=partial(
+            guided_eps, pipe.unet, text_embeddings=pipe.encode_prompt("a bay"), guidance_scale=7.5
+        ),
+        scheduler=scheduler,
+        decode=decode_overflowing_once,
+        perceptual=pipe.perceptual,
+        sync=sync_schedule(request),
+        view_batch_size=2,
+        initial_loss_scale=initial_loss_scale(torch.float16),
+        callback=states.append,
+    )
+    # Both synced windows shared the pass that overflowed, and were redone together once.
+    assert backward_passes == [2, 2]
+    assert [state["loss_scale_back_offs"] for state in states] == [2, 2]
+    assert latent.isfinite().all()
+
+
+def test_loss_scale_back_offs_count_each_window_lowered():
+    scale = LossScale(3, initial_loss_scale(torch.float16))
+    scale.back_off([])
+    scale.back_off([0, 2])
+    scale.back_off([2])
+    assert scale.back_offs == 3
+    assert scale.of(torch.tensor([0, 1, 2])).tolist() == [2.0**12, 2.0**16, 2.0**8]
 
 
 def test_the_vae_is_upcast_as_diffusers_pipelines_would_and_read_from_the_file():
