@@ -55,7 +55,7 @@ from syncdiffusion.decoding import decode
 from syncdiffusion.demo import COST_DECODE_S, COST_SYNCED_S, COST_UNET_S
 from syncdiffusion.inputs import panorama_request, synced_steps
 from syncdiffusion.precision import LossScale, initial_loss_scale
-from syncdiffusion.sampling import guided_eps, predict_x0
+from syncdiffusion.sampling import guided_eps, x0_predictor
 from syncdiffusion.sync import lpips_features, sync_gradient
 from syncdiffusion.testing.measure import (
     SDXL_CONFIGS,
@@ -401,7 +401,7 @@ def check_gradient(report, fast, reference) -> None:
             sync_gradient(
                 view.to(pipe.device),
                 [0],
-                partial(predict_x0, scheduler, eps, scheduler.timesteps[0]),
+                x0_predictor(scheduler, eps, scheduler.timesteps[0]),
                 partial(decode, pipe.vae),
                 pipe.perceptual,
                 features,

@@ -43,7 +43,7 @@ from .model_folder import controlnet_variant, read_family, read_source, sd_varia
 from .perceptual import VGG16_RELPATH, load_lpips
 from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .recompute import recompute_layers
-from .sampling import Callback, guided_eps, predict_x0, sample_panorama, window_time_ids
+from .sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
 from .sync import lpips_features, sync_loss
 from .weights import (
     check_controlnet,
@@ -332,7 +332,7 @@ class SyncDiffusionPipeline:
             loss = partial(
                 sync_loss,
                 windows=[0],
-                predict_x0=lambda x, _: predict_x0(scheduler, eps, t, x, control),
+                predict_x0=x0_predictor(scheduler, eps, t, control),
                 decode=partial(decode, self.vae),
                 model=self.perceptual,
                 anchor_features=anchor,

@@ -13,7 +13,7 @@ from .batching import run_in_chunks
 from .control import Control, WindowControl
 from .precision import LossScale
 from .schedule import SyncSchedule
-from .sync import lpips_features, sync_gradient
+from .sync import PredictX0, lpips_features, sync_gradient
 from .windows import Window, anchor_index, gather, scatter_add
 
 Callback = Callable[[dict[str, Any]], None]
@@ -72,6 +72,14 @@ def predict_x0(
 ) -> torch.Tensor:
     """The clean latent that DDIM predicts from views `x` at timestep `t`."""
     return scheduler.step(eps(x, t, control), t, x).pred_original_sample
+
+
+def x0_predictor(
+    scheduler: DDIMScheduler, eps: Eps, t: torch.Tensor, control: WindowControl | None = None
+) -> PredictX0:
+    """`predict_x0` at `t` as the sync step calls it (views, their window numbers), with one
+    `control` whatever the windows: for measuring a window, not for sampling a panorama."""
+    return lambda x, _windows: predict_x0(scheduler, eps, t, x, control)
 
 
 def denoise_views(

@@ -101,12 +101,13 @@ def test_a_controlnet_that_never_steers_gives_the_plain_panorama(
 
 
 def test_each_window_takes_its_crop_and_wrap_windows_take_theirs_across_the_seam():
-    image = torch.arange(2 * 8 * 12, dtype=torch.float32).reshape(1, 2, 8, 12)
-    windows = [Window(0, 4, 0, 4), Window(0, 4, 4, 8), Window(0, 4, 10, 2)]
+    # A latent 4 high and 8 wide at 2 image pixels per latent pixel; windows of 4.
+    image = torch.arange(2 * 8 * 16, dtype=torch.float32).reshape(1, 2, 8, 16)
+    windows = [Window(0, 4, 0, 4), Window(0, 4, 4, 8), Window(0, 4, 6, 2)]
     control = Control(None, image, windows, vae_scale_factor=2)
-    crops = control.crops([0, 2])
-    assert torch.equal(crops[0], image[0, :, 0:8, 0:8])
-    assert torch.equal(crops[1], torch.cat([image[0, :, 0:8, 20:], image[0, :, 0:8, :4]], -1))
+    crops = control.crops([1, 2])
+    assert torch.equal(crops[0], image[0, :, 0:8, 8:16])
+    assert torch.equal(crops[1], torch.cat([image[0, :, 0:8, 12:], image[0, :, 0:8, :4]], -1))
     assert crops.shape == (2, 2, 8, 8)
 
 

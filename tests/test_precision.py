@@ -16,7 +16,7 @@ from syncdiffusion import SyncDiffusionPipeline
 from syncdiffusion.decoding import decode
 from syncdiffusion.inputs import sync_schedule
 from syncdiffusion.precision import LossScale, initial_loss_scale
-from syncdiffusion.sampling import guided_eps, predict_x0, sample_panorama
+from syncdiffusion.sampling import guided_eps, sample_panorama, x0_predictor
 from syncdiffusion.sync import lpips_features, lpips_to_anchor, sync_gradient
 
 
@@ -85,7 +85,7 @@ def _view_gradient(pipe, view, t, scale):
     return sync_gradient(
         view,
         [0],
-        partial(predict_x0, scheduler, eps, scheduler.timesteps[t]),
+        x0_predictor(scheduler, eps, scheduler.timesteps[t]),
         partial(decode, pipe.vae),
         pipe.perceptual,
         anchor_features,

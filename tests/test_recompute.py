@@ -12,7 +12,7 @@ from syncdiffusion import recompute
 from syncdiffusion.batching import peak_live_bytes, saved_bytes
 from syncdiffusion.decoding import decode
 from syncdiffusion.precision import LossScale
-from syncdiffusion.sampling import guided_eps, predict_x0
+from syncdiffusion.sampling import guided_eps, x0_predictor
 from syncdiffusion.sync import lpips_features, sync_gradient, sync_loss
 
 
@@ -47,7 +47,7 @@ def test_recomputing_gives_the_same_gradient_to_the_bit_and_leaves_the_layers_as
 ):
     scheduler, eps, features = step
     views = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))
-    x0 = partial(predict_x0, scheduler, eps, scheduler.timesteps[0])
+    x0 = x0_predictor(scheduler, eps, scheduler.timesteps[0])
     grads = [
         sync_gradient(
             views,
@@ -91,10 +91,10 @@ def test_the_window_estimate_is_what_recomputation_keeps_and_holds_at_its_peak(p
     window = torch.zeros(1, 4, 64, 64, requires_grad=True)
     networks = [pipe.unet, pipe.vae, pipe.perceptual]
     parameters = [p for m in networks for p in (*m.parameters(), *m.buffers())]
-    x0 = partial(predict_x0, scheduler, eps, scheduler.timesteps[0])
+    x0 = x0_predictor(scheduler, eps, scheduler.timesteps[0])
 
     def loss():
-        return sync_loss(window, x0, partial(decode, pipe.vae), pipe.perceptual, anchor)
+        return sync_loss(window, [0], x0, partial(decode, pipe.vae), pipe.perceptual, anchor)
 
     with torch.enable_grad():
         whole, _ = saved_bytes(loss, parameters)
