@@ -3,17 +3,21 @@
     python scripts/benchmark.py                      # tiny model, CPU: 1024x512, 6 steps
     python scripts/benchmark.py --arch sd2           # SD2-base's real architecture, random weights
     python scripts/benchmark.py --arch sdxl          # SDXL base's architecture, random weights
+    python scripts/benchmark.py --controlnet         # with a ControlNet and a condition image
 
 Runs the oracle and the fast path on the same inputs and seed in one process, alternating,
 then the fast path alone at several widths (time per window), prints a table and appends it,
 with the machine, date and settings, to BENCHMARKS.md. On a GPU the oracle runs as published
 (fp32 weights under CUDA autocast) and the fast path in fp16. The oracle is SD2-base's
 algorithm, literally: for SDXL only the fast path runs (4096x1024, stride 32 by default).
+With `--controlnet` both run with a ControlNet (the tiny one, or random weights of the
+architecture's own shape) and a random edge map, the oracle being the authors' SyncControlNet.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import sys
 import tempfile
@@ -21,11 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import ControlNetModel
+from PIL import Image
 
 from syncdiffusion import SyncDiffusionPipeline, __version__
 from syncdiffusion.testing.measure import machine, publish, sd2_pipeline, sdxl_pipeline, timed
 from syncdiffusion.testing.oracle import oracle_panorama
-from syncdiffusion.testing.tiny_models import make_tiny_weights
+from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
+from syncdiffusion.testing.tiny_models import (
+    make_tiny_controlnet,
+    make_tiny_weights,
+    random_controlnet,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +66,9 @@ def main() -> None:
         type=int,
         default=None,
         help="steps for the width sweep (default: 2 on CPU, --steps on GPU)",
+    )
+    parser.add_argument(
+        "--controlnet", action="store_true", help="with a ControlNet and a condition image"
     )
     parser.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-record", action="store_true")
@@ -95,6 +109,27 @@ def main() -> None:
                 if fast_dtype != torch.float32
                 else fast
             )
+            if args.controlnet:
+                folder = make_tiny_controlnet(weights / "stable-diffusion-2-base", weights / "cn")
+                controlnet = ControlNetModel.from_pretrained(folder)
+    run_oracle = oracle_panorama
+    if args.controlnet:
+        if real:  # the architecture's own ControlNet, random weights
+            controlnet = random_controlnet(fast.unet)
+
+        def controlled(pipe: SyncDiffusionPipeline) -> SyncDiffusionPipeline:
+            same = controlnet.dtype == pipe.dtype
+            net = controlnet if same else copy.deepcopy(controlnet).to(pipe.dtype)
+            return pipe.with_controlnet(net, "random")
+
+        shared = oracle is fast
+        fast = controlled(fast)
+        oracle = fast if shared else None if oracle is None else controlled(oracle)
+        layout = np.random.default_rng(args.seed).random((args.height, width)) > 0.9
+        inputs["control_image"] = Image.fromarray(layout.astype(np.uint8) * 255)
+
+        def run_oracle(pipe: SyncDiffusionPipeline, **given: object) -> tuple:
+            return oracle_sync_controlnet(pipe, **given)
 
     def count(w: int) -> int:
         return len(
@@ -105,9 +140,7 @@ def main() -> None:
     rows, oracle_times, fast_times, oracle_peaks, fast_peaks = [], [], [], [], []
     for _ in range(args.repeats):
         if oracle is not None:
-            (o_image, o_latent), seconds, peak = timed(
-                lambda: oracle_panorama(oracle, **inputs), device
-            )
+            (o_image, o_latent), seconds, peak = timed(lambda: run_oracle(oracle, **inputs), device)
             oracle_times.append(seconds)
             oracle_peaks.append(peak)
         f_latent, seconds, peak = timed(lambda: fast(**inputs, output_type="latent"), device)
@@ -122,8 +155,9 @@ def main() -> None:
         latent_diff = (f_latent.float() - o_latent.float()).abs().max().item()
         pixels = np.abs(np.asarray(f_image, dtype=int) - np.asarray(o_image, dtype=int))
         oracle_s, diffs = min(oracle_times), f"{latent_diff:.2e} | {pixels.max()}/255"
+        name = "authors' SyncControlNet" if args.controlnet else "published"
         rows.append(
-            f"| oracle (published) | {width}x{args.height} | {n_windows} | {oracle_s:.2f} | "
+            f"| oracle ({name}) | {width}x{args.height} | {n_windows} | {oracle_s:.2f} | "
             f"1.00x | {max(oracle_peaks) / 2**30:.2f} GiB | | |"
         )
         speedup = f"{oracle_s / fast_s:.2f}x"
@@ -163,6 +197,7 @@ def main() -> None:
         f"{width}x{args.height}, {steps} steps, sync_threshold {threshold}, "
         f"sync_weight {args.sync_weight:g}, "
         f"stride {args.stride}, seed {args.seed}, best of {args.repeats} alternating runs"
+        + (", a ControlNet and a random edge map" if args.controlnet else "")
     )
     report = "\n".join(
         [

@@ -18,12 +18,16 @@ run cut short still leaves what it measured. Sections:
    difference, whether every latent stayed finite; 2048x512, 50 steps, sync_threshold 5.
 2. repeatable: the fast path twice with automatic chunks and once one window at a time.
 3. gradient: one view's sync gradient with fp16 networks against fp32 ones (cosine).
-4. memory: the per-window estimate against the measured peak of chunks of 1, 2 and 4.
-5. out-of-memory: a memory cap under which 4 windows do not fit (halving, then success), one
+4. controlnet: the authors' SyncControlNet (the ControlNet oracle, fp32 weights under
+   autocast) against the fast path with the same ControlNet (SD2-base's shape, random
+   weights) and a random edge map: seconds, peak memory, largest pixel difference, finite
+   latents; 1024x512, 6 steps, sync_threshold 3.
+5. memory: the per-window estimate against the measured peak of chunks of 1, 2 and 4.
+6. out-of-memory: a memory cap under which 4 windows do not fit (halving, then success), one
    under which 1 does not (a clear MemoryError), then a normal prediction and the free memory.
-6. huge: 4096x4096 at stride 56, 2 steps, on CUDA under a cap of 24 GiB in all (a 24 GB
+7. huge: 4096x4096 at stride 56, 2 steps, on CUDA under a cap of 24 GiB in all (a 24 GB
    card's memory): whether it fits, seconds, peak memory.
-7. sdxl: SDXL base's architecture (random weights, fp16, its VAE upcast), 4096x1024, 50
+8. sdxl: SDXL base's architecture (random weights, fp16, its VAE upcast), 4096x1024, 50
    steps, sync_threshold 5, stride 32: seconds and peak memory.
 
 --smoke runs the same sections at sizes that take minutes on two cores (chunks of 1 and 2).
@@ -35,6 +39,7 @@ The GPU machine needs this project's pinned diffusers, transformers and lpips:
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import sys
@@ -48,6 +53,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from syncdiffusion import SyncDiffusionPipeline, __version__
 from syncdiffusion.batching import free_memory, release_memory
@@ -67,22 +73,33 @@ from syncdiffusion.testing.measure import (
     window_cost,
 )
 from syncdiffusion.testing.oracle import oracle_panorama
-from syncdiffusion.testing.tiny_models import TINY_MODELS, make_tiny_weights
+from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
+from syncdiffusion.testing.tiny_models import TINY_MODELS, make_tiny_weights, random_controlnet
 from syncdiffusion.windows import SD2_BASE, Geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a mountain range at twilight"
 HUGE_CAP_BYTES = 24 * 2**30
-SECTIONS = ("published", "repeatable", "gradient", "memory", "out-of-memory", "huge", "sdxl")
+SECTIONS = (
+    "published",
+    "repeatable",
+    "gradient",
+    "controlnet",
+    "memory",
+    "out-of-memory",
+    "huge",
+    "sdxl",
+)
 # Sizes and steps per mode: the GPU check's own, and the CPU smoke run's (same code, minutes).
 SETTINGS = {
     "gpu": {
         "published": dict(width=2048, height=512, num_inference_steps=50, sync_threshold=5),
-        "repeatable": dict(width=2048, height=512, num_inference_steps=10, sync_threshold=5),
+        "repeatable": dict(width=2048, height=512, num_inference_steps=6, sync_threshold=5),
         "memory": dict(width=1024, height=512, num_inference_steps=1, sync_threshold=1),
         "chunks": (1, 2, 4),
         "huge": dict(width=4096, height=4096, stride=56, num_inference_steps=2),
         "sdxl": dict(width=4096, height=1024, stride=32, num_inference_steps=50, sync_threshold=5),
+        "controlnet": dict(width=1024, height=512, num_inference_steps=6, sync_threshold=3),
     },
     "smoke": {
         "published": dict(width=640, height=512, num_inference_steps=2, sync_threshold=1),
@@ -91,6 +108,7 @@ SETTINGS = {
         "chunks": (1, 2),
         "huge": dict(width=1024, height=1024, stride=56, num_inference_steps=1, sync_threshold=0),
         "sdxl": dict(width=768, height=256, stride=16, num_inference_steps=2, sync_threshold=1),
+        "controlnet": dict(width=640, height=512, num_inference_steps=2, sync_threshold=1),
     },
 }
 # The sections whose unsynced steps may be cut to fit the budget: the sync steps, where the
@@ -118,6 +136,8 @@ FP32_SLOWDOWN = 8.0
 # SDXL's VAE runs in fp32 (TF32 convolutions): its decodes, and on the safe side the whole of
 # the sync gradients that run through it, take this many times an fp16 VAE's.
 FP32_VAE_SLOWDOWN = 2.0
+# A ControlNet runs a copy of the UNet's down and middle blocks beside it: about half a UNet.
+CONTROLNET_SLOWDOWN = 1.5
 # Building a random-weight architecture on the GPU, with the tiny model's tokenizers.
 LOAD_SECONDS = {"sd2": 10.0, "sdxl": 20.0}
 # 8 minutes: the whole check fits a 10-minute slot on a borrowed GPU, with room to spare.
@@ -192,6 +212,10 @@ def section_work(name: str, settings: dict[str, Any], smoke: bool) -> Work:
         return sum([panorama_work(settings["memory"], decoded=False)] * 2, Work())
     if name == "huge":
         return panorama_work(settings["huge"])
+    if name == "controlnet":  # the oracle and the fast path, each with the ControlNet
+        inputs = settings["controlnet"]
+        both = panorama_work(inputs, published=True) + panorama_work(inputs)
+        return both._replace(seconds=both.seconds * CONTROLNET_SLOWDOWN)
     if name == "sdxl":
         sdxl = panorama_work(settings["sdxl"], sdxl_geometry(smoke), vae_slowdown=FP32_VAE_SLOWDOWN)
         return sdxl + Work(seconds=LOAD_SECONDS["sdxl"])
@@ -356,6 +380,55 @@ def check_published(report, fast, oracle, inputs, device) -> None:
             f"| fast ({str(fast.dtype)[6:]}) | {f_s:.1f} | {o_s / f_s:.2f}x | "
             f"{f_peak / 2**30:.2f} GiB | {f_finite} | {figures['max_pixel_diff']}/255 "
             f"| {f_log.back_offs} |",
+        ],
+    )
+
+
+def check_controlnet(report, fast, oracle, inputs, device) -> None:
+    """The fast path with a ControlNet against the authors' SyncControlNet, restated."""
+    controlnet = random_controlnet(fast.unet)  # SD2-base's shape (or the tiny model's)
+    fast_c, oracle_c = (
+        pipe.with_controlnet(copy.deepcopy(controlnet).to(pipe.dtype), "random")
+        for pipe in (fast, oracle)
+    )
+    del controlnet
+    edges = np.random.default_rng(0).random((inputs["height"], inputs["width"])) > 0.9
+    layout = Image.fromarray(edges.astype(np.uint8) * 255)
+    (o_image, o_latent), o_s, o_peak = timed(
+        lambda: oracle_sync_controlnet(oracle_c, layout, PROMPT, **inputs), device
+    )
+    (f_image, f_log), f_s, f_peak = timed(
+        lambda: logged(fast_c, prompt=PROMPT, control_image=layout, **inputs), device
+    )
+    n = len(fast.geometry.windows(fast.request(prompt=PROMPT, **inputs)))
+    figures = {
+        "inputs": inputs,
+        "windows": n,
+        "oracle_seconds": o_s,
+        "fast_seconds": f_s,
+        "speed_up": o_s / f_s,
+        "oracle_peak_gib": o_peak / 2**30,
+        "fast_peak_gib": f_peak / 2**30,
+        "max_pixel_diff": pixel_diff(f_image, o_image),
+        "oracle_latent_finite": bool(o_latent.isfinite().all()),
+        "fast_latents_finite": all(f_log.finite),
+        "fast_loss_scale_back_offs": f_log.back_offs,
+    }
+    report.add(
+        "controlnet",
+        figures,
+        [
+            f"{inputs['width']}x{inputs['height']}, {n} windows, {inputs['num_inference_steps']} "
+            f"steps, sync_threshold {inputs['sync_threshold']}, a random edge map",
+            "",
+            "| path | seconds | speed-up | peak memory | latents finite | max pixel diff "
+            "| loss-scale back-offs |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| SyncControlNet (fp32 weights, autocast) | {o_s:.1f} | 1.00x | "
+            f"{o_peak / 2**30:.2f} GiB | {figures['oracle_latent_finite']} | | |",
+            f"| fast ({str(fast.dtype)[6:]}) | {f_s:.1f} | {o_s / f_s:.2f}x | "
+            f"{f_peak / 2**30:.2f} GiB | {figures['fast_latents_finite']} | "
+            f"{figures['max_pixel_diff']}/255 | {f_log.back_offs} |",
         ],
     )
 
@@ -733,11 +806,12 @@ def main(argv: list[str] | None = None) -> int:
     if wanted - {"sdxl"}:
         fast = load(tiny, device, fast_dtype)
         reference = fast
-        if fast_dtype != torch.float32 and wanted & {"published", "gradient"}:
+        if fast_dtype != torch.float32 and wanted & {"published", "gradient", "controlnet"}:
             reference = load(tiny, device, torch.float32)
         section("published", check_published, fast, reference, settings["published"], device)
         section("repeatable", check_repeatable, fast, settings["repeatable"])
         section("gradient", check_gradient, fast, reference)
+        section("controlnet", check_controlnet, fast, reference, settings["controlnet"], device)
         del reference
         release_memory()
         memory = section("memory", check_memory, fast, settings["memory"], chunks, device)

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
 
 from ..perceptual import save_trunk
 from ..weights import CONTROLNET_DIRNAME, SD_DIRNAME, VGG16_RELPATH
@@ -308,32 +309,41 @@ def make_tiny_model(sd_dir: Path, shape: str = "sd2", window: int = 64) -> Path:
     return sd_dir
 
 
-def make_tiny_controlnet(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny ControlNet for the tiny model in `model_dir` into `out_dir`; return it.
-
-    Built from the model's UNet (diffusers' `ControlNetModel.from_unet`: its down and middle
-    blocks copied) with a small conditioning embedding, and random weights (seeded) where a
-    fresh ControlNet would hide a wrong test:
+def random_controlnet(
+    unet: UNet2DConditionModel, seed: int = 0, conditioning_channels: tuple[int, ...] | None = None
+) -> ControlNetModel:
+    """A ControlNet for `unet` (diffusers' `ControlNetModel.from_unet`: its down and middle
+    blocks copied), on the CPU in fp32, with random weights (seeded) where a fresh ControlNet
+    would hide a wrong test or measurement:
     - diffusers starts the convolutions that give out the residuals, and the embedding's last,
       at zero, so that training grows them from nothing; a fresh ControlNet then adds nothing.
       These get an ordinary convolution's random start: they change the tiny UNet's output by
       some 60% of its size.
     - an ordinary start shrinks the control image through the embedding's seven convolutions
       to almost a constant, so that any control image would do (two random ones give outputs
-      0.01% of their size apart); He's start with zero biases keeps it (5 to 15% apart)."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+      0.01% of their size apart); He's start with zero biases keeps it (5 to 15% apart).
+    `conditioning_channels`: the embedding's widths (default diffusers')."""
     torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS
+    channels = (
+        {}
+        if conditioning_channels is None
+        else {"conditioning_embedding_out_channels": conditioning_channels}
     )
+    controlnet = ControlNetModel.from_unet(unet, **channels).to("cpu", torch.float32)
     for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
         conv.reset_parameters()
     embedding = controlnet.controlnet_cond_embedding
     for conv in [embedding.conv_in, *embedding.blocks, embedding.conv_out]:
         torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         torch.nn.init.zeros_(conv.bias)
+    return controlnet
+
+
+def make_tiny_controlnet(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny ControlNet for the tiny model in `model_dir` into `out_dir` (a
+    `random_controlnet` with a small conditioning embedding); return it."""
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    controlnet = random_controlnet(unet, seed, CONTROLNET_CONDITIONING_CHANNELS)
     controlnet.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
 
