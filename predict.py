@@ -26,9 +26,11 @@ from syncdiffusion import SyncDiffusionPipeline, WeightsError
 from syncdiffusion.control_image import open_control_image
 from syncdiffusion.files import save_image
 from syncdiffusion.inputs import check_output
+from syncdiffusion.model_folder import controlnet_folder_problem
 from syncdiffusion.weights import (
     CONTROLNET_ENV,
     MODEL_ENV,
+    controlnet_dir,
     default_weights_dir,
     download_controlnet,
     download_weights,
@@ -79,8 +81,11 @@ class Predictor(BaseRunner):
                 download_weights(weights_dir, model=model)
             # A ControlNet model's ControlNet; $SYNCDIFFUSION_CONTROLNET wins.
             controlnet = self.CONTROLNET and (os.environ.get(CONTROLNET_ENV) or self.CONTROLNET)
-            if controlnet and not hub_offline():
-                download_controlnet(weights_dir, controlnet)  # only what is missing
+            missing = controlnet and controlnet_folder_problem(
+                controlnet_dir(weights_dir, controlnet)
+            )
+            if missing and not hub_offline():
+                download_controlnet(weights_dir, controlnet)
             self.pipe = SyncDiffusionPipeline.from_pretrained(
                 weights_dir, model=model, controlnet=controlnet
             )

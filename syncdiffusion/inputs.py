@@ -37,6 +37,10 @@ REQUIRED: Any = _Required()
 # gradient through LPIPS, the VAE decoder and the UNet: 151.0 / 18.3 CPU seconds by
 # scripts/demo_costs.py on SD2-base's architecture (BENCHMARKS.md), about 8.3 more.
 SYNCED_WINDOW_STEP_COST = 151.0 / 18.3
+# A ControlNet's forward pass over a window, in UNet passes: 567 against 1,609 GFLOP on
+# SD2-base's architecture at 512 px (torch's FlopCounterMode). It runs beside the UNet once per
+# window-step, and three times more per synced one (again with gradients, and its backward).
+CONTROLNET_COST = 0.35
 # The limit is the published wrapper's dearest request: 3072x3072 at stride 8 (41 x 41
 # windows), 200 steps, of which the first 50 synced. Larger sizes are welcome at a coarser
 # stride, with fewer steps or fewer synced ones.
@@ -367,7 +371,7 @@ def panorama_request(
     if control:
         _refuse([_control_problem(request)])
         _size_from_condition(request, geometry)
-    if (cost := request_cost(request, geometry)) > MAX_COST:
+    if (cost := request_cost(request, geometry, control)) > MAX_COST:
         n_windows = len(geometry.windows(request))
         raise InputError(
             f"a {request['width']}x{request['height']} panorama at stride {request['stride']} is "
@@ -418,13 +422,19 @@ def synced_steps(request: Mapping[str, Any]) -> int:
     return sum(schedule.active(i) for i in range(request["num_inference_steps"]))
 
 
-def request_cost(request: Mapping[str, Any], geometry: Geometry = SD2_BASE) -> float:
+def request_cost(
+    request: Mapping[str, Any], geometry: Geometry = SD2_BASE, control: bool = False
+) -> float:
     """What a request costs, in SD2-base window-steps (see `SYNCED_WINDOW_STEP_COST`): every
-    window at every step, and every synced step's gradient of each window but the anchor."""
+    window at every step, and every synced step's gradient of each window but the anchor; with
+    a ControlNet (`control`), its passes beside the UNet's (`CONTROLNET_COST`)."""
     n_windows = len(geometry.windows(request))
     window_steps = n_windows * request["num_inference_steps"]
-    synced = synced_steps(request) * (n_windows - 1) * SYNCED_WINDOW_STEP_COST
-    return (window_steps + synced) * (geometry.window_pixels / 512) ** 2
+    synced_window_steps = synced_steps(request) * (n_windows - 1)
+    cost = window_steps + synced_window_steps * SYNCED_WINDOW_STEP_COST
+    if control:
+        cost += (window_steps + 3 * synced_window_steps) * CONTROLNET_COST
+    return cost * (geometry.window_pixels / 512) ** 2
 
 
 def check_output(output_format: Any, output_quality: Any) -> None:

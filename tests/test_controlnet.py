@@ -18,6 +18,7 @@ from syncdiffusion import InputError, SyncDiffusionPipeline, WeightsError
 from syncdiffusion.control import Control, image_record
 from syncdiffusion.control_image import panorama_size
 from syncdiffusion.files import read_parameters, save_image
+from syncdiffusion.inputs import CONTROLNET_COST, panorama_request, request_cost
 from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
 from syncdiffusion.windows import Geometry, Window
 
@@ -235,3 +236,9 @@ def test_the_command_line_lays_a_photo_out_by_its_edges_and_remakes_it(control_w
     assert remade.returncode == 0, remade.stderr
     with Image.open(first) as a, Image.open(again) as b:
         assert a.tobytes() == b.tobytes()
+
+
+def test_a_controlnet_adds_its_passes_to_what_a_request_costs():
+    request = panorama_request({"prompt": "x"})  # 2048x512: 13 windows, 50 steps, 5 synced
+    extra = (13 * 50 + 3 * 5 * 12) * CONTROLNET_COST
+    assert request_cost(request, control=True) == pytest.approx(request_cost(request) + extra)

@@ -35,6 +35,7 @@ def test_the_gpu_check_runs_every_section_on_the_cpu(tiny_weights, tmp_path, run
         "published",
         "repeatable",
         "gradient",
+        "controlnet",
         "memory",
         "out-of-memory",
         "huge",
@@ -42,6 +43,9 @@ def test_the_gpu_check_runs_every_section_on_the_cpu(tiny_weights, tmp_path, run
         "total",
     ]
     published = figures["published"]
+    controlnet = figures["controlnet"]
+    assert controlnet["fast_latents_finite"] and controlnet["oracle_latent_finite"]
+    assert controlnet["max_pixel_diff"] <= 2  # fp32 on the CPU: the authors' picture
     assert published["fast_latents_finite"] and published["oracle_latent_finite"]
     assert published["max_pixel_diff"] <= 2  # fp32 on the CPU: the oracle's picture
     assert figures["repeatable"]["max_pixel_diff_same_chunks"] == 0

@@ -101,7 +101,7 @@ def test_every_bad_condition_image_fails_by_name_and_the_server_stays_ready(serv
         result = server.predict({**SMALL, "control_image": url})
         assert result["status"] == "failed", kind
         error = result["error"]
-        assert error.startswith("control_image must be") and said in error, (kind, error)
+        assert "control_image must be" in error and said in error, (kind, error)
         assert "Traceback" not in error
     assert server.settled_status() == "READY"
     good = server.predict({**SMALL, "control_image": data_url(png(edge_map(512, 512)))})
