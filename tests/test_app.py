@@ -1,9 +1,10 @@
 """The web app (`python -m syncdiffusion.app`): its form is the library's description of the
 inputs, it serves only its page and the files it made, runs one job at a time, and works in a
-real browser (headless Chromium driven by Playwright) on the tiny model."""
+real browser (headless Chromium driven by Playwright) on the tiny model and a tiny ControlNet."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import json
@@ -17,17 +18,21 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageStat
+from PIL import Image, ImageDraw, ImageStat
 
 from syncdiffusion.app.__main__ import build_parser
 from syncdiffusion.app.jobs import Job, JobQueue
-from syncdiffusion.app.server import App, AppServer
+from syncdiffusion.app.server import MAX_BODY, App, AppServer
+from syncdiffusion.control import image_record
 from syncdiffusion.files import read_parameters
 from syncdiffusion.inputs import InputError, panorama_inputs, panorama_request
+from syncdiffusion.weights import CONTROLNET_DIRNAME
 from syncdiffusion.windows import Geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "stable-diffusion-2-base"
+CONTROLNET = "tiny-controlnet-sd2"
+MISFIT = "misfit-controlnet"  # a ControlNet for text states of another width than the model's
 SCREENSHOT_ENV = "SYNCDIFFUSION_APP_SCREENSHOT"  # where the browser test saves its screenshot
 BROWSER_ENV = "SYNCDIFFUSION_APP_BROWSER"  # Chromium's path, where it is not on PATH
 
@@ -87,7 +92,7 @@ class FakePipe:
 def fake_app(tiny_weights, tmp_path):
     """The app on the tiny model's folder, with `FakePipe` making the pictures."""
     pipe = FakePipe()
-    jobs = JobQueue(lambda model: pipe, tmp_path, abandon_after=0.5)
+    jobs = JobQueue(lambda model, controlnet: pipe, tmp_path, abandon_after=0.5)
     server = serve(App(tiny_weights, MODEL, jobs))
     server.pipe = pipe
     yield server
@@ -96,15 +101,36 @@ def fake_app(tiny_weights, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_app(tiny_weights, tmp_path_factory):
-    """The app as `python -m syncdiffusion.app --weights TINY --device cpu` serves it."""
+def control_weights(tiny_weights, tmp_path_factory):
+    """The tiny model's weights folder with two ControlNets in controlnet/: a tiny one that fits
+    the model (CONTROLNET), and a copy of it whose config says it takes wider text states
+    (MISFIT)."""
+    from syncdiffusion.testing.tiny_models import make_tiny_controlnet
+
+    out = tmp_path_factory.mktemp("control-weights")
+    for part in tiny_weights.iterdir():
+        (out / part.name).symlink_to(part)
+    fits = make_tiny_controlnet(out / MODEL, out / CONTROLNET_DIRNAME / CONTROLNET)
+    misfit = shutil.copytree(fits, out / CONTROLNET_DIRNAME / MISFIT)
+    config = json.loads((misfit / "config.json").read_text())
+    config["cross_attention_dim"] *= 2
+    (misfit / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_app(control_weights, tmp_path_factory):
+    """The app as `python -m syncdiffusion.app --weights TINY --device cpu` serves it, on the
+    tiny model and its ControlNets."""
     from syncdiffusion import SyncDiffusionPipeline
 
-    def load(model: str):
-        return SyncDiffusionPipeline.from_pretrained(tiny_weights, device="cpu", model=model)
+    def load(model: str, controlnet: str | None):
+        return SyncDiffusionPipeline.from_pretrained(
+            control_weights, device="cpu", model=model, controlnet=controlnet
+        )
 
     jobs = JobQueue(load, tmp_path_factory.mktemp("made"))
-    server = serve(App(tiny_weights, MODEL, jobs))
+    server = serve(App(control_weights, MODEL, jobs))
     yield server
     server.shutdown()
     server.server_close()
@@ -300,6 +326,120 @@ def test_the_download_is_the_file_the_cli_writes(real_app):
     fields = json.loads(body)["fields"]
     assert fields["prompt"] == "a beach" and fields["width"] == "1024"
     assert fields["loop_closure"] is True and "model" not in fields
+
+
+def edge_map(width: int = 640, height: int = 512) -> Image.Image:
+    """A condition image for a canny ControlNet: a skyline's white edges on black."""
+    image = Image.new("L", (width, height))
+    draw = ImageDraw.Draw(image)
+    draw.line([(0, height * 3 // 4), (width // 3, height // 3), (width, height // 2)], 255, 3)
+    draw.rectangle([width // 2, height // 3, width // 2 + 60, height], outline=255, width=3)
+    return image
+
+
+def upload(data: bytes, name: str = "edges.png") -> dict:
+    """A file as the page sends it: its name and its bytes in base64."""
+    return {"name": name, "data": base64.b64encode(data).decode()}
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_with_a_controlnet_the_form_has_the_control_inputs(real_app):
+    described = json.loads(call(real_app, "GET", "/api/models")[1])
+    assert described["controlnets"] == [MISFIT, CONTROLNET]
+    model = described["models"][0]
+    fields = {f["name"]: f for f in model["control_inputs"]}
+    assert list(fields) == list(panorama_inputs(Geometry(window=64), control=True))
+    assert [f["name"] for f in model["inputs"]] == list(panorama_inputs(Geometry(window=64)))
+    assert fields["control_image"]["kind"] == "image" and fields["control_image"]["required"]
+    assert fields["width"]["default"] == fields["height"]["default"] == "0"
+    assert "0 (the control image's)" in fields["width"]["allowed"]
+    scale = fields["controlnet_conditioning_scale"]
+    assert (scale["ge"], scale["le"], scale["default"]) == ("0", "2", "1.0")
+
+
+def test_a_job_laid_out_by_an_uploaded_edge_map(real_app):
+    layout = edge_map()
+    form = {
+        "prompt": "a city",
+        "width": "0",
+        "height": "0",
+        "num_inference_steps": "1",
+        "sync_threshold": "1",
+        "controlnet_conditioning_scale": "0.5",
+        "control_image": upload(png(layout)),
+    }
+    body = {"model": MODEL, "controlnet": CONTROLNET, "inputs": form}
+    status, answer = call(real_app, "POST", "/api/jobs", body)
+    assert status == 200, answer
+    seen = events(real_app, json.loads(answer)["job"])
+    assert {"state": "loading", "model": MODEL, "controlnet": CONTROLNET} in seen
+    done = seen[-1]
+    assert done["state"] == "done", done
+    assert (done["width"], done["height"]) == layout.size  # width and height 0: the image's
+    token = done["file"].split("/")[-1]
+    saved = read_parameters(real_app.app.jobs.made[token].path)
+    assert saved["controlnet"] == CONTROLNET and saved["controlnet_conditioning_scale"] == 0.5
+    assert saved["control_image"] == image_record(layout.convert("RGB"))
+    # "Use these settings" gets the ControlNet and its numbers; the image only as its record.
+    again = json.loads(call(real_app, "GET", f"/api/parameters/{token}")[1])
+    assert again["controlnet"] == CONTROLNET
+    assert again["control_image"] == saved["control_image"]
+    assert again["fields"]["controlnet_conditioning_scale"] == "0.5"
+    assert again["fields"]["width"] == "640" and "control_image" not in again["fields"]
+
+
+def test_a_bad_upload_gets_its_message_and_the_app_stays_up(real_app):
+    def refusal(**form) -> dict:
+        body = {"model": MODEL, "controlnet": CONTROLNET, "inputs": {"prompt": "x", **form}}
+        status, answer = call(real_app, "POST", "/api/jobs", body)
+        assert status == 400, answer
+        return json.loads(answer)
+
+    gif = io.BytesIO()
+    edge_map().save(gif, "GIF")
+    bad = {
+        "a GIF": upload(gif.getvalue(), "edges.gif"),
+        "cut short": upload(png(edge_map())[:300]),
+        "not an image": upload(b"%PDF-1.7 ..." * 10, "plan.pdf"),
+        "nothing": None,
+        "not base64": {"name": "edges.png", "data": "not base64!"},
+        "not a file": "edges.png",
+    }
+    for case, sent in bad.items():
+        answer = refusal(control_image=sent, width="500")
+        message = answer["fields"]["control_image"]
+        assert message.startswith("control_image "), case
+        # The other fields are still checked, each beside its own field.
+        assert answer["fields"]["width"].startswith("width must be"), case
+        assert message in answer["error"] and "Traceback" not in answer["error"], case
+    assert "'edges.gif': a GIF image" in refusal(control_image=bad["a GIF"])["error"]
+    assert "is required" in refusal()["fields"]["control_image"]
+    # A body over the bound is refused before it is read.
+    connection = http.client.HTTPConnection(*real_app.server_address[:2], timeout=30)
+    connection.putrequest("POST", "/api/jobs")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(MAX_BODY + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "condition image" in json.loads(response.read())["error"]
+    assert call(real_app, "GET", "/")[0] == 200
+
+
+def test_a_controlnet_that_does_not_fit_the_model_is_refused_naming_both(real_app):
+    body = {"model": MODEL, "controlnet": MISFIT, "inputs": {"prompt": "x"}}
+    status, answer = call(real_app, "POST", "/api/jobs", body)
+    assert status == 400
+    message = json.loads(answer)["fields"]["controlnet"]
+    assert f"{CONTROLNET_DIRNAME}/{MISFIT} does not fit " in message
+    assert message.endswith("in the UNet") and f"/{MODEL}: " in message
+    body["controlnet"] = "../" + MODEL
+    status, answer = call(real_app, "POST", "/api/jobs", body)
+    assert status == 400 and "controlnet must be a folder" in json.loads(answer)["error"]
 
 
 def chromium() -> str | None:

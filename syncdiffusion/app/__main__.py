@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         type=Path,
         default=None,
-        help="weights folder; each folder in it with a model_index.json is a model to pick "
-        "(default: $SYNCDIFFUSION_WEIGHTS or weights/)",
+        help="weights folder; each folder in it with a model_index.json is a model to pick, each "
+        "in its controlnet/ a ControlNet (default: $SYNCDIFFUSION_WEIGHTS or weights/)",
     )
     parser.add_argument(
         "--model",
@@ -57,13 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def loader(weights_dir: Path, device: str | None) -> Callable[[str], Any]:
-    """The pipeline of a model folder in `weights_dir`, loaded when a job first needs it."""
+def loader(weights_dir: Path, device: str | None) -> Callable[[str, str | None], Any]:
+    """The pipeline of a model folder in `weights_dir` with a ControlNet folder of its
+    controlnet/ (or none), loaded when a job first needs it."""
 
-    def load(model: str) -> Any:
+    def load(model: str, controlnet: str | None) -> Any:
         from .. import SyncDiffusionPipeline
 
-        return SyncDiffusionPipeline.from_pretrained(weights_dir, device=device, model=model)
+        return SyncDiffusionPipeline.from_pretrained(
+            weights_dir, device=device, model=model, controlnet=controlnet
+        )
 
     return load
 

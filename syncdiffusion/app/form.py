@@ -1,25 +1,39 @@
-"""The form: the models in a weights folder, each model's inputs as the page draws them, and a
-submitted form read back into a request, checked by the library (`inputs.panorama_request`)."""
+"""The form: the models and ControlNets in a weights folder, each model's inputs as the page
+draws them (with a ControlNet, its control inputs too), and a submitted form read back into a
+request, checked by the library (`inputs.panorama_request`, `control_image.open_control_image`)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from ..control_image import open_control_image
 from ..inputs import (
     OUTPUT_INPUTS,
     REQUIRED,
     Input,
     InputError,
+    _shown,
     check_output,
     panorama_inputs,
     panorama_request,
 )
+from ..weights import CONTROLNET_DIRNAME
 from ..windows import Geometry
 
 _INTEGER = re.compile(r"[+-]?\d+")
+
+MAX_UPLOAD = 32 << 20
+"""The largest condition image file the app takes, in bytes: an edge map or a QR code is a few
+hundred kilobytes, a large phone photo some ten megabytes."""
+_UPLOAD_FILES = "a PNG, JPEG or WebP file"
 
 
 def model_folders(weights_dir: Path) -> list[str]:
@@ -27,6 +41,15 @@ def model_folders(weights_dir: Path) -> list[str]:
     if not weights_dir.is_dir():
         return []
     return sorted(p.name for p in weights_dir.iterdir() if (p / "model_index.json").is_file())
+
+
+def controlnet_folders(weights_dir: Path) -> list[str]:
+    """The ControlNet folders in `weights_dir`'s controlnet/: those holding a config.json, by name
+    (whether one is complete, and fits a model, is checked when a job names it)."""
+    root = weights_dir / CONTROLNET_DIRNAME
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
 
 
 def folder_geometry(sd_dir: Path) -> Geometry:
@@ -44,7 +67,8 @@ def _number_text(value: Any) -> Any:
 
 def describe(spec: Input) -> dict[str, Any]:
     """One input as the page draws its field: name, kind, default, bounds or choices, help."""
-    kind = {bool: "bool", int: "int", float: "float", str: "str"}[spec.type]
+    kinds = {bool: "bool", int: "int", float: "float", str: "str", Image.Image: "image"}
+    kind = kinds[spec.type]
     field = {
         "name": spec.name,
         "kind": "choice" if spec.choices else kind,
@@ -62,9 +86,16 @@ def describe(spec: Input) -> dict[str, Any]:
 
 
 def model_form(sd_dir: Path) -> dict[str, Any]:
-    """The form of one model: its panorama inputs (their defaults and bounds follow its window)."""
-    inputs = panorama_inputs(folder_geometry(sd_dir))
-    return {"name": sd_dir.name, "inputs": [describe(spec) for spec in inputs.values()]}
+    """The form of one model: its panorama inputs (their defaults and bounds follow its window),
+    and those with a ControlNet (the control inputs; sides default to the condition image's)."""
+    geometry = folder_geometry(sd_dir)
+    return {
+        "name": sd_dir.name,
+        "inputs": [describe(spec) for spec in panorama_inputs(geometry).values()],
+        "control_inputs": [
+            describe(spec) for spec in panorama_inputs(geometry, control=True).values()
+        ],
+    }
 
 
 def output_form() -> list[dict[str, Any]]:
@@ -88,12 +119,43 @@ def coerce(spec: Input, value: Any) -> Any:
     return value
 
 
-def read_form(fields: dict[str, Any], geometry: Geometry) -> tuple[dict[str, Any], str, int]:
-    """The request, file format and quality of a submitted form, checked by the library.
+def read_upload(upload: Any) -> Image.Image:
+    """The condition image of an uploaded file, `{"name": its name, "data": its bytes in
+    base64}`, opened and checked by `open_control_image`; `InputError` naming control_image."""
+    if upload is None:
+        raise InputError(f"control_image is required: upload the condition image, {_UPLOAD_FILES}")
+    if not isinstance(upload, dict) or not isinstance(upload.get("data"), str):
+        raise InputError(
+            f"control_image must be an uploaded file, {{name, data (base64)}}; got {_shown(upload)}"
+        )
+    name = upload.get("name") if isinstance(upload.get("name"), str) else "the upload"
+    # A file's base64 is 4/3 of its size: the text alone tells when the file is too large.
+    if len(upload["data"]) > (MAX_UPLOAD + 2) // 3 * 4:
+        raise InputError(
+            f"control_image must be {_UPLOAD_FILES} of at most {MAX_UPLOAD >> 20} MiB; got "
+            f"{_shown(name)} of {len(upload['data']) * 3 / 4 / 2**20:.0f} MiB"
+        )
+    try:
+        data = base64.b64decode(upload["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(
+            f"control_image must be {_UPLOAD_FILES} in base64; got {_shown(name)}, whose data is "
+            "not base64"
+        ) from None
+    file = io.BytesIO(data)
+    file.name = name  # what open_control_image's refusals call it
+    return open_control_image(file)
+
+
+def read_form(
+    fields: dict[str, Any], geometry: Geometry, control: bool = False
+) -> tuple[dict[str, Any], str, int]:
+    """The request, file format and quality of a submitted form, checked by the library; with
+    `control` (a ControlNet picked), its inputs too, the condition image an upload (`read_upload`).
 
     Raises `FormError`: the library's message, and each bad field's own part of it.
     """
-    described = panorama_inputs(geometry)
+    described = panorama_inputs(geometry, control)
     # Unknown names go on to the library, which names them and lists the inputs.
     inputs = {
         name: coerce(described[name], value) if name in described else value
@@ -103,6 +165,13 @@ def read_form(fields: dict[str, Any], geometry: Geometry) -> tuple[dict[str, Any
     output = {
         name: coerce(spec, fields.get(name, spec.default)) for name, spec in OUTPUT_INPUTS.items()
     }
+    upload_problem = None
+    if control:
+        try:
+            inputs["control_image"] = read_upload(fields.get("control_image"))
+        except InputError as error:
+            upload_problem = str(error)
+            inputs.pop("control_image", None)
     given = {**inputs, **output}
     problems = {
         name: problem
@@ -110,10 +179,15 @@ def read_form(fields: dict[str, Any], geometry: Geometry) -> tuple[dict[str, Any
         if name in given and (problem := spec.problem(given[name])) is not None
     }
     messages, request = [], {}
-    try:
-        request = panorama_request(inputs, geometry)
-    except InputError as error:
-        messages.append(str(error))
+    if upload_problem is not None:
+        # No request without its image: the other fields are checked one by one.
+        problems = {"control_image": upload_problem, **problems}
+        messages.append("; ".join(problems[name] for name in problems if name in described))
+    else:
+        try:
+            request = panorama_request(inputs, geometry, control)
+        except InputError as error:
+            messages.append(str(error))
     try:
         check_output(output["output_format"], output["output_quality"])
     except InputError as error:
@@ -133,6 +207,11 @@ class FormError(InputError):
 
 def form_values(parameters: dict[str, Any]) -> dict[str, Any]:
     """The form's fields for a saved panorama's parameters (`files.read_parameters`): its
-    inputs, numbers as text; what is not an input (model, version) left out."""
-    described = panorama_inputs()
-    return {name: _number_text(value) for name, value in parameters.items() if name in described}
+    inputs, the ControlNet's numbers among them, as text; what is not a field left out (model,
+    version, the ControlNet's name, the condition image's record: a file input cannot be filled)."""
+    described = panorama_inputs(control=True)
+    return {
+        name: _number_text(value)
+        for name, value in parameters.items()
+        if name in described and described[name].type is not Image.Image
+    }

@@ -34,12 +34,14 @@ class Cancelled(Exception):
 
 @dataclass
 class Job:
-    """One panorama to make: its model, its checked request and its file's format."""
+    """One panorama to make: its model (and ControlNet, if any), its checked request and its
+    file's format."""
 
     model: str
     request: dict[str, Any]
     output_format: str
     output_quality: int
+    controlnet: str | None = None
     id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     events: list[dict[str, Any]] = field(default_factory=list)
     cancelled: bool = False
@@ -63,12 +65,13 @@ class Made:
 class JobQueue:
     """The line of jobs and the one worker thread that makes them, one at a time.
 
-    `load(model)` gives the pipeline of a model folder's name; the last one loaded is kept.
+    `load(model, controlnet)` gives the pipeline of a model folder's name with a ControlNet
+    folder's name (or None); the last one loaded is kept.
     """
 
     def __init__(
         self,
-        load: Callable[[str], Any],
+        load: Callable[[str, str | None], Any],
         output_dir: Path,
         abandon_after: float = 10.0,
     ) -> None:
@@ -78,7 +81,7 @@ class JobQueue:
         self.line: deque[Job] = deque()
         self.running: Job | None = None
         self.changed = threading.Condition()
-        self._pipe: tuple[str, Any] | None = None
+        self._pipe: tuple[tuple[str, str | None], Any] | None = None
         self._count = 0
         threading.Thread(target=self._work, name="panorama-worker", daemon=True).start()
 
@@ -171,17 +174,17 @@ class JobQueue:
                     self.running = None
                     self.changed.notify_all()
 
-    def _pipeline(self, model: str) -> Any:
-        if self._pipe is None or self._pipe[0] != model:
+    def _pipeline(self, key: tuple[str, str | None]) -> Any:
+        if self._pipe is None or self._pipe[0] != key:
             self._pipe = None  # free the last model before loading the next
-            self._pipe = (model, self.load(model))
+            self._pipe = (key, self.load(*key))
         return self._pipe[1]
 
     def _make(self, job: Job) -> dict[str, Any]:
-        request = job.request
-        if self._pipe is None or self._pipe[0] != job.model:
-            self._tell(job, {"state": "loading", "model": job.model})
-        pipe = self._pipeline(job.model)
+        request, key = job.request, (job.model, job.controlnet)
+        if self._pipe is None or self._pipe[0] != key:
+            self._tell(job, {"state": "loading", "model": job.model, "controlnet": job.controlnet})
+        pipe = self._pipeline(key)
         schedule = sync_schedule(request)
         steps = request["num_inference_steps"]
         synced = [i for i in range(steps) if schedule.active(i)]

@@ -19,8 +19,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..files import read_parameters
+from ..perceptual import one_line
+from ..weights import WeightsError, check_controlnet, check_controlnet_fits
 from .form import (
+    MAX_UPLOAD,
     FormError,
+    controlnet_folders,
     folder_geometry,
     form_values,
     model_folders,
@@ -33,7 +37,9 @@ from .jobs import Job, JobQueue
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_BODY = 1 << 20  # a form: two prompts of at most 10,000 characters and a few numbers
+# A form: two prompts of at most 10,000 characters and a few numbers, and a condition image of
+# at most MAX_UPLOAD bytes in base64 (4/3 of its size).
+MAX_BODY = (1 << 20) + (MAX_UPLOAD + 2) // 3 * 4
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -60,13 +66,15 @@ class App:
         self.static = static_files()
 
     def models(self) -> dict[str, Any]:
-        """The model picker and each model's form."""
+        """The model and ControlNet pickers, each model's form, and the largest upload."""
         names = model_folders(self.weights_dir)
         default = self.default_model if self.default_model in names else names[0]
         return {
             "models": [model_form(self.weights_dir / name) for name in names],
             "default_model": default,
+            "controlnets": controlnet_folders(self.weights_dir),
             "output": output_form(),
+            "max_upload": MAX_UPLOAD,
         }
 
     def submit(self, body: dict[str, Any]) -> Job:
@@ -74,14 +82,33 @@ class App:
         model = body.get("model")
         if model not in model_folders(self.weights_dir):
             raise FormError(f"model must be a folder in the weights folder; got {model!r}", {})
+        controlnet = body.get("controlnet")
+        if controlnet is not None:
+            self._check_controlnet(model, controlnet)
         fields = body.get("inputs")
         if not isinstance(fields, dict):
             raise FormError("inputs must be an object of the form's fields", {})
         if body.get("random_seed"):
             fields = {**fields, "seed": secrets.randbelow(2**32)}
         geometry = folder_geometry(self.weights_dir / model)
-        request, output_format, output_quality = read_form(fields, geometry)
-        return self.jobs.submit(Job(model, request, output_format, output_quality))
+        request, output_format, output_quality = read_form(fields, geometry, controlnet is not None)
+        job = Job(model, request, output_format, output_quality, controlnet)
+        return self.jobs.submit(job)
+
+    def _check_controlnet(self, model: str, controlnet: Any) -> None:
+        """Refuse a ControlNet that is not a folder of controlnet/, is incomplete, or does not
+        fit `model` (as `from_pretrained` would, naming both folders), before the job waits."""
+        if controlnet not in controlnet_folders(self.weights_dir):
+            problem = (
+                "controlnet must be a folder in the weights folder's controlnet/ (or none); "
+                f"got {controlnet!r}"
+            )
+            raise FormError(problem, {"controlnet": problem})
+        try:
+            folder = check_controlnet(self.weights_dir, controlnet)
+            check_controlnet_fits(self.weights_dir / model, folder)
+        except WeightsError as error:
+            raise FormError(str(error), {"controlnet": str(error)}) from None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -150,12 +177,18 @@ class Handler(BaseHTTPRequestHandler):
             return self._refuse(HTTPStatus.FORBIDDEN, "unknown Host")
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
             return self._refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the API takes JSON")
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 < length <= MAX_BODY:
-            return self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or not 0 < int(length) <= MAX_BODY:
+            self.close_connection = True  # its body, unread, must not be taken for a request
+            return self._refuse(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"a request must have a length of 1 byte to {MAX_BODY >> 20} MiB (a condition "
+                f"image at most {MAX_UPLOAD >> 20} MiB); got {length or 'none'}",
+            )
+        length = int(length)
         try:
             body = json.loads(self.rfile.read(length))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             return self._refuse(HTTPStatus.BAD_REQUEST, "the body is not JSON")
         app, path = self.server.app, urlsplit(self.path).path
         parts = path.split("/")
@@ -166,6 +199,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(
                     HTTPStatus.BAD_REQUEST, {"error": str(error), "fields": error.fields}
                 )
+            except Exception as error:  # the app stays up; the log keeps the traceback
+                logger.exception("a submitted form failed")
+                return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": one_line(error)})
             return self._json(HTTPStatus.OK, {"job": job.id})
         if job := self._job(parts, "cancel"):
             app.jobs.cancel(job)
@@ -179,8 +215,17 @@ class Handler(BaseHTTPRequestHandler):
         return None
 
     def _parameters(self, path: Path) -> None:
-        """A made file's inputs read back as `--from-png` reads them, as the form's fields."""
-        self._json(HTTPStatus.OK, {"fields": form_values(read_parameters(path))})
+        """A made file's inputs read back as `--from-png` reads them, as the form's fields; its
+        ControlNet, and its condition image's record (size and SHA-256), where it had one."""
+        saved = read_parameters(path)
+        self._json(
+            HTTPStatus.OK,
+            {
+                "fields": form_values(saved),
+                "controlnet": saved.get("controlnet"),
+                "control_image": saved.get("control_image"),
+            },
+        )
 
     def _events(self, job: Job) -> None:
         """The job's events as a server-sent event stream; a watcher that goes away is counted
