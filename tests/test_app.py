@@ -554,3 +554,31 @@ def test_in_a_browser_a_360_panorama_opens_in_the_viewer(page, real_app):
         shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
         shot = shot.resize((shot.width * 3 // 4, shot.height * 3 // 4), Image.Resampling.LANCZOS)
         shot.quantize(32).save(Path(out), optimize=True)  # small enough to commit
+
+
+def test_in_a_browser_a_controlnet_shows_its_inputs_and_takes_an_upload(page, tmp_path):
+    assert page.is_hidden("#in-control_image")
+    page.select_option("#controlnet", CONTROLNET)
+    page.wait_for_selector("#in-control_image")
+    assert page.input_value("#in-width") == "0" and page.input_value("#in-height") == "0"
+    for name in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+        assert page.is_visible(f"#in-{name}")
+    edge_map().save(tmp_path / "edges.png")
+    page.set_input_files("#in-control_image", str(tmp_path / "edges.png"))
+    fill(page, prompt="a city", num_inference_steps="1", sync_threshold="0")
+    fill(page, controlnet_conditioning_scale="1.5")
+    made = page.locator("#history li").count()
+    page.click("#run")
+    from playwright.sync_api import expect
+
+    expect(page.locator("#history li")).to_have_count(made + 1)
+    status(page, r"^Done in ")
+    assert page.text_content("#result-text").startswith("640x512, ")
+    # "Use these settings" keeps the ControlNet and its numbers, and asks for the image again.
+    page.select_option("#controlnet", "")
+    assert page.is_hidden("#in-control_image") and page.input_value("#in-width") != "0"
+    page.click("#history li >> nth=0 >> button.use")
+    assert page.input_value("#controlnet") == CONTROLNET
+    assert page.input_value("#in-controlnet_conditioning_scale") == "1.5"
+    assert "Upload the condition image again" in page.text_content("#note-control_image")
+    page.select_option("#controlnet", "")

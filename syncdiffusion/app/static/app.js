@@ -1,11 +1,12 @@
 // The page: a form drawn from the library's description of the inputs (/api/models), a run
 // followed step by step (/api/jobs/ID/events), the result, its 360-degree view and this tab's
-// history. Every number travels as text: a seed can exceed what JavaScript's numbers hold.
+// history. Every number travels as text: a seed can exceed what JavaScript's numbers hold. With
+// a ControlNet picked, the condition image travels in the same JSON, as base64.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let described = null; // /api/models
-let current = null; // the model form shown: {name, inputs}
+let current = null; // the form shown: {name, inputs}, the model's inputs with or without control
 let job = null; // {id, events}
 let viewer = null;
 
@@ -23,6 +24,9 @@ function fieldFor(spec) {
   } else if (spec.kind === "choice") {
     control = el("select", { id }, spec.choices.map((c) => el("option", { value: c, textContent: c })));
     control.value = spec.default;
+  } else if (spec.kind === "image") {
+    control = el("input", { type: "file", id, accept: "image/png,image/jpeg,image/webp" });
+    control.onchange = () => ($("note-" + spec.name).textContent = "");
   } else if (spec.kind === "str") {
     control = el("textarea", { id, rows: spec.required ? 3 : 2, value: spec.default ?? "" });
   } else {
@@ -40,8 +44,11 @@ function fieldFor(spec) {
       control, el("label", {}, [random, " random"]),
     ]));
   }
-  const help = el("small", { textContent: `${spec.help} (${spec.allowed})` });
+  const allowed = spec.kind === "image"
+    ? `a PNG, JPEG or WebP file of at most ${described.max_upload / 2 ** 20} MiB` : spec.allowed;
+  const help = el("small", { textContent: `${spec.help} (${allowed})` });
   const error = el("p", { className: "error", id: "error-" + spec.name, role: "alert" });
+  if (spec.kind === "image") parts.push(el("p", { className: "note", id: "note-" + spec.name }));
   const className = "field" + (spec.kind === "bool" ? " bool" : "");
   return el("div", { className, id: "field-" + spec.name }, [...parts, help, error]);
 }
@@ -58,16 +65,21 @@ function setValue(name, value) {
   else control.value = value;
 }
 
-function drawForm(model) {
+// The form of the picked model, with the control inputs where a ControlNet is picked.
+function drawForm() {
   const old = current;
+  const model = described.models.find((m) => m.name === $("model").value);
+  const inputs = $("controlnet").value ? model.control_inputs : model.inputs;
   const kept = {};
-  if (old) {
-    for (const spec of old.inputs) {
-      const value = valueOf(spec.name);
-      if (value !== spec.default) kept[spec.name] = value; // what the person typed stays
-    }
+  for (const spec of old ? old.inputs : []) {
+    // What the person typed stays, where the field's default is the same in the new form: a
+    // side typed for one model's windows, or instead of the condition image's size, does not.
+    const same = inputs.find((s) => s.name === spec.name)?.default === spec.default;
+    if (spec.kind === "image" || !same) continue; // nor can a file input be filled again
+    const value = valueOf(spec.name);
+    if (value !== spec.default) kept[spec.name] = value;
   }
-  current = described.models.find((m) => m.name === model);
+  current = { name: model.name, inputs };
   $("inputs").replaceChildren(...current.inputs.map(fieldFor));
   for (const [name, value] of Object.entries(kept)) setValue(name, value);
 }
@@ -96,14 +108,38 @@ async function run(event) {
   event.preventDefault();
   clearErrors();
   const inputs = {};
-  for (const spec of [...current.inputs, ...described.output]) inputs[spec.name] = valueOf(spec.name);
-  const body = { model: $("model").value, inputs, random_seed: $("seed-random").checked };
+  for (const spec of [...current.inputs, ...described.output]) {
+    if (spec.kind !== "image") inputs[spec.name] = valueOf(spec.name);
+  }
+  const file = $("in-control_image")?.files[0];
+  if (file && file.size > described.max_upload) {
+    const problem = `control_image must be a PNG, JPEG or WebP file of at most `
+      + `${described.max_upload / 2 ** 20} MiB; got '${file.name}' of `
+      + `${Math.round(file.size / 2 ** 20)} MiB`;
+    return showErrors({ error: problem, fields: { control_image: problem } });
+  }
+  if (file) inputs.control_image = { name: file.name, data: await base64(file) };
+  const body = {
+    model: $("model").value,
+    controlnet: $("controlnet").value || null,
+    inputs,
+    random_seed: $("seed-random").checked,
+  };
   const answer = await post("/api/jobs", body);
   if (answer.error) return showErrors(answer);
   busy(true);
   $("status").textContent = "Sent.";
   job = { id: answer.job, events: new EventSource(`/api/jobs/${answer.job}/events`) };
   job.events.onmessage = (message) => follow(JSON.parse(message.data));
+}
+
+function base64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result.slice(reader.result.indexOf(",") + 1));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file); // data:TYPE;base64,DATA
+  });
 }
 
 async function post(url, body) {
@@ -126,7 +162,8 @@ function follow(event) {
   if (event.state === "queued") {
     status.textContent = event.ahead ? `In line: ${event.ahead} job(s) before yours.` : "Next in line.";
   } else if (event.state === "loading") {
-    status.textContent = `Loading ${event.model}…`;
+    const controlnet = event.controlnet ? ` with ${event.controlnet}` : "";
+    status.textContent = `Loading ${event.model}${controlnet}…`;
   } else if (event.state === "running") {
     drawSteps(event.steps, event.synced);
     status.textContent = `Step 0/${event.steps}`;
@@ -165,18 +202,35 @@ async function show(result) {
       autoLoad: true });
   }
   const token = result.file.split("/").pop();
-  const saved = await (await fetch(`/api/parameters/${token}`)).json();
-  remember(result, saved.fields);
+  remember(result, await (await fetch(`/api/parameters/${token}`)).json());
 }
 
-function remember(result, fields) {
-  const rows = Object.entries(fields).flatMap(([name, value]) =>
+// A run in the history: its inputs, and a button that puts them back in the form. The condition
+// image cannot be put back (a page may not fill a file input): the file keeps only its record.
+function remember(result, saved) {
+  const shown = { ...saved.fields };
+  let layout = null;
+  if (saved.controlnet) {
+    const image = saved.control_image;
+    layout = `${image.width}x${image.height}, SHA-256 ${image.sha256.slice(0, 12)}…`;
+    Object.assign(shown, { controlnet: saved.controlnet, control_image: layout });
+  }
+  const rows = Object.entries(shown).flatMap(([name, value]) =>
     [el("dt", { textContent: name }), el("dd", { textContent: String(value) })]);
   const use = el("button", { type: "button", className: "use", textContent: "Use these settings" });
   use.onclick = () => {
     clearErrors();
-    for (const [name, value] of Object.entries(fields)) setValue(name, value);
+    const known = described.controlnets.includes(saved.controlnet);
+    $("controlnet").value = known ? saved.controlnet : "";
+    drawForm();
+    for (const [name, value] of Object.entries(saved.fields)) setValue(name, value);
     $("seed-random").checked = false;
+    if (layout && known) {
+      $("note-control_image").textContent =
+        `Upload the condition image again: that run's was ${layout}.`;
+    } else if (layout) {
+      $("error-controlnet").textContent = `ControlNet ${saved.controlnet} is not in controlnet/ any more.`;
+    }
   };
   const picture = el("a", { href: result.file, download: result.name }, [
     el("img", { src: result.file, alt: result.name }),
@@ -190,8 +244,11 @@ async function start() {
   select.replaceChildren(...described.models.map((m) =>
     el("option", { value: m.name, textContent: m.name })));
   select.value = described.default_model;
-  select.onchange = () => drawForm(select.value);
-  drawForm(select.value);
+  select.onchange = drawForm;
+  $("controlnet").append(...described.controlnets.map((name) =>
+    el("option", { value: name, textContent: name })));
+  $("controlnet").onchange = drawForm;
+  drawForm();
   $("output").replaceChildren(...described.output.map(fieldFor));
   $("form").onsubmit = run;
   $("cancel").onclick = () => job && post(`/api/jobs/${job.id}/cancel`, {});
