@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -259,6 +258,8 @@ def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
     """The edges of `image` by OpenCV's Canny with hysteresis thresholds `low` and `high`,
     white on black in mode RGB: the canny ControlNet's condition. 100 and 200 are the thresholds
     of diffusers' ControlNet examples, which run Canny on the RGB pixels as here."""
+    import cv2  # OpenCV: only where edges are asked for
+
     edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)  # (H, W): 0 or 255
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
