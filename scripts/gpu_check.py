@@ -340,66 +340,14 @@ def load(tiny: Path | None, device: torch.device, dtype: torch.dtype) -> SyncDif
     return SyncDiffusionPipeline.from_pretrained(tiny, device=device, dtype=dtype)
 
 
-def check_published(report, fast, oracle, inputs, device) -> None:
-    # One small call of each first, untimed: the first call on a GPU pays for the CUDA context,
-    # cuBLAS/cuDNN handles and kernel loading, and the fast path for its memory probe.
-    warm_up = {**inputs, "width": 512, "height": 512, "num_inference_steps": 1}
-    oracle_panorama(oracle, PROMPT, **warm_up)
-    fast(prompt=PROMPT, **warm_up)
-    (o_image, o_latent), o_s, o_peak = timed(
-        lambda: oracle_panorama(oracle, PROMPT, **inputs), device
-    )
-    (f_image, f_log), f_s, f_peak = timed(lambda: logged(fast, prompt=PROMPT, **inputs), device)
-    f_finite = all(f_log.finite)
-    n = len(fast.geometry.windows(fast.request(prompt=PROMPT, **inputs)))
-    figures = {
-        "inputs": inputs,
-        "windows": n,
-        "oracle_seconds": o_s,
-        "fast_seconds": f_s,
-        "speed_up": o_s / f_s,
-        "oracle_peak_gib": o_peak / 2**30,
-        "fast_peak_gib": f_peak / 2**30,
-        "max_pixel_diff": pixel_diff(f_image, o_image),
-        "oracle_latent_finite": bool(o_latent.isfinite().all()),
-        "fast_latents_finite": f_finite,
-        "fast_loss_scale_back_offs": f_log.back_offs,
-    }
-    report.add(
-        "published",
-        figures,
-        [
-            f"{inputs['width']}x{inputs['height']}, {n} windows, {inputs['num_inference_steps']} "
-            f"steps, sync_threshold {inputs['sync_threshold']}, stride 16, seed 2",
-            "",
-            "| path | seconds | speed-up | peak memory | latents finite | max pixel diff "
-            "| loss-scale back-offs |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-            f"| published (fp32 weights, autocast) | {o_s:.1f} | 1.00x | {o_peak / 2**30:.2f} GiB "
-            f"| {figures['oracle_latent_finite']} | | |",
-            f"| fast ({str(fast.dtype)[6:]}) | {f_s:.1f} | {o_s / f_s:.2f}x | "
-            f"{f_peak / 2**30:.2f} GiB | {f_finite} | {figures['max_pixel_diff']}/255 "
-            f"| {f_log.back_offs} |",
-        ],
-    )
-
-
-def check_controlnet(report, fast, oracle, inputs, device) -> None:
-    """The fast path with a ControlNet against the authors' SyncControlNet, restated."""
-    controlnet = random_controlnet(fast.unet)  # SD2-base's shape (or the tiny model's)
-    fast_c, oracle_c = (
-        pipe.with_controlnet(copy.deepcopy(controlnet).to(pipe.dtype), "random")
-        for pipe in (fast, oracle)
-    )
-    del controlnet
-    edges = np.random.default_rng(0).random((inputs["height"], inputs["width"])) > 0.9
-    layout = Image.fromarray(edges.astype(np.uint8) * 255)
-    (o_image, o_latent), o_s, o_peak = timed(
-        lambda: oracle_sync_controlnet(oracle_c, layout, PROMPT, **inputs), device
-    )
-    (f_image, f_log), f_s, f_peak = timed(
-        lambda: logged(fast_c, prompt=PROMPT, control_image=layout, **inputs), device
-    )
+def against_oracle(
+    report, section: str, oracle_path: str, setting: str, fast, run_oracle, run_fast, inputs, device
+) -> None:
+    """Time `run_oracle()` (an oracle's picture and latent) against `run_fast()` (the fast
+    path's picture and `StepLog`) and report them as section `section`: seconds, peak memory,
+    finite latents, the largest pixel difference and loss-scale back-offs."""
+    (o_image, o_latent), o_s, o_peak = timed(run_oracle, device)
+    (f_image, f_log), f_s, f_peak = timed(run_fast, device)
     n = len(fast.geometry.windows(fast.request(prompt=PROMPT, **inputs)))
     figures = {
         "inputs": inputs,
@@ -415,22 +363,54 @@ def check_controlnet(report, fast, oracle, inputs, device) -> None:
         "fast_loss_scale_back_offs": f_log.back_offs,
     }
     report.add(
-        "controlnet",
+        section,
         figures,
         [
             f"{inputs['width']}x{inputs['height']}, {n} windows, {inputs['num_inference_steps']} "
-            f"steps, sync_threshold {inputs['sync_threshold']}, a random edge map",
+            f"steps, sync_threshold {inputs['sync_threshold']}, {setting}",
             "",
             "| path | seconds | speed-up | peak memory | latents finite | max pixel diff "
             "| loss-scale back-offs |",
             "| --- | --- | --- | --- | --- | --- | --- |",
-            f"| SyncControlNet (fp32 weights, autocast) | {o_s:.1f} | 1.00x | "
+            f"| {oracle_path} (fp32 weights, autocast) | {o_s:.1f} | 1.00x | "
             f"{o_peak / 2**30:.2f} GiB | {figures['oracle_latent_finite']} | | |",
             f"| fast ({str(fast.dtype)[6:]}) | {f_s:.1f} | {o_s / f_s:.2f}x | "
             f"{f_peak / 2**30:.2f} GiB | {figures['fast_latents_finite']} | "
             f"{figures['max_pixel_diff']}/255 | {f_log.back_offs} |",
         ],
     )
+
+
+def check_published(report, fast, oracle, inputs, device) -> None:
+    # One small call of each first, untimed: the first call on a GPU pays for the CUDA context,
+    # cuBLAS/cuDNN handles and kernel loading, and the fast path for its memory probe.
+    warm_up = {**inputs, "width": 512, "height": 512, "num_inference_steps": 1}
+    oracle_panorama(oracle, PROMPT, **warm_up)
+    fast(prompt=PROMPT, **warm_up)
+    against_oracle(
+        report, "published", "published", "stride 16, seed 2", fast,
+        lambda: oracle_panorama(oracle, PROMPT, **inputs),
+        lambda: logged(fast, prompt=PROMPT, **inputs),
+        inputs, device,
+    )  # fmt: skip
+
+
+def check_controlnet(report, fast, oracle, inputs, device) -> None:
+    """The fast path with a ControlNet against the authors' SyncControlNet, restated."""
+    controlnet = random_controlnet(fast.unet)  # SD2-base's shape (or the tiny model's)
+    fast_c, oracle_c = (
+        pipe.with_controlnet(copy.deepcopy(controlnet).to(pipe.dtype), "random")
+        for pipe in (fast, oracle)
+    )
+    del controlnet
+    edges = np.random.default_rng(0).random((inputs["height"], inputs["width"])) > 0.9
+    layout = Image.fromarray(edges.astype(np.uint8) * 255)
+    against_oracle(
+        report, "controlnet", "SyncControlNet", "a random edge map", fast,
+        lambda: oracle_sync_controlnet(oracle_c, layout, PROMPT, **inputs),
+        lambda: logged(fast_c, prompt=PROMPT, control_image=layout, **inputs),
+        inputs, device,
+    )  # fmt: skip
 
 
 def check_repeatable(report, fast, inputs) -> None:
