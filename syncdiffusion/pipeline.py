@@ -461,8 +461,9 @@ class SyncDiffusionPipeline:
         if self.controlnet is not None:
             control = Control(
                 self.controlnet,
+                # In the ControlNet's dtype once, not once per crop.
                 condition_tensor(request["control_image"], request["width"], request["height"]).to(
-                    self.device
+                    self.device, self.controlnet.dtype
                 ),
                 windows,
                 self.vae_scale_factor,
