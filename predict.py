@@ -23,11 +23,8 @@ import torch
 from cog import BaseRunner, Input, Path
 
 from syncdiffusion import SyncDiffusionPipeline, WeightsError
-from syncdiffusion.control_image import open_control_image
-from syncdiffusion.files import save_image
-from syncdiffusion.inputs import check_output
-from syncdiffusion.model_folder import controlnet_folder_problem
-from syncdiffusion.weights import (
+from syncdiffusion.models.folders import controlnet_folder_problem
+from syncdiffusion.models.weights import (
     CONTROLNET_ENV,
     MODEL_ENV,
     controlnet_dir,
@@ -37,6 +34,9 @@ from syncdiffusion.weights import (
     hub_offline,
     missing_parts,
 )
+from syncdiffusion.request.condition_image import open_control_image
+from syncdiffusion.request.image_file import save_image
+from syncdiffusion.request.inputs import check_output
 
 # A module constant only because the description is too long for the line inside Input(...).
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."

@@ -29,14 +29,14 @@ from diffusers import ControlNetModel
 from PIL import Image
 
 from syncdiffusion import SyncDiffusionPipeline, __version__
-from syncdiffusion.testing.measure import machine, publish, sd2_pipeline, sdxl_pipeline, timed
-from syncdiffusion.testing.oracle import oracle_panorama
-from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
-from syncdiffusion.testing.tiny_models import (
+from syncdiffusion.models.tiny import (
     make_tiny_controlnet,
     make_tiny_weights,
     random_controlnet,
 )
+from syncdiffusion.testing.measure import machine, publish, sd2_pipeline, sdxl_pipeline, timed
+from syncdiffusion.testing.oracle import oracle_panorama
+from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,12 +2,12 @@
 
     python scripts/demo.py [CLI options]        (scripts/demo makes the environment, then this)
 
-What it does: `syncdiffusion.demo`.
+What it does: `syncdiffusion.cli.demo`.
 """
 
 import sys
 
-from syncdiffusion.demo import main
+from syncdiffusion.cli.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

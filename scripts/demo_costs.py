@@ -2,7 +2,8 @@
 
     python scripts/demo_costs.py
 
-Builds SD2-base's real architecture with random weights (benchmarks/sd2-base, as
+Builds SD2-base's real architecture with random weights (its configs in
+syncdiffusion/testing/architectures/sd2-base, as
 `scripts/benchmark.py --arch sd2` does), on the CPU in fp32, and times one 640x512 panorama
 (two windows) for two steps, the first synced, then its decode. It counts CPU seconds (all
 threads together), which other work on the same cores does not inflate, derives the per-window
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from syncdiffusion.demo import (
+from syncdiffusion.cli.demo import (
     CPU_SETTINGS,
     PROMPT,
     WINDOW_PIXELS,

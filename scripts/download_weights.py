@@ -2,12 +2,12 @@
 
 Usage: python scripts/download_weights.py [--model NAME] [--controlnet NAME] [--weights DIR]
 
-The command itself: `syncdiffusion.download`.
+The command itself: `syncdiffusion.cli.download`.
 """
 
 import sys
 
-from syncdiffusion.download import main
+from syncdiffusion.cli.download import main
 
 if __name__ == "__main__":
     sys.exit(main())

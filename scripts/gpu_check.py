@@ -56,13 +56,15 @@ import torch
 from PIL import Image
 
 from syncdiffusion import SyncDiffusionPipeline, __version__
-from syncdiffusion.batching import free_memory, release_memory
-from syncdiffusion.decoding import decode
-from syncdiffusion.demo import COST_DECODE_S, COST_SYNCED_S, COST_UNET_S
-from syncdiffusion.inputs import panorama_request, synced_steps
-from syncdiffusion.precision import LossScale, initial_loss_scale
-from syncdiffusion.sampling import guided_eps, x0_predictor
-from syncdiffusion.sync import lpips_features, sync_gradient
+from syncdiffusion.cli.demo import COST_DECODE_S, COST_SYNCED_S, COST_UNET_S
+from syncdiffusion.core.chunks import free_memory, release_memory
+from syncdiffusion.core.decoding import decode
+from syncdiffusion.core.precision import LossScale, initial_loss_scale
+from syncdiffusion.core.sampling import guided_eps, x0_predictor
+from syncdiffusion.core.sync import lpips_features, sync_gradient
+from syncdiffusion.core.windows import SD2_BASE, Geometry
+from syncdiffusion.models.tiny import TINY_MODELS, make_tiny_weights, random_controlnet
+from syncdiffusion.request.inputs import panorama_request, synced_steps
 from syncdiffusion.testing.measure import (
     SDXL_CONFIGS,
     machine,
@@ -74,8 +76,6 @@ from syncdiffusion.testing.measure import (
 )
 from syncdiffusion.testing.oracle import oracle_panorama
 from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
-from syncdiffusion.testing.tiny_models import TINY_MODELS, make_tiny_weights, random_controlnet
-from syncdiffusion.windows import SD2_BASE, Geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a mountain range at twilight"

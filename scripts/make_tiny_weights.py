@@ -5,7 +5,7 @@ Usage: python scripts/make_tiny_weights.py OUT [--models sd2 sd1 sd2-v sdxl] [--
 By default only the SD2-base-shaped model, in weights/'s default folder (stable-diffusion-2-base);
 `--models` adds the SD 1.x, SD 2.x 768 v-prediction and SDXL-shaped ones, `--controlnets` a tiny
 ControlNet for each, in controlnet/tiny-controlnet-<model>. What they are:
-`syncdiffusion.testing.tiny_models`.
+`syncdiffusion.models.tiny`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from syncdiffusion.testing.tiny_models import TINY_CONTROLNETS, TINY_MODELS, make_tiny_weights
-from syncdiffusion.weights import CONTROLNET_DIRNAME
+from syncdiffusion.models.tiny import TINY_CONTROLNETS, TINY_MODELS, make_tiny_weights
+from syncdiffusion.models.weights import CONTROLNET_DIRNAME
 
 
 def main(argv: list[str] | None = None) -> int:

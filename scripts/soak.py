@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from syncdiffusion.models.tiny import make_tiny_weights
 from syncdiffusion.testing.cog_server import CogServer, soak, verdict
-from syncdiffusion.testing.tiny_models import make_tiny_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 

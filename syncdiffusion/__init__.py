@@ -1,14 +1,21 @@
-"""SyncDiffusion: coherent text-to-panorama images with Stable Diffusion 2.0-base."""
+"""SyncDiffusion: coherent text-to-panorama images with Stable Diffusion 2.0-base.
+
+The package's rooms, lowest first: `errors` (what a user can cause), `core` (the algorithm:
+windows, sync step, sampling loop, precision, decoding), `models` (model families, weights
+folders, downloads, the LPIPS trunk, tiny models), `request` (the inputs described once, their
+checks and cost, input images, the saved file), `pipeline` (the one class that joins them), the
+front-ends `cli`, `batch` and `app`, and `evaluation` (the paper's metrics). `replicate` reads
+and writes the Cog predictors' inputs; `testing` is what the tests and benchmarks share.
+"""
 
 from typing import TYPE_CHECKING
 
-from .inputs import InputError
-from .weights import WeightsError
+from .errors import InputError, WeightsError
+from .version import __version__
 
 if TYPE_CHECKING:
     from .pipeline import SyncDiffusionPipeline
 
-__version__ = "0.1.0"
 __all__ = ["InputError", "SyncDiffusionPipeline", "WeightsError", "__version__"]
 
 

@@ -25,8 +25,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from . import __version__
-from .batching import (
+from .core.chunks import (
     auto_view_batch_size,
     free_memory,
     is_out_of_memory,
@@ -34,25 +33,28 @@ from .batching import (
     release_memory,
     sync_window_bytes,
 )
-from .control import Control, WindowControl, condition_tensor, image_record
-from .decoding import decode, decode_panorama, to_pil, vae_scale_factor
-from .family import SDXL, controlnet_problem, unet_family
-from .files import model_identity
-from .inputs import InputError, panorama_request, sync_schedule
-from .model_folder import controlnet_variant, read_family, read_source, sd_variant
-from .perceptual import VGG16_RELPATH, load_lpips
-from .precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
-from .recompute import recompute_layers
-from .sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
-from .sync import lpips_features, sync_loss
-from .weights import (
+from .core.control import Control, WindowControl, condition_tensor, image_record
+from .core.decoding import decode, decode_panorama, to_pil, vae_scale_factor
+from .core.precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
+from .core.recompute import recompute_layers
+from .core.sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
+from .core.sync import lpips_features, sync_loss
+from .core.windows import Geometry
+from .errors import InputError
+from .models.family import SDXL, controlnet_problem, unet_family
+from .models.folders import controlnet_variant, read_family, read_source, sd_variant
+from .models.lpips_trunk import VGG16_RELPATH
+from .models.perceptual import load_lpips
+from .models.weights import (
     check_controlnet,
     check_controlnet_fits,
     check_weights,
     default_weights_dir,
     model_dirname,
 )
-from .windows import Geometry
+from .request.image_file import model_identity
+from .request.inputs import panorama_request, sync_schedule
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 

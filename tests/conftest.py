@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A weights folder holding the tiny SD2-shaped model and a random VGG16 trunk."""
-    from syncdiffusion.testing.tiny_models import make_tiny_weights
+    from syncdiffusion.models.tiny import make_tiny_weights
 
     out = tmp_path_factory.mktemp("weights")
     make_tiny_weights(out)
@@ -53,7 +53,7 @@ def pipe(tiny_weights):
 @pytest.fixture(scope="session")
 def family_weights(tmp_path_factory) -> Path:
     """A weights folder holding tiny SD 1.x, SD 2.x 768 v-prediction and SDXL models."""
-    from syncdiffusion.testing.tiny_models import make_tiny_weights
+    from syncdiffusion.models.tiny import make_tiny_weights
 
     out = tmp_path_factory.mktemp("families")
     make_tiny_weights(out, ("sd1", "sd2-v", "sdxl"))

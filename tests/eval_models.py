@@ -47,7 +47,7 @@ def write_tiny_clip(out: Path) -> Path:
     """A tiny random CLIP (model, tokenizer, image processor) in `out`, loadable offline."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from syncdiffusion.testing.tiny_models import write_tokenizer
+    from syncdiffusion.models.tiny import write_tokenizer
 
     out = Path(out)
     vocab_size = write_tokenizer(out)

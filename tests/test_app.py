@@ -23,11 +23,12 @@ from PIL import Image, ImageDraw, ImageStat
 from syncdiffusion.app.__main__ import build_parser
 from syncdiffusion.app.jobs import Job, JobQueue
 from syncdiffusion.app.server import MAX_BODY, App, AppServer
-from syncdiffusion.control import image_record
-from syncdiffusion.files import read_parameters
-from syncdiffusion.inputs import InputError, panorama_inputs, panorama_request
-from syncdiffusion.weights import CONTROLNET_DIRNAME
-from syncdiffusion.windows import Geometry
+from syncdiffusion.core.control import image_record
+from syncdiffusion.core.windows import Geometry
+from syncdiffusion.errors import InputError
+from syncdiffusion.models.weights import CONTROLNET_DIRNAME
+from syncdiffusion.request.image_file import read_parameters
+from syncdiffusion.request.inputs import panorama_inputs, panorama_request
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "stable-diffusion-2-base"
@@ -105,7 +106,7 @@ def control_weights(tiny_weights, tmp_path_factory):
     """The tiny model's weights folder with two ControlNets in controlnet/: a tiny one that fits
     the model (CONTROLNET), and a copy of it whose config says it takes wider text states
     (MISFIT)."""
-    from syncdiffusion.testing.tiny_models import make_tiny_controlnet
+    from syncdiffusion.models.tiny import make_tiny_controlnet
 
     out = tmp_path_factory.mktemp("control-weights")
     for part in tiny_weights.iterdir():

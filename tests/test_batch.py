@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from syncdiffusion.batch import expand_grid, job_key, main, parse_seeds, parse_setting, read_jobs
-from syncdiffusion.files import read_parameters
-from syncdiffusion.inputs import InputError
+from syncdiffusion.batch.__main__ import main
+from syncdiffusion.batch.jobs import expand_grid, job_key, parse_seeds, parse_setting, read_jobs
+from syncdiffusion.errors import InputError
+from syncdiffusion.request.image_file import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny and quick: one window, one step, one synced step.

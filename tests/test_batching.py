@@ -8,11 +8,11 @@ from functools import partial
 import pytest
 import torch
 
-import syncdiffusion.sampling as sampling
-from syncdiffusion import batching
-from syncdiffusion.batching import auto_view_batch_size, run_in_chunks
-from syncdiffusion.sampling import guided_eps
-from syncdiffusion.schedule import SyncSchedule
+import syncdiffusion.core.sampling as sampling
+from syncdiffusion.core import chunks as batching
+from syncdiffusion.core.chunks import auto_view_batch_size, run_in_chunks
+from syncdiffusion.core.sampling import guided_eps
+from syncdiffusion.core.sync_schedule import SyncSchedule
 
 
 def test_run_in_chunks_halves_a_chunk_that_does_not_fit_and_keeps_the_smaller_size():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
-from syncdiffusion.__main__ import main
-from syncdiffusion.files import PARAMETERS_KEY, read_parameters, save_image
+from syncdiffusion.cli.generate import main
+from syncdiffusion.request.image_file import PARAMETERS_KEY, read_parameters, save_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from syncdiffusion.testing.cog_schema import (
+from syncdiffusion.replicate.schema import (
     SchemaError,
     published_inputs,
     python_inputs,

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from syncdiffusion.control_image import (
+from syncdiffusion.core.windows import Geometry
+from syncdiffusion.errors import InputError
+from syncdiffusion.request.condition_image import (
     CONTROL_PREPROCESSORS,
     MAX_CONTROL_PIXELS,
     MAX_CONTROL_SIDE,
@@ -20,11 +22,9 @@ from syncdiffusion.control_image import (
     _kind,
     canny,
     open_control_image,
-    panorama_size,
     preprocess,
 )
-from syncdiffusion.inputs import MAX_SIDE, InputError
-from syncdiffusion.windows import Geometry
+from syncdiffusion.request.inputs import MAX_SIDE, panorama_size
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 

@@ -15,12 +15,16 @@ import torch
 from PIL import Image
 
 from syncdiffusion import InputError, SyncDiffusionPipeline, WeightsError
-from syncdiffusion.control import Control, image_record
-from syncdiffusion.control_image import panorama_size
-from syncdiffusion.files import read_parameters, save_image
-from syncdiffusion.inputs import CONTROLNET_COST, panorama_request, request_cost
+from syncdiffusion.core.control import Control, image_record
+from syncdiffusion.core.windows import Geometry, Window
+from syncdiffusion.request.image_file import read_parameters, save_image
+from syncdiffusion.request.inputs import (
+    CONTROLNET_COST,
+    panorama_request,
+    panorama_size,
+    request_cost,
+)
 from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
-from syncdiffusion.windows import Geometry, Window
 
 SD2_CONTROLNET, SDXL_CONTROLNET = "tiny-controlnet-sd2", "tiny-controlnet-sdxl"
 SMALL = dict(
@@ -37,7 +41,7 @@ SMALL = dict(
 @pytest.fixture(scope="module")
 def control_weights(tmp_path_factory):
     """A weights folder with the tiny SD2-shaped and SDXL models and a tiny ControlNet of each."""
-    from syncdiffusion.testing.tiny_models import make_tiny_controlnet, make_tiny_weights
+    from syncdiffusion.models.tiny import make_tiny_controlnet, make_tiny_weights
 
     out = tmp_path_factory.mktemp("control-weights")
     make_tiny_weights(out, ("sd2", "sdxl"))
@@ -171,7 +175,7 @@ def test_the_memory_count_includes_the_controlnet(control_weights, cpipe):
         embeddings = pipe.encode_prompt("x")
 
         def eps(x, t, control=None, pipe=pipe, embeddings=embeddings):
-            from syncdiffusion.sampling import guided_eps
+            from syncdiffusion.core.sampling import guided_eps
 
             return guided_eps(
                 pipe.unet, x, t, control, text_embeddings=embeddings, guidance_scale=7.5

@@ -10,22 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from syncdiffusion import download
-from syncdiffusion.family import controlnet_problem
-from syncdiffusion.model_folder import controlnet_variant, read_source
-from syncdiffusion.testing.tiny_models import (
+from syncdiffusion.cli import download
+from syncdiffusion.errors import WeightsError
+from syncdiffusion.models.family import controlnet_problem
+from syncdiffusion.models.folders import controlnet_variant, read_source
+from syncdiffusion.models.tiny import (
     TINY_CONTROLNETS,
     TINY_MODELS,
     make_tiny_controlnet,
     make_tiny_weights,
 )
-from syncdiffusion.weights import (
+from syncdiffusion.models.weights import (
     CONTROLNET_DIRNAME,
     DOWNLOAD_COMMAND,
     KNOWN_CONTROLNETS,
     SD_DIRNAME,
     VGG16_RELPATH,
-    WeightsError,
     check_controlnet,
     check_controlnet_fits,
     controlnet_dir,
@@ -412,11 +412,11 @@ def test_the_command_fetches_a_controlnet_alone(tmp_path: Path, hub, capsys) -> 
 def test_the_command_fetches_a_model_and_its_controlnet_and_checks_the_fit(
     tiny: Path, tmp_path: Path, hub, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from syncdiffusion import perceptual
+    from syncdiffusion.models import lpips_trunk
 
     target = tmp_path / "w"
     shutil.copytree(tiny / "lpips", target / "lpips")  # the trunk is test_weights.py's
-    monkeypatch.setattr(perceptual, "VGG16_URL", (tmp_path / "gone.pth").as_uri())
+    monkeypatch.setattr(lpips_trunk, "VGG16_URL", (tmp_path / "gone.pth").as_uri())
     argv = ["--model", "alice/tiny-sd", "--controlnet", CANNY, "--weights", str(target)]
     assert download.main(argv) == 0
     assert "tiny-sd, controlnet/sd-controlnet-canny" in capsys.readouterr().out

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from syncdiffusion import decoding
-from syncdiffusion.decoding import circular_width, decode, decode_panorama, decode_tiled, to_pil
+from syncdiffusion.core import decoding
+from syncdiffusion.core.decoding import (
+    circular_width,
+    decode,
+    decode_panorama,
+    decode_tiled,
+    to_pil,
+)
 
 
 @pytest.mark.parametrize("k", [1, 7, 40])

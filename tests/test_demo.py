@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import syncdiffusion.__main__ as cli
-from syncdiffusion import demo, download
-from syncdiffusion.files import read_parameters
+import syncdiffusion.cli.generate as cli
+from syncdiffusion.cli import demo, download
+from syncdiffusion.request.image_file import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the CLI takes unless told otherwise: the published wrapper's defaults.
@@ -86,12 +86,12 @@ class _Answers(http.server.BaseHTTPRequestHandler):
 
 
 def test_every_server_the_download_needs_must_answer(monkeypatch):
-    from syncdiffusion import perceptual
+    from syncdiffusion.models import lpips_trunk
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     everything = [demo.SD_REPO_ID.split("/")[1], demo.VGG16_RELPATH]
     hub, trunk = demo.download_sources(everything)
-    assert hub.endswith("/model_index.json") and trunk == perceptual.VGG16_URL
+    assert hub.endswith("/model_index.json") and trunk == lpips_trunk.VGG16_URL
     assert demo.download_sources([demo.VGG16_RELPATH]) == [trunk]  # the model is in place
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from syncdiffusion import evaluation
-from syncdiffusion.files import save_image
+from syncdiffusion.request.image_file import save_image
 
 WINDOW = 64
 # file: (width, height) in windows, and its saved prompt. Names fix the order, as in the report.

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from syncdiffusion import InputError, SyncDiffusionPipeline, WeightsError
-from syncdiffusion.decoding import decode
-from syncdiffusion.family import SD, SDXL
-from syncdiffusion.testing.tiny_models import TINY_MODELS
-from syncdiffusion.windows import panorama_windows
+from syncdiffusion.core.decoding import decode
+from syncdiffusion.core.windows import panorama_windows
+from syncdiffusion.models.family import SD, SDXL
+from syncdiffusion.models.tiny import TINY_MODELS
 
 MODELS = {shape: TINY_MODELS[shape][0] for shape in ("sd1", "sd2-v", "sdxl")}
 
@@ -145,7 +145,8 @@ def test_the_model_folder_comes_from_the_environment(family_weights, monkeypatch
 def test_download_any_model_into_its_repository_s_folder(family_weights, tmp_path, monkeypatch):
     from test_weights import FakeHub
 
-    from syncdiffusion import model_folder, weights
+    from syncdiffusion.models import folders as model_folder
+    from syncdiffusion.models import weights
 
     # A fine-tune with full-precision files only: the fp16 pass finds none, the second fetches.
     hub = FakeHub(family_weights / MODELS["sdxl"]).install(monkeypatch)

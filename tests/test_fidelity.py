@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from syncdiffusion import fidelity
-from syncdiffusion.evaluation import CROP, Panorama, clip_box, evaluate_fidelity, to_json
+from syncdiffusion.evaluation import CROP, Panorama, clip_box, evaluate_fidelity, fidelity, to_json
 
 cleanfid = pytest.importorskip("cleanfid.fid")
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ import logging
 import pytest
 from PIL import Image
 
-from syncdiffusion.files import model_identity, read_parameters, save_image
+from syncdiffusion.request.image_file import model_identity, read_parameters, save_image
 
 PARAMETERS = {
     "prompt": "a fjord, ünïcode",
@@ -77,7 +77,7 @@ def notices():
     records = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("syncdiffusion.files")
+    logger = logging.getLogger("syncdiffusion.request.image_file")
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)

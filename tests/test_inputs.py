@@ -7,15 +7,15 @@ import re
 
 import pytest
 
-from syncdiffusion.inputs import (
+from syncdiffusion.core.windows import Geometry
+from syncdiffusion.errors import InputError
+from syncdiffusion.request.inputs import (
     SYNCED_WINDOW_STEP_COST,
-    InputError,
     check_output,
     panorama_inputs,
     panorama_request,
     request_cost,
 )
-from syncdiffusion.windows import Geometry
 
 GOOD = dict(
     prompt="a beach",

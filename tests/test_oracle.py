@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import syncdiffusion.inputs as described_inputs
-from syncdiffusion.schedule import SyncSchedule
+import syncdiffusion.request.inputs as described_inputs
+from syncdiffusion.core.sync_schedule import SyncSchedule
 from syncdiffusion.testing.oracle import oracle_panorama
 
 SMALL = dict(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from syncdiffusion.batch import read_prompts
-from syncdiffusion.inputs import panorama_request
-from syncdiffusion.paper import COLUMNS, markdown, paper_jobs, spread
+from syncdiffusion.batch.jobs import read_prompts
+from syncdiffusion.cli.paper import COLUMNS, markdown, paper_jobs, spread
+from syncdiffusion.request.inputs import panorama_request
 
 ROOT = Path(__file__).resolve().parents[1]
 

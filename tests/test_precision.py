@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from syncdiffusion import SyncDiffusionPipeline
-from syncdiffusion.decoding import decode
-from syncdiffusion.inputs import sync_schedule
-from syncdiffusion.precision import LossScale, initial_loss_scale
-from syncdiffusion.sampling import guided_eps, sample_panorama, x0_predictor
-from syncdiffusion.sync import lpips_features, lpips_to_anchor, sync_gradient
+from syncdiffusion.core.decoding import decode
+from syncdiffusion.core.precision import LossScale, initial_loss_scale
+from syncdiffusion.core.sampling import guided_eps, sample_panorama, x0_predictor
+from syncdiffusion.core.sync import lpips_features, lpips_to_anchor, sync_gradient
+from syncdiffusion.request.inputs import sync_schedule
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +172,8 @@ def test_the_vae_is_upcast_as_diffusers_pipelines_would_and_read_from_the_file()
 
     from diffusers import AutoencoderKL
 
-    from syncdiffusion.family import SD, SDXL
-    from syncdiffusion.precision import vae_dtype, vae_upcast
+    from syncdiffusion.core.precision import vae_dtype, vae_upcast
+    from syncdiffusion.models.family import SD, SDXL
 
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     sd2 = json.loads((benchmarks / "sd2-base" / "vae.json").read_text())

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from syncdiffusion import InputError, __version__
-from syncdiffusion.files import read_parameters
-from syncdiffusion.inputs import OUTPUT_INPUTS, REQUIRED, panorama_inputs
-from syncdiffusion.testing.cog_schema import published_inputs, python_inputs
-from syncdiffusion.windows import Geometry
+from syncdiffusion.core.windows import Geometry
+from syncdiffusion.replicate.schema import published_inputs, python_inputs
+from syncdiffusion.request.image_file import read_parameters
+from syncdiffusion.request.inputs import OUTPUT_INPUTS, REQUIRED, panorama_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {

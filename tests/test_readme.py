@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-import syncdiffusion.__main__ as cli
+import syncdiffusion.cli.generate as cli
 from syncdiffusion import SyncDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,12 +8,12 @@ from functools import partial
 import pytest
 import torch
 
-from syncdiffusion import recompute
-from syncdiffusion.batching import peak_live_bytes, saved_bytes
-from syncdiffusion.decoding import decode
-from syncdiffusion.precision import LossScale
-from syncdiffusion.sampling import guided_eps, x0_predictor
-from syncdiffusion.sync import lpips_features, sync_gradient, sync_loss
+from syncdiffusion.core import recompute
+from syncdiffusion.core.chunks import peak_live_bytes, saved_bytes
+from syncdiffusion.core.decoding import decode
+from syncdiffusion.core.precision import LossScale
+from syncdiffusion.core.sampling import guided_eps, x0_predictor
+from syncdiffusion.core.sync import lpips_features, sync_gradient, sync_loss
 
 
 @pytest.fixture(scope="module")

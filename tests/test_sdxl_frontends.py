@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from syncdiffusion.files import read_parameters
+from syncdiffusion.models.tiny import TINY_MODELS
+from syncdiffusion.request.image_file import read_parameters
 from syncdiffusion.testing.cog_server import CogServer, decode_png
-from syncdiffusion.testing.tiny_models import TINY_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL = TINY_MODELS["sdxl"][0]

@@ -6,14 +6,14 @@ import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from syncdiffusion.files import read_parameters
-from syncdiffusion.testing.cog_schema import published_inputs
+from syncdiffusion.replicate.schema import published_inputs
+from syncdiffusion.request.image_file import read_parameters
 from syncdiffusion.testing.cog_server import (
-    ROOT,
     CogServer,
     decode_image,
     decode_png,
@@ -22,6 +22,7 @@ from syncdiffusion.testing.cog_server import (
     verdict,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "prompt": "a desert canyon",
     "width": 768,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from syncdiffusion.files import read_parameters
+from syncdiffusion.request.image_file import read_parameters
 from syncdiffusion.testing.cog_server import CogServer, decode_image, decode_png
 
 pytestmark = pytest.mark.server
@@ -51,7 +51,7 @@ def bomb_png(side: int = 100_000) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from syncdiffusion.testing.tiny_models import make_tiny_controlnet, make_tiny_weights
+    from syncdiffusion.models.tiny import make_tiny_controlnet, make_tiny_weights
 
     weights = make_tiny_weights(tmp_path_factory.mktemp("weights"))
     make_tiny_controlnet(weights / "stable-diffusion-2-base", weights / "controlnet" / CONTROLNET)

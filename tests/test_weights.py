@@ -1,4 +1,4 @@
-"""Tests for syncdiffusion.weights and the download command (scripts/download_weights.py), on
+"""Tests for syncdiffusion.models.weights and the download command (scripts/download_weights.py), on
 the tiny model."""
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from syncdiffusion import download, perceptual
-from syncdiffusion.model_folder import read_source, sd_variant
-from syncdiffusion.perceptual import load_vgg16_features, save_trunk
-from syncdiffusion.testing.tiny_models import make_tiny_weights
-from syncdiffusion.weights import (
+from syncdiffusion.cli import download
+from syncdiffusion.errors import WeightsError
+from syncdiffusion.models import lpips_trunk
+from syncdiffusion.models.folders import read_source, sd_variant
+from syncdiffusion.models.lpips_trunk import save_trunk
+from syncdiffusion.models.perceptual import load_vgg16_features
+from syncdiffusion.models.tiny import make_tiny_weights
+from syncdiffusion.models.weights import (
     DOWNLOAD_COMMAND,
     LEGACY_VGG16_RELPATH,
     SD_DIRNAME,
     SD_REPO_ID,
     VGG16_RELPATH,
     WEIGHTS_ENV,
-    WeightsError,
     check_weights,
     default_weights_dir,
     download_weights,
@@ -395,7 +397,7 @@ class FakeHub:
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path) -> FakeHub:
     """The SD2-base repo (fp16 files, plus files the download must skip) behind a fake hub, and
-    a stand-in for torchvision's VGG16 file behind perceptual.VGG16_URL with its sha256."""
+    a stand-in for torchvision's VGG16 file behind lpips_trunk.VGG16_URL with its sha256."""
     repo = Path(shutil.copytree(tiny / SD_DIRNAME, tmp_path / "hub"))
     for component, stem in WEIGHT_FILES.items():
         full = repo / component / f"{stem}.safetensors"
@@ -404,21 +406,21 @@ def network(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path) -> Fake
     (repo / "512-base-ema.ckpt").write_bytes(b"single-file checkpoint")
     hub = FakeHub(repo).install(monkeypatch)
     source = _torchvision_file(tiny, tmp_path / "server" / "vgg16-397923af.pth")
-    monkeypatch.setattr(perceptual, "VGG16_URL", source.as_uri())
+    monkeypatch.setattr(lpips_trunk, "VGG16_URL", source.as_uri())
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    monkeypatch.setattr(perceptual, "VGG16_SHA256", digest)
+    monkeypatch.setattr(lpips_trunk, "VGG16_SHA256", digest)
     return hub
 
 
 def _server_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(perceptual, "VGG16_URL", (tmp_path / "gone" / "vgg16.pth").as_uri())
+    monkeypatch.setattr(lpips_trunk, "VGG16_URL", (tmp_path / "gone" / "vgg16.pth").as_uri())
 
 
 def test_download_fails_cleanly_and_a_rerun_finishes(
     tiny: Path, tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "downloaded"
-    url = perceptual.VGG16_URL
+    url = lpips_trunk.VGG16_URL
     network.fail = True
     with pytest.raises(WeightsError) as exc:
         download_weights(target, progress=False)
@@ -435,7 +437,7 @@ def test_download_fails_cleanly_and_a_rerun_finishes(
     _assert_actionable(exc, target / ".partial")
     assert missing_parts(target) == [VGG16_RELPATH]
 
-    monkeypatch.setattr(perceptual, "VGG16_URL", url)
+    monkeypatch.setattr(lpips_trunk, "VGG16_URL", url)
     download_weights(target, progress=False)
     check_weights(target)
     assert missing_parts(target, verify=True) == []
@@ -452,7 +454,7 @@ def test_download_fails_cleanly_and_a_rerun_finishes(
 def test_download_rejects_a_file_with_the_wrong_sha256(
     tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(perceptual, "VGG16_SHA256", "397923af" + "0" * 56)
+    monkeypatch.setattr(lpips_trunk, "VGG16_SHA256", "397923af" + "0" * 56)
     target = tmp_path / "w"
     with pytest.raises(WeightsError, match="invalid hash value") as exc:
         download_weights(target, progress=False)
@@ -473,7 +475,7 @@ def test_download_converts_the_old_layout_without_the_network(
     tiny: Path, weights_dir: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
     (weights_dir / VGG16_RELPATH).unlink()
-    source = Path(perceptual.VGG16_URL.removeprefix("file://"))
+    source = Path(lpips_trunk.VGG16_URL.removeprefix("file://"))
     shutil.copy(source, weights_dir / LEGACY_VGG16_RELPATH)
     _server_down(monkeypatch, tmp_path)
     download_weights(weights_dir, progress=False)

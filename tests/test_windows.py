@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from syncdiffusion.windows import (
+from syncdiffusion.core.windows import (
     WINDOW,
     Window,
     anchor_index,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..weights import DOWNLOAD_COMMAND, default_model, default_weights_dir
+from ..models.weights import DOWNLOAD_COMMAND, default_model, default_weights_dir
 from .form import model_folders
 from .jobs import JobQueue
 from .server import App, AppServer
@@ -62,7 +62,7 @@ def loader(weights_dir: Path, device: str | None) -> Callable[[str, str | None],
     controlnet/ (or none), loaded when a job first needs it."""
 
     def load(model: str, controlnet: str | None) -> Any:
-        from .. import SyncDiffusionPipeline
+        from ..pipeline import SyncDiffusionPipeline
 
         return SyncDiffusionPipeline.from_pretrained(
             weights_dir, device=device, model=model, controlnet=controlnet

@@ -14,19 +14,18 @@ from typing import Any
 
 from PIL import Image
 
-from ..control_image import open_control_image
-from ..inputs import (
+from ..core.windows import Geometry
+from ..errors import InputError, shown
+from ..models.weights import CONTROLNET_DIRNAME
+from ..request.condition_image import open_control_image
+from ..request.inputs import (
     OUTPUT_INPUTS,
     REQUIRED,
     Input,
-    InputError,
-    _shown,
     check_output,
     panorama_inputs,
     panorama_request,
 )
-from ..weights import CONTROLNET_DIRNAME
-from ..windows import Geometry
 
 _INTEGER = re.compile(r"[+-]?\d+")
 
@@ -126,20 +125,20 @@ def read_upload(upload: Any) -> Image.Image:
         raise InputError(f"control_image is required: upload the condition image, {_UPLOAD_FILES}")
     if not isinstance(upload, dict) or not isinstance(upload.get("data"), str):
         raise InputError(
-            f"control_image must be an uploaded file, {{name, data (base64)}}; got {_shown(upload)}"
+            f"control_image must be an uploaded file, {{name, data (base64)}}; got {shown(upload)}"
         )
     name = upload.get("name") if isinstance(upload.get("name"), str) else "the upload"
     # A file's base64 is 4/3 of its size: the text alone tells when the file is too large.
     if len(upload["data"]) > (MAX_UPLOAD + 2) // 3 * 4:
         raise InputError(
             f"control_image must be {_UPLOAD_FILES} of at most {MAX_UPLOAD >> 20} MiB; got "
-            f"{_shown(name)} of {len(upload['data']) * 3 / 4 / 2**20:.0f} MiB"
+            f"{shown(name)} of {len(upload['data']) * 3 / 4 / 2**20:.0f} MiB"
         )
     try:
         data = base64.b64decode(upload["data"], validate=True)
     except (binascii.Error, ValueError):
         raise InputError(
-            f"control_image must be {_UPLOAD_FILES} in base64; got {_shown(name)}, whose data is "
+            f"control_image must be {_UPLOAD_FILES} in base64; got {shown(name)}, whose data is "
             "not base64"
         ) from None
     file = io.BytesIO(data)

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import save_image
-from ..inputs import InputError, sync_schedule
-from ..perceptual import one_line
-from ..weights import WeightsError
+from ..errors import InputError, WeightsError, one_line
+from ..request.image_file import save_image
+from ..request.inputs import sync_schedule
 
 logger = logging.getLogger(__name__)
 

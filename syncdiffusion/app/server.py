@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..files import read_parameters
-from ..perceptual import one_line
-from ..weights import WeightsError, check_controlnet, check_controlnet_fits
+from ..errors import WeightsError, one_line
+from ..models.weights import check_controlnet, check_controlnet_fits
+from ..request.image_file import read_parameters
 from .form import (
     MAX_UPLOAD,
     FormError,

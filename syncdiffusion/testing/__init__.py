@@ -1,3 +1,3 @@
-"""Testing and measurement utilities (tiny models, the oracle, the Cog server harness),
-importable by the tests and the scripts alike, as diffusers keeps its testing utilities in its
-package."""
+"""What the tests, the benchmarks and the GPU check share, imported normally and by nothing else
+in the package: the oracles (the published wrapper and the authors' SyncControlNet, restated
+literally), measurement helpers with the real architectures' configs, and the Cog server harness."""

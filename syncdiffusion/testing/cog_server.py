@@ -31,11 +31,23 @@ import psutil
 import requests
 from PIL import Image
 
-from syncdiffusion.testing.cog_schema import write_openapi_schema
+from syncdiffusion.replicate.schema import write_openapi_schema
 
-ROOT = Path(__file__).resolve().parents[2]  # the project: predict.py and syncdiffusion/
 # Where coglet looks for the schema, relative to its working directory (coglet's worker.rs).
 SCHEMA_FILE = Path(".cog", "openapi_schema.json")
+
+
+def project_folder(start: Path | None = None) -> Path:
+    """The project checkout the predictors live in: `start` (default: the current folder) or
+    the nearest folder above it holding cog.yaml. The package alone has no predictors."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "cog.yaml").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"no cog.yaml in {start} or above it: CogServer serves a predictor of the project's "
+        "checkout; run from the project folder or pass project="
+    )
 
 
 def free_port() -> int:
@@ -63,7 +75,8 @@ def decode_png(data_url: str) -> Image.Image:
 class CogServer:
     """`python -m cog.server.http` serving a predictor of the project on loopback, with its schema.
 
-    `predictor` is cog.yaml's `run:` reference, relative to the project root.
+    `predictor` is cog.yaml's `run:` reference, relative to `project` (default: the checkout
+    the current folder is in, `project_folder`).
     """
 
     def __init__(
@@ -71,8 +84,10 @@ class CogServer:
         weights_dir: Path,
         setup_timeout: float = 300,
         predictor: str = "predict.py:Predictor",
+        project: Path | None = None,
         **env: str,
     ) -> None:
+        self.project = project_folder(project)
         self.weights_dir, self.setup_timeout, self.extra_env = weights_dir, setup_timeout, env
         self.predictor = predictor
         self.port = free_port()
@@ -91,13 +106,15 @@ class CogServer:
     def start(self) -> None:
         """Start the server and wait until its setup has finished (READY or SETUP_FAILED)."""
         file, cls = self.predictor.split(":")
-        write_openapi_schema(ROOT / file, self.workdir / SCHEMA_FILE, cls)
+        write_openapi_schema(self.project / file, self.workdir / SCHEMA_FILE, cls)
         env = {
             **os.environ,
             "SYNCDIFFUSION_WEIGHTS": str(Path(self.weights_dir).resolve()),
-            "COG_PREDICT_TYPE_STUB": f"{ROOT / file}:{cls}",
-            # The worker runs in the temporary folder; the project's modules come from ROOT.
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "COG_PREDICT_TYPE_STUB": f"{self.project / file}:{cls}",
+            # The worker runs in the temporary folder; the project's modules come from the project.
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(self.project), os.environ.get("PYTHONPATH")])
+            ),
             "PORT": str(self.port),
             # coglet starts its worker with a bare `python`: this environment's must come first.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -22,17 +22,19 @@ import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from ..batching import release_memory
-from ..model_folder import read_family
-from ..perceptual import VGG16_RELPATH, load_lpips
+from ..core.chunks import release_memory
+from ..core.precision import vae_dtype, vae_upcast
+from ..models.folders import read_family
+from ..models.lpips_trunk import VGG16_RELPATH
+from ..models.perceptual import load_lpips
+from ..models.tiny import TINY_MODELS, make_tiny_weights
 from ..pipeline import SyncDiffusionPipeline
-from ..precision import vae_dtype, vae_upcast
-from .tiny_models import TINY_MODELS, make_tiny_weights
 
 # The real models' configs, kept in the checkout beside the package.
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SD2_CONFIGS = BENCHMARKS / "sd2-base"
-SDXL_CONFIGS = BENCHMARKS / "sdxl-base"
+# The real models' configs, shipped in the package (the weights are not needed to build them).
+ARCHITECTURES = Path(__file__).parent / "architectures"
+SD2_CONFIGS = ARCHITECTURES / "sd2-base"
+SDXL_CONFIGS = ARCHITECTURES / "sdxl-base"
 
 
 class PeakMemory:
@@ -140,12 +142,12 @@ def _random_pipeline_from(
 
 
 def sd2_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
-    """SD2-base's architecture (configs in benchmarks/sd2-base) with random weights."""
+    """SD2-base's architecture (configs in architectures/sd2-base) with random weights."""
     return _random_pipeline(SD2_CONFIGS, "sd2", device, dtype)
 
 
 def sdxl_pipeline(device: torch.device, dtype: torch.dtype) -> SyncDiffusionPipeline:
-    """SDXL base 1.0's architecture (configs in benchmarks/sdxl-base) with random weights: two
+    """SDXL base 1.0's architecture (configs in architectures/sdxl-base) with random weights: two
     text encoders, 1024 px windows, its VAE upcast to fp32 where `dtype` is fp16."""
     return _random_pipeline(SDXL_CONFIGS, "sdxl", device, dtype)
 

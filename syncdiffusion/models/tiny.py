@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from ..perceptual import save_trunk
-from ..weights import CONTROLNET_DIRNAME, SD_DIRNAME, VGG16_RELPATH
+from .lpips_trunk import save_trunk
+from .weights import CONTROLNET_DIRNAME, SD_DIRNAME, VGG16_RELPATH
 
 # SD2-base's scheduler config, verbatim, so the tiny model is sampled with the real schedule.
 SCHEDULER_CONFIG = {

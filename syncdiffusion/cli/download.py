@@ -20,13 +20,13 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-from .model_folder import controlnet_folder_problem
-from .weights import (
+from ..errors import WeightsError
+from ..models.folders import controlnet_folder_problem
+from ..models.weights import (
     KNOWN_CONTROLNETS,
     KNOWN_REPOS,
     MODEL_ENV,
     WEIGHTS_ENV,
-    WeightsError,
     check_controlnet,
     check_controlnet_fits,
     check_weights,

@@ -13,8 +13,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from ..errors import one_line
 from .inputs import OUTPUT_FORMATS
-from .perceptual import one_line
 
 logger = logging.getLogger(__name__)
 

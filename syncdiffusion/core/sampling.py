@@ -9,11 +9,11 @@ import lpips
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from .batching import run_in_chunks
+from .chunks import run_in_chunks
 from .control import Control, WindowControl
 from .precision import LossScale
-from .schedule import SyncSchedule
 from .sync import PredictX0, lpips_features, sync_gradient
+from .sync_schedule import SyncSchedule
 from .windows import Window, anchor_index, gather, scatter_add
 
 Callback = Callable[[dict[str, Any]], None]

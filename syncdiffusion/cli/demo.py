@@ -32,11 +32,17 @@ from typing import Any
 import psutil
 import torch
 
+from ..core.windows import SD2_BASE
+from ..models.lpips_trunk import VGG16_RELPATH
+from ..models.weights import (
+    OFFLINE_ENV,
+    SD_REPO_ID,
+    default_weights_dir,
+    hub_offline,
+    missing_parts,
+)
+from ..request.inputs import panorama_inputs, panorama_request, synced_steps
 from . import download
-from .inputs import panorama_inputs, panorama_request, synced_steps
-from .perceptual import VGG16_RELPATH
-from .weights import OFFLINE_ENV, SD_REPO_ID, default_weights_dir, hub_offline, missing_parts
-from .windows import SD2_BASE
 
 PROMPT = "a photo of a mountain range at twilight"
 OUTPUT = "demo.png"
@@ -132,10 +138,10 @@ def download_sources(parts: list[str]) -> list[str]:
     """A URL on each server the download of `parts` (missing_parts' names) needs."""
     from huggingface_hub import hf_hub_url
 
-    from . import perceptual
+    from ..models import lpips_trunk
 
     hub = [hf_hub_url(SD_REPO_ID, "model_index.json")] if set(parts) - {VGG16_RELPATH} else []
-    return hub + ([perceptual.VGG16_URL] if VGG16_RELPATH in parts else [])
+    return hub + ([lpips_trunk.VGG16_URL] if VGG16_RELPATH in parts else [])
 
 
 def download_unreachable(parts: list[str]) -> str | None:
@@ -235,9 +241,9 @@ def as_options(settings: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit status."""
-    from .__main__ import INPUTS, build_parser, parse_args
-    from .__main__ import main as cli_main
-    from .testing.tiny_models import make_tiny_weights
+    from ..models.tiny import make_tiny_weights
+    from .generate import INPUTS, build_parser, parse_args
+    from .generate import main as cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

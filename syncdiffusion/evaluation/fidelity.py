@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .crops import CROP, clip_box, rgb8
+
 CROP_SEED = 2023  # the authors' crop_panorama.py seeds numpy with it
 GIQA_K = 8
 KID_SEED = 0  # clean-fid's KID draws its subsets from numpy's global generator
@@ -41,8 +43,6 @@ class FidelityError(Exception):
 
 def crop_panoramas(paths: Sequence[Path], folder: Path) -> list[Path]:
     """Each panorama's random 512x512 crop, in `paths` order, saved as PNG in `folder`."""
-    from .evaluation import CROP, clip_box, rgb8
-
     rng = np.random.RandomState(CROP_SEED)
     crops = []
     for number, path in enumerate(paths):

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import perceptual
+from ..errors import WeightsError, one_line
+from . import lpips_trunk
 from .family import controlnet_problem
-from .model_folder import (
+from .folders import (
     controlnet_folder_problem,
     controlnet_patterns,
     controlnet_variant,
@@ -29,7 +30,7 @@ from .model_folder import (
     sd_variant,
     write_source,
 )
-from .perceptual import LEGACY_VGG16_RELPATH, VGG16_RELPATH, one_line
+from .lpips_trunk import LEGACY_VGG16_RELPATH, VGG16_RELPATH
 
 WEIGHTS_ENV, MODEL_ENV = "SYNCDIFFUSION_WEIGHTS", "SYNCDIFFUSION_MODEL"
 CONTROLNET_ENV = "SYNCDIFFUSION_CONTROLNET"  # the ControlNet of a ControlNet Cog model
@@ -62,10 +63,6 @@ KNOWN_CONTROLNETS = {
     )
 }
 _PARTIAL_DIRNAME = ".partial"  # torchvision's file waits here, outside what the loader reads
-
-
-class WeightsError(RuntimeError):
-    """Weights on disk are missing, incomplete or not this model's; the message says the fix."""
 
 
 def default_weights_dir() -> Path:
@@ -128,7 +125,7 @@ def missing_parts(
     absent, broken, or (the trunk) in the old layout. `verify` also checks the trunk's hash."""
     weights_dir, name = Path(weights_dir), model_dirname(model)
     parts = [name] if folder_problem(weights_dir / name) else []
-    trunk_problem = perceptual.read_trunk(weights_dir / VGG16_RELPATH, verify)[1]
+    trunk_problem = lpips_trunk.read_trunk(weights_dir / VGG16_RELPATH, verify)[1]
     return parts + ([VGG16_RELPATH] if trunk_problem else [])
 
 
@@ -136,7 +133,7 @@ def check_weights(weights_dir: str | os.PathLike[str], model: str | None = None)
     """Raise WeightsError naming the problem of each part, or return if all is usable.
 
     Reads headers only: perceptual.load_vgg16_features checks the trunk's hash as it reads it."""
-    weights_dir, fix = Path(weights_dir), _fix(Path(weights_dir), model)
+    weights_dir, fix = Path(weights_dir), fix_command(Path(weights_dir), model)
     if not weights_dir.is_dir():
         raise WeightsError(f"Weights folder {weights_dir} does not exist. {fix}")
     if "/" in (model := model or default_model()):  # a repository id: the folder holds it
@@ -144,7 +141,7 @@ def check_weights(weights_dir: str | os.PathLike[str], model: str | None = None)
     trunk = weights_dir / VGG16_RELPATH
     old_layout = not trunk.exists() and (weights_dir / LEGACY_VGG16_RELPATH).is_file()
     problems = [folder_problem(weights_dir / model_dirname(model))]
-    problems += [None if old_layout else perceptual.read_trunk(trunk)[1]]
+    problems += [None if old_layout else lpips_trunk.read_trunk(trunk)[1]]
     if any(problems):
         raise WeightsError(" ".join(f"{p}." for p in problems if p) + f" {fix}")
 
@@ -160,9 +157,9 @@ def download_weights(
     weights_dir = Path(weights_dir)
     _check_source(weights_dir, repo_id(model), _MODEL)  # an unknown name fails first
     if folder_problem(weights_dir / model_dirname(model)):
-        fix = _fix(weights_dir, None if repo_id(model) == SD_REPO_ID else repo_id(model))
+        fix = fix_command(weights_dir, None if repo_id(model) == SD_REPO_ID else repo_id(model))
         _download(weights_dir, repo_id(model), _MODEL, fix, progress)
-    if perceptual.read_trunk(weights_dir / VGG16_RELPATH, verify=True)[1]:
+    if lpips_trunk.read_trunk(weights_dir / VGG16_RELPATH, verify=True)[1]:
         _make_trunk(weights_dir, progress)
     with contextlib.suppress(OSError):  # not empty: something else is staged there
         (weights_dir / _PARTIAL_DIRNAME).rmdir()
@@ -256,7 +253,9 @@ _CONTROLNET = _Kind(
 )
 
 
-def _fix(weights_dir: Path | None, model: str | None = None) -> str:
+def fix_command(weights_dir: Path | None, model: str | None = None) -> str:
+    """"Run: <the download command>" that fills `weights_dir` with `model` (default: the
+    default model); without a folder, the command for the default one."""
     model = model or default_model()
     chosen = "" if model_dirname(model) == SD_DIRNAME else _option(_MODEL, model)
     folder = f" --weights {shlex.quote(str(weights_dir))}" if weights_dir is not None else ""
@@ -351,26 +350,26 @@ def _download(weights_dir: Path, repo: str, kind: _Kind, fix: str, progress: boo
 
 def _make_trunk(weights_dir: Path, progress: bool) -> None:
     """Fetch torchvision's VGG16 (or take the old layout's copy) and keep what LPIPS reads."""
-    staging, fix = weights_dir / _PARTIAL_DIRNAME, _fix(weights_dir)
+    staging, fix = weights_dir / _PARTIAL_DIRNAME, fix_command(weights_dir)
     source = staging / Path(LEGACY_VGG16_RELPATH).name
     staging.mkdir(parents=True, exist_ok=True)
     if (weights_dir / LEGACY_VGG16_RELPATH).is_file():
         os.replace(weights_dir / LEGACY_VGG16_RELPATH, source)
     if hub_offline() and not source.is_file():
         raise _offline_error(f"the LPIPS trunk {weights_dir / VGG16_RELPATH}", fix)
-    _say(progress, f"Making the LPIPS trunk from {perceptual.VGG16_URL} in {staging}")
+    _say(progress, f"Making the LPIPS trunk from {lpips_trunk.VGG16_URL} in {staging}")
     try:
-        perceptual.fetch_torchvision_file(source, progress)
+        lpips_trunk.fetch_torchvision_file(source, progress)
     except Exception as exc:  # network errors, and RuntimeError for a wrong sha256
         raise WeightsError(
-            f"Downloading {perceptual.VGG16_URL} into {staging} failed ({one_line(exc)}); "
+            f"Downloading {lpips_trunk.VGG16_URL} into {staging} failed ({one_line(exc)}); "
             f"nothing was kept. {fix}"
         ) from exc
-    features, problem = perceptual.read_torchvision_file(source)
+    features, problem = lpips_trunk.read_torchvision_file(source)
     if features is None:
         raise WeightsError(f"{problem}. {fix}")
     final, written = weights_dir / VGG16_RELPATH, staging / Path(VGG16_RELPATH).name
-    perceptual.save_trunk(features, written)
+    lpips_trunk.save_trunk(features, written)
     final.parent.mkdir(exist_ok=True)
     os.replace(written, final)
     source.unlink()

@@ -1,30 +1,23 @@
-"""LPIPS, the perceptual distance the sync step follows: its VGG16 trunk on disk and the model.
+"""LPIPS's VGG16 trunk on disk: made from torchvision's file, written and read hash-checked.
 
 The trunk is the 13 convolutions of torchvision's ImageNet VGG16: LPIPS reads only
 `vgg16().features`, 59 MB of torchvision's 528 MB file. The download takes those tensors from
 torchvision's file (torch.hub checks its whole sha256) and saves them as safetensors with a hash
 of the tensors in the header; `read_trunk(verify=True)` checks that hash as it reads them, so a
-setup reads the file once. Readers return (tensors, None) or (None, why not); `load_lpips` turns
-the reason into a WeightsError that says how to fix it, and builds LPIPS on the tensors.
+setup reads the file once. Readers return (tensors, None) or (None, why not); `perceptual`
+turns the reason into a WeightsError that says how to fix it, and builds LPIPS on the tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-if TYPE_CHECKING:
-    import lpips
-
-logger = logging.getLogger(__name__)
+from ..errors import one_line
 
 VGG16_RELPATH = "lpips/vgg16-features.safetensors"  # in the weights folder
 # Folders written before the trunk was cut down hold torchvision's whole file here.
@@ -37,59 +30,6 @@ _HASH_KEY = "tensors_sha256"  # in the trunk's safetensors metadata; see _tensor
 
 Features = dict[str, torch.Tensor]
 Read = tuple[Features | None, str | None]
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's type and message on one line, for messages that quote it."""
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-
-
-def load_lpips(vgg16_path: str | os.PathLike[str]) -> lpips.LPIPS:
-    """LPIPS v0.1 on VGG16, its trunk read from `vgg16_path` rather than downloaded."""
-    import lpips  # seconds to import: only where a model is loaded
-
-    with warnings.catch_warnings():
-        # lpips asks torchvision for an untrained VGG16 the pre-0.13 way; the warning is noise.
-        warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    features = load_vgg16_features(vgg16_path)
-    # lpips keeps VGG's `features[k]` as `slice{s}.{k}`: map the torchvision names onto it.
-    slice_of = {
-        int(k): name for name, part in model.net.named_children() for k, _ in part.named_children()
-    }
-    model.net.load_state_dict(
-        {
-            f"{slice_of[int(key.split('.')[1])]}.{key.split('.', 1)[1]}": value
-            for key, value in features.items()
-            if int(key.split(".")[1]) in slice_of
-        }
-    )
-    return model.eval().requires_grad_(False)
-
-
-def load_vgg16_features(path: str | os.PathLike[str]) -> Features:
-    """The trunk's `features.*` tensors, read once and hash-checked; WeightsError if unusable.
-
-    `path` may also be torchvision's whole VGG16 file (`.pth`). Where `path` is absent but
-    torchvision's file lies beside it (the old layout), that file is read, with a notice."""
-    # `weights` reads and writes the trunk through this module; its error, and the command that
-    # fixes a weights folder, are wanted only here, once the module is loaded.
-    from .weights import WeightsError, _fix
-
-    path = Path(path)
-    legacy = path.parent / Path(LEGACY_VGG16_RELPATH).name
-    # The fix can name the folder only when the file sits where the download puts it.
-    fix = _fix(path.parent.parent if path.parent.name == "lpips" else None)
-    if path.suffix == ".pth":  # torchvision's whole file, as in the torch hub cache
-        features, problem = read_torchvision_file(path)
-    elif not path.exists() and legacy.is_file():
-        logger.warning("%s is the old layout; `%s` makes %s of it.", legacy, fix[5:], path.name)
-        features, problem = read_torchvision_file(legacy)
-    else:
-        features, problem = read_trunk(path, verify=True)
-    if features is None:
-        raise WeightsError(f"{problem}. {fix}")
-    return features
 
 
 def read_trunk(path: Path, verify: bool = False) -> Read:

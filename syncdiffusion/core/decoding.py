@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from .batching import is_out_of_memory, release_memory
+from .chunks import is_out_of_memory, release_memory
 
 logger = logging.getLogger(__name__)
 

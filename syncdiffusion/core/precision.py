@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .family import SDXL, Family
+from ..models.family import SDXL, Family
 
 PERCEPTUAL_DTYPE = torch.float32
 

@@ -1,5 +1,5 @@
-"""The ControlNet condition image: opened from what a user gives and checked, an edge map made
-from a photo, and the panorama size an image implies.
+"""The ControlNet condition image: opened from what a user gives and checked, and an edge map
+made from a photo. The panorama size an image implies is a size rule: `inputs.panorama_size`.
 
 A condition image is read whole and only when it is a PNG, JPEG or WebP file of 8-bit RGB or
 grayscale pixels and of a size we are willing to decode; anything else is refused with an
@@ -9,7 +9,6 @@ grayscale pixels and of a size we are willing to decode; anything else is refuse
 from __future__ import annotations
 
 import io
-import math
 import os
 import struct
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from .inputs import MAX_SIDE, InputError, _shown
-from .windows import SD2_BASE, Geometry
+from ..errors import InputError, shown
+from .inputs import MAX_SIDE
 
 ControlImageSource = str | os.PathLike[str] | bytes | IO[bytes] | Image.Image
 
@@ -96,7 +95,7 @@ def open_control_image(source: ControlImageSource) -> Image.Image:
 def _binary(source: Any) -> Iterator[tuple[IO[bytes], str]]:
     """A seekable binary file of `source` at its start, and `source` as a refusal names it."""
     if isinstance(source, str | os.PathLike):
-        name = _shown(os.fspath(source))
+        name = shown(os.fspath(source))
         try:
             fp = open(source, "rb")  # noqa: SIM115 (closed below, after the image is decoded)
         except OSError as exc:
@@ -109,7 +108,7 @@ def _binary(source: Any) -> Iterator[tuple[IO[bytes], str]]:
     elif isinstance(source, bytes | bytearray):
         yield io.BytesIO(source), f"{len(source):,} bytes"
     elif hasattr(source, "read"):
-        name = _shown(source.name) if isinstance(getattr(source, "name", None), str) else "a file"
+        name = shown(source.name) if isinstance(getattr(source, "name", None), str) else "a file"
         seekable = getattr(source, "seekable", lambda: False)()
         data = source.read(0) if seekable else source.read()
         if not isinstance(data, bytes | bytearray):
@@ -123,7 +122,7 @@ def _binary(source: Any) -> Iterator[tuple[IO[bytes], str]]:
     else:
         raise InputError(
             f"control_image must be {_ALLOWED}: a path, bytes, a binary file or a PIL image; "
-            f"got {_shown(source)}"
+            f"got {shown(source)}"
         )
 
 
@@ -271,49 +270,5 @@ def preprocess(image: Image.Image, name: str) -> Image.Image:
     if name == "canny":
         return canny(image)
     raise InputError(
-        f"control_preprocess must be one of {', '.join(CONTROL_PREPROCESSORS)}; got {_shown(name)}"
+        f"control_preprocess must be one of {', '.join(CONTROL_PREPROCESSORS)}; got {shown(name)}"
     )
-
-
-def panorama_size(image: Image.Image, geometry: Geometry = SD2_BASE) -> tuple[int, int, str | None]:
-    """The panorama width and height a condition image implies when no size is given, and a
-    one-line note of how they differ from the image's (None when they do not).
-
-    Sides are multiples of 8 from one window (`geometry.window_pixels`) to MAX_SIDE. The image's
-    sides are rounded to the nearest multiples of 8; where that leaves a side out of bounds the
-    image is scaled first, both sides alike, so the condition is not stretched. Only an image
-    more elongated than a panorama can be (8:1 for 512-pixel windows) is then stretched.
-    """
-    least, most = geometry.window_pixels, MAX_SIDE
-    width, height = image.size
-    scale, how = 1.0, []
-    if _multiple_of_8(min(width, height)) < least:
-        scale, bound = least / min(width, height), f"at least {least}"
-    if _multiple_of_8(max(width, height)) > most or scale * max(width, height) > most:
-        scale, bound = most / max(width, height), f"at most {most}"
-    if scale != 1:
-        how.append(f"scaled by {scale:.3g} to {bound} pixels on a side, keeping its proportions")
-    scaled = [side * scale for side in image.size]
-    if any(abs(side - _multiple_of_8(side)) > 1e-6 for side in scaled):
-        how.append("sides rounded to multiples of 8")
-    sides = [min(most, max(least, _multiple_of_8(side))) for side in scaled]
-    for name, side, exact in zip(("width", "height"), sides, scaled, strict=True):
-        if side != _multiple_of_8(exact):
-            how.append(
-                f"the {name} then raised to {least}, which stretches the image: it is more "
-                f"elongated than a panorama can be ({most / least:.3g}:1)"
-            )
-    panorama_width, panorama_height = sides
-    if not how:
-        return panorama_width, panorama_height, None
-    return (
-        panorama_width,
-        panorama_height,
-        f"control_image is {width}x{height}; the panorama is {panorama_width}x{panorama_height} "
-        f"({'; '.join(how)})",
-    )
-
-
-def _multiple_of_8(length: float) -> int:
-    """The multiple of 8 nearest `length`, halves up."""
-    return 8 * math.floor(length / 8 + 0.5)

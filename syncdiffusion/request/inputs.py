@@ -18,8 +18,9 @@ from typing import Any
 
 from PIL import Image
 
-from .schedule import SyncSchedule
-from .windows import SD2_BASE, Geometry
+from ..core.sync_schedule import SyncSchedule
+from ..core.windows import SD2_BASE, Geometry
+from ..errors import InputError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ CONTROLNET_COST = 0.35
 MAX_COST = 41 * 41 * 200 + 50 * (41 * 41 - 1) * SYNCED_WINDOW_STEP_COST
 MAX_TEXT_LENGTH = 10_000  # characters of a prompt; the text encoder reads its first 77 tokens
 MAX_SIDE = 4096
-
-
-class InputError(ValueError):
-    """A request the model cannot make; the message names each bad input, its value and the rule."""
 
 
 @dataclass(frozen=True)
@@ -128,16 +125,7 @@ class Input:
             return None
         if isinstance(value, str) and self.max_length is not None and len(value) > self.max_length:
             return f"{self.name} must be {self.allowed()}; got {len(value):,} characters"
-        return f"{self.name} must be {self.allowed()}; got {_shown(value)}"
-
-
-def _shown(value: Any, limit: int = 200) -> str:
-    """`value` as a refusal quotes it: its repr, cut short if long (a message, not an echo)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer with more digits than Python will print
-        return "an integer of thousands of digits"
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+        return f"{self.name} must be {self.allowed()}; got {shown(value)}"
 
 
 # SD2-base's inputs: those of the published wrapper, with its defaults. `panorama_inputs` gives
@@ -388,7 +376,7 @@ def _control_problem(request: Mapping[str, Any]) -> str | None:
     if start >= end:
         return (
             "control_guidance_start must be below control_guidance_end; "
-            f"got {_shown(start)} and {_shown(end)}"
+            f"got {shown(start)} and {shown(end)}"
         )
     return None
 
@@ -397,8 +385,6 @@ def _size_from_condition(request: dict[str, Any], geometry: Geometry) -> None:
     """Give the sides left 0 the condition image's size, within the rules."""
     if request["width"] and request["height"]:
         return
-    from .control_image import panorama_size  # here: it imports this module
-
     width, height, note = panorama_size(request["control_image"], geometry)
     request["width"] = request["width"] or width
     request["height"] = request["height"] or height
@@ -445,3 +431,47 @@ def check_output(output_format: Any, output_quality: Any) -> None:
             OUTPUT_INPUTS["output_quality"].problem(output_quality),
         ]
     )
+
+
+def panorama_size(image: Image.Image, geometry: Geometry = SD2_BASE) -> tuple[int, int, str | None]:
+    """The panorama width and height a condition image implies when no size is given, and a
+    one-line note of how they differ from the image's (None when they do not).
+
+    Sides are multiples of 8 from one window (`geometry.window_pixels`) to MAX_SIDE. The image's
+    sides are rounded to the nearest multiples of 8; where that leaves a side out of bounds the
+    image is scaled first, both sides alike, so the condition is not stretched. Only an image
+    more elongated than a panorama can be (8:1 for 512-pixel windows) is then stretched.
+    """
+    least, most = geometry.window_pixels, MAX_SIDE
+    width, height = image.size
+    scale, how = 1.0, []
+    if _multiple_of_8(min(width, height)) < least:
+        scale, bound = least / min(width, height), f"at least {least}"
+    if _multiple_of_8(max(width, height)) > most or scale * max(width, height) > most:
+        scale, bound = most / max(width, height), f"at most {most}"
+    if scale != 1:
+        how.append(f"scaled by {scale:.3g} to {bound} pixels on a side, keeping its proportions")
+    scaled = [side * scale for side in image.size]
+    if any(abs(side - _multiple_of_8(side)) > 1e-6 for side in scaled):
+        how.append("sides rounded to multiples of 8")
+    sides = [min(most, max(least, _multiple_of_8(side))) for side in scaled]
+    for name, side, exact in zip(("width", "height"), sides, scaled, strict=True):
+        if side != _multiple_of_8(exact):
+            how.append(
+                f"the {name} then raised to {least}, which stretches the image: it is more "
+                f"elongated than a panorama can be ({most / least:.3g}:1)"
+            )
+    panorama_width, panorama_height = sides
+    if not how:
+        return panorama_width, panorama_height, None
+    return (
+        panorama_width,
+        panorama_height,
+        f"control_image is {width}x{height}; the panorama is {panorama_width}x{panorama_height} "
+        f"({'; '.join(how)})",
+    )
+
+
+def _multiple_of_8(length: float) -> int:
+    """The multiple of 8 nearest `length`, halves up."""
+    return 8 * math.floor(length / 8 + 0.5)

@@ -19,7 +19,7 @@ stride 512, every pair of them in `itertools.combinations` order:
   (higher: closer to the prompt).
 - FID, KID and Mean-GIQA (with --reference DIR, a folder of single 512x512 pictures of the same
   prompts from the same model): clean-fid's FID and KID between the same random crops and the
-  reference pictures, and KNN-GIQA (K=8) of each crop; see `syncdiffusion.fidelity`.
+  reference pictures, and KNN-GIQA (K=8) of each crop; see `syncdiffusion.evaluation.fidelity`.
 
 The paper's style code first resizes each panorama so that its shorter side is 512: nothing
 for its 512-high panoramas (or 512-wide ones), but a 1024x1024 panorama would shrink to one
@@ -34,7 +34,6 @@ downloads them on first use (set TORCH_HOME to move the cache).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import tempfile
@@ -44,30 +43,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from transformers import CLIPModel, CLIPProcessor
 
-from .files import read_parameters
-from .perceptual import load_lpips
-from .weights import (
-    LEGACY_VGG16_RELPATH,
-    VGG16_RELPATH,
-    WeightsError,
-    default_weights_dir,
+from ..errors import EvaluationError, WeightsError
+from ..models.perceptual import load_lpips
+from ..models.weights import LEGACY_VGG16_RELPATH, VGG16_RELPATH, default_weights_dir
+from ..request.image_file import read_parameters
+from .coherence import (
+    CLIP_MODEL,
+    hub_file,
+    intra_lpips,
+    intra_style_l,
+    load_clip_score,
+    load_vgg19_features,
 )
+from .crops import CROP, clip_box, clip_input, crop_boxes, crops, pixels, rgb8
 
-CROP = 512  # crop side and stride, in pixels, as in the paper's evaluation
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-STYLE_CONVS = 5  # the paper's style layers: conv_1 .. conv_5 of vgg19.features
-CLIP_MODEL = "openai/clip-vit-base-patch16"
 CLIP_SEED = 2023
-
-
-class EvaluationError(Exception):
-    """A problem with the inputs or the models, told to the user in one message."""
 
 
 @dataclass
@@ -91,225 +84,6 @@ class Panorama:
     def style_unresized(self) -> bool:
         """True where the paper's code would have resized before the style crops."""
         return min(self.width, self.height) != CROP
-
-
-def crop_boxes(height: int, width: int) -> list[tuple[int, int]]:
-    """(top, left) of the CROP x CROP crops at stride CROP, row by row."""
-    rows, columns = range(0, height - CROP + 1, CROP), range(0, width - CROP + 1, CROP)
-    return list(itertools.product(rows, columns))
-
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit greyscale
-
-
-def rgb8(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB: 16-bit greyscale scaled to 0..255 (`convert` would clip it), the
-    other modes through `convert`; EvaluationError for pixels without a fixed range."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.int64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise EvaluationError(
-                f"its mode {image.mode} pixels run from {values.min()} to {values.max()}; "
-                "16-bit greyscale runs from 0 to 65535"
-            )
-        grey = (values * 255 + 65535 // 2) // 65535  # round(v / 257)
-        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-    try:
-        if image.mode == "F":  # floats of no fixed range: `convert` would clip them to 0..255
-            raise ValueError("floating-point pixels have no fixed range")
-        return image.convert("RGB")
-    except ValueError as exc:
-        raise EvaluationError(
-            f"its pixels (mode {image.mode}) do not convert to RGB ({exc}); save it as 8-bit "
-            "or 16-bit RGB or greyscale"
-        ) from None
-
-
-def pixels(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1], as torchvision's ToTensor makes it from 8-bit RGB."""
-    array = np.asarray(rgb8(image))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
-
-
-def crops(image: torch.Tensor) -> list[torch.Tensor]:
-    """The crops of `crop_boxes`, each (3, CROP, CROP): views of `image`, not copies."""
-    _, height, width = image.shape
-    return [image[:, t : t + CROP, left : left + CROP] for t, left in crop_boxes(height, width)]
-
-
-class PairSpread:
-    """Sums over every pair of a stream of equal-shaped tensors of (a - b)**2, elementwise, in
-    the memory of two tensors: n times the running sum of squared deviations from the mean
-    (Welford's update, stable where the tensors nearly agree)."""
-
-    def __init__(self) -> None:
-        self.n, self.mean, self.squares = 0, None, None
-
-    def add(self, x: torch.Tensor) -> None:
-        self.n += 1
-        if self.mean is None:
-            self.mean, self.squares = x.clone(), torch.zeros_like(x)
-            return
-        delta = x - self.mean
-        self.mean += delta / self.n
-        self.squares += delta * (x - self.mean)
-
-    def pair_sum(self) -> torch.Tensor:
-        """The sum over the n * (n - 1) / 2 pairs of (a - b)**2."""
-        return self.n * self.squares
-
-
-@torch.no_grad()
-def intra_lpips(model, tiles: list[torch.Tensor]) -> float:
-    """Mean LPIPS over all pairs of `tiles` (each (3, h, w) in [0, 1]), at least two."""
-    # LPIPS(a, b) is a sum over layers of lin((normalise(f(a)) - normalise(f(b)))^2), averaged
-    # over space; lin is a 1x1 convolution without bias, so the sum over pairs is lin of the
-    # pairs' summed squares, which PairSpread keeps whatever the number of crops.
-    import lpips
-
-    spreads = [PairSpread() for _ in model.lins]
-    for tile in tiles:
-        outs = model.net(model.scaling_layer(tile[None] * 2 - 1))
-        for spread, out in zip(spreads, outs, strict=True):
-            spread.add(lpips.normalize_tensor(out))
-    n = len(tiles)
-    total = sum(
-        lpips.spatial_average(lin(spread.pair_sum()), keepdim=True).item()
-        for lin, spread in zip(model.lins, spreads, strict=True)
-    )
-    return total / (n * (n - 1) // 2)
-
-
-def gram(features: torch.Tensor) -> torch.Tensor:
-    """Gram matrix of one crop's features (1, C, H, W), divided by C * H * W."""
-    _, c, h, w = features.shape
-    flat = features.reshape(c, h * w)
-    return torch.mm(flat, flat.t()).div(c * h * w)
-
-
-@torch.no_grad()
-def style_grams(vgg19_features: torch.nn.Sequential, tile: torch.Tensor) -> list[torch.Tensor]:
-    """Gram matrices of the first STYLE_CONVS convolution outputs (before ReLU) of one crop."""
-    mean = torch.tensor(IMAGENET_MEAN, device=tile.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=tile.device).view(-1, 1, 1)
-    x = (tile[None] - mean) / std
-    grams = []
-    for layer in vgg19_features:
-        # torchvision's ReLUs work in place and would overwrite the conv output kept here.
-        x = F.relu(x) if isinstance(layer, torch.nn.ReLU) else layer(x)
-        if isinstance(layer, torch.nn.Conv2d):
-            grams.append(gram(x))
-            if len(grams) == STYLE_CONVS:
-                return grams
-    raise ValueError(f"the network has fewer than {STYLE_CONVS} convolutions")
-
-
-def intra_style_l(vgg19_features: torch.nn.Sequential, tiles: list[torch.Tensor]) -> float:
-    """Sum over all pairs of `tiles` (each (3, h, w) in [0, 1]) of the summed Gram style loss."""
-    # Per layer, the sum over pairs of the mean squared Gram difference is the mean of the
-    # pairs' summed squares; kept in float64, as the paper's code sums its pairs.
-    spreads = [PairSpread() for _ in range(STYLE_CONVS)]
-    for tile in tiles:
-        for spread, gram_matrix in zip(spreads, style_grams(vgg19_features, tile), strict=True):
-            spread.add(gram_matrix.double())
-    return sum(spread.pair_sum().mean().item() for spread in spreads)
-
-
-def clip_box(height: int, width: int, rng: np.random.RandomState) -> tuple[int, int]:
-    """(top, left) of the random CLIP crop: the paper's `randint(0, W - 512)` on each long side."""
-    left = rng.randint(0, width - CROP) if width > CROP else 0
-    top = rng.randint(0, height - CROP) if height > CROP else 0
-    return top, left
-
-
-def clip_input(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
-    """The crop of `image` ((3, H, W) in [0, 1]) as the paper's CLIP code feeds it: int64 0..255."""
-    tile = image[:, top : top + CROP, left : left + CROP]
-    return (tile * 255.0).type(torch.int64)
-
-
-# --- models -----------------------------------------------------------------------------
-
-
-def hub_file(weights) -> Path:
-    """The file of torchvision `weights` in the torch hub cache, downloaded there if missing."""
-    from urllib.parse import urlparse
-
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-    if not path.is_file():
-        try:
-            weights.get_state_dict(progress=True, check_hash=True)
-        except (OSError, RuntimeError) as exc:
-            raise EvaluationError(
-                f"{path.name} (torchvision's {weights}) is not in the torch hub cache and could "
-                f"not be downloaded ({type(exc).__name__}: {exc}). Download {weights.url} to "
-                f"{path} (TORCH_HOME moves the cache), then run again."
-            ) from exc
-    return path
-
-
-def load_vgg19_features(path: Path) -> torch.nn.Sequential:
-    """torchvision's VGG19 convolutional trunk with the weights in `path`."""
-    from torchvision.models.vgg import cfgs, make_layers
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    features = make_layers(cfgs["E"])
-    features.load_state_dict(
-        {
-            key.removeprefix("features."): v
-            for key, v in state.items()
-            if key.startswith("features.")
-        }
-    )
-    return features.eval().requires_grad_(False)
-
-
-class ProjectedCLIP(CLIPModel):
-    """CLIPModel whose get_image_features and get_text_features return the projected embeddings.
-
-    That is what torchmetrics' CLIPScore expects; transformers 5 wraps them in an output object
-    (its `pooler_output`), which torchmetrics 1.9 does not unwrap (Lightning-AI/torchmetrics#3407).
-    """
-
-    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _embedding(super().get_image_features(*args, **kwargs))
-
-    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _embedding(super().get_text_features(*args, **kwargs))
-
-
-def _embedding(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def load_clip_score(model_dir: Path | None):
-    """torchmetrics' CLIPScore on the paper's CLIP, or on the same model saved in `model_dir`."""
-    try:
-        from torchmetrics.multimodal import CLIPScore
-    except ImportError as exc:
-        raise EvaluationError(
-            f"--clip needs torchmetrics ({exc}): pip install -r requirements-eval.txt"
-        ) from exc
-
-    source = str(model_dir) if model_dir is not None else CLIP_MODEL
-    try:
-        # What CLIPScore(model_name_or_path=CLIP_MODEL) loads, through ProjectedCLIP, and from a
-        # local folder too (torchmetrics takes only hub names, or a callable).
-        return CLIPScore(
-            model_name_or_path=lambda: (
-                ProjectedCLIP.from_pretrained(source),
-                CLIPProcessor.from_pretrained(source),
-            )
-        )
-    except OSError as exc:
-        raise EvaluationError(
-            f"CLIP model {source} could not be loaded ({exc}). Without network, download "
-            f"{CLIP_MODEL} where there is (hf download {CLIP_MODEL} --local-dir DIR) and pass "
-            "--clip-model DIR."
-        ) from exc
-
-
-# --- the report --------------------------------------------------------------------------
 
 
 def find_panoramas(folder: Path, clip: bool, prompt: str | None) -> list[Panorama]:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Job, read_prompts, run
+from ..batch.jobs import Job, read_prompts
+from ..batch.runner import run
 
 PANORAMA = {
     "width": 3072,
@@ -92,7 +93,7 @@ def markdown(table: dict[str, dict[str, dict[str, float | None]]]) -> str:
 
 def files_by_prompt(folder: Path, index: list[dict[str, Any]]) -> dict[str, list[Path]]:
     """The made files of a folder's index, grouped by their saved prompt, in index order."""
-    from .files import read_parameters
+    from ..request.image_file import read_parameters
 
     groups: dict[str, list[Path]] = defaultdict(list)
     for record in index:
@@ -110,8 +111,8 @@ def evaluate_method(
     device: Any,
 ) -> dict[str, dict[str, float | None]]:
     """One method's row: every column's mean and standard deviation."""
-    from .evaluation import Panorama, evaluate, evaluate_fidelity
-    from .weights import default_weights_dir
+    from ..evaluation.report import Panorama, evaluate, evaluate_fidelity
+    from ..models.weights import default_weights_dir
 
     clip = args.clip or args.clip_model is not None
     fid, kid, panoramas = [], [], []
@@ -164,8 +165,9 @@ def main(argv: list[str] | None = None, default_prompts: Path | None = None) -> 
     import torch
     from accelerate import PartialState
 
-    from . import SyncDiffusionPipeline, WeightsError
-    from .evaluation import EvaluationError
+    from ..errors import WeightsError
+    from ..evaluation.report import EvaluationError
+    from ..pipeline import SyncDiffusionPipeline
 
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     try:

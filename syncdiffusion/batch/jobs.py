@@ -1,0 +1,164 @@
+"""A batch's jobs: JSON Lines of requests, resolved on a model to a key each; the grid form
+(prompts x seeds x settings) that writes them. Run by `syncdiffusion.batch` (its module
+docstring says how a batch runs).
+"""
+
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..request.inputs import panorama_inputs
+
+TEMPORARY = ".tmp"  # suffix of files being written; never an image suffix
+GRID_JOBS = "jobs.jsonl"  # where the grid form writes the jobs it expands to
+
+
+# --- the jobs --------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One line of JOBS: its inputs as given, and once resolved on a model, its key or error."""
+
+    line: int  # 1-based, in JOBS
+    inputs: dict[str, Any]
+    key: str | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def read_jobs(path: Path) -> list[Job]:
+    """The jobs of a JSON Lines file; blank lines are skipped, and a line that is not a JSON
+    object becomes a job with its error, so the rest still run."""
+    jobs = []
+    with open(path, encoding="utf-8") as lines:
+        for number, text in enumerate(lines, 1):
+            if not text.strip():
+                continue
+            try:
+                inputs = json.loads(text)
+            except ValueError as error:
+                jobs.append(Job(number, {}, error=f"line {number} is not JSON ({error})"))
+                continue
+            if not isinstance(inputs, dict):
+                kind = type(inputs).__name__
+                jobs.append(
+                    Job(number, {}, error=f"line {number} must be a JSON object; got {kind}")
+                )
+                continue
+            jobs.append(Job(number, inputs))
+    return jobs
+
+
+def job_key(request: dict[str, Any], model: str) -> str:
+    """The name of a job's file, without suffix: a short hash of every input and the model."""
+    text = json.dumps({**request, "model": model}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resolve(jobs: list[Job], pipe: Any, model: str) -> None:
+    """Give each job its full request on `pipe`'s model and its key, or the refusal."""
+    for job in jobs:
+        if job.error is not None:
+            continue
+        try:
+            job.request = pipe.request(**job.inputs)
+        except InputError as error:
+            job.error = f"line {job.line}: {error}"
+            continue
+        job.key = job_key(job.request, model)
+
+
+# --- the grid form ---------------------------------------------------------------------------
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds as `0-99`, `1,5,9` or both (`0-9,100`), in the order given."""
+    seeds = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            seeds += range(int(low), int(high) + 1) if dash else [int(low)]
+        except ValueError:
+            raise InputError(f"--seeds must be like 0-99 or 1,5,9; got {text!r}") from None
+    return seeds
+
+
+def parse_setting(text: str) -> tuple[str, list[Any]]:
+    """`name=v1,v2` (or `name=[JSON list]`) as the input's name and its values, typed as the
+    input is; InputError naming the input otherwise."""
+    name, equals, values = text.partition("=")
+    described = panorama_inputs()
+    if not equals or name not in described:
+        raise InputError(
+            f"--set must be NAME=VALUE[,VALUE...] with NAME one of {', '.join(described)}; "
+            f"got {text!r}"
+        )
+    spec = described[name]
+    if values.startswith("["):
+        try:
+            parsed = json.loads(values)
+        except ValueError as error:
+            raise InputError(f"--set {name}: {values!r} is not a JSON list ({error})") from None
+        if not isinstance(parsed, list):
+            raise InputError(f"--set {name}: {values!r} is not a JSON list")
+        return name, parsed
+    return name, [_typed(spec.type, name, value) for value in values.split(",")]
+
+
+def _typed(kind: type, name: str, value: str) -> Any:
+    if kind is str:
+        return value
+    if kind is bool and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        if kind is int:
+            return int(value)
+        if kind is float:
+            return float(value)
+    except ValueError:
+        pass
+    raise InputError(f"--set {name}: {value!r} is not a{'n' * (kind is int)} {kind.__name__}")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt a line; blank lines and lines starting with # are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def expand_grid(
+    prompts: list[str], seeds: list[int] | None, settings: list[tuple[str, list[Any]]]
+) -> list[dict[str, Any]]:
+    """Every combination, as JOBS lines: for each prompt, each combination of the settings'
+    values (the first setting slowest), each seed. Without seeds, the default seed."""
+    names = [name for name, _ in settings]
+    jobs = []
+    for prompt in prompts:
+        for values in itertools.product(*(values for _, values in settings)):
+            base = {"prompt": prompt, **dict(zip(names, values, strict=True))}
+            jobs += [{**base, "seed": seed} for seed in seeds] if seeds is not None else [base]
+    return jobs
+
+
+def write_jobs(jobs: Iterable[dict[str, Any]], path: Path) -> Path:
+    """Write `jobs` as JSON Lines, whole or not at all."""
+    text = "".join(json.dumps(job, ensure_ascii=False) + "\n" for job in jobs)
+    return write_whole(Path(path), text)
+
+
+def write_whole(path: Path, text: str) -> Path:
+    """Write `text` to `path` under a temporary name, then rename it: never a half-written file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,225 @@
+"""Command line: `python -m syncdiffusion --prompt "..." --output pano.png [--weights DIR]`,
+or `python -m syncdiffusion --from-png pano.png` to make a saved panorama again; with
+`--controlnet NAME --control-image LAYOUT.png`, a panorama laid out by a condition image."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..core.control import image_record
+from ..core.windows import Geometry
+from ..errors import InputError, WeightsError
+from ..pipeline import SyncDiffusionPipeline
+from ..request.condition_image import CONTROL_PREPROCESSORS, open_control_image, preprocess
+from ..request.image_file import model_identity, read_parameters, save_image
+from ..request.inputs import CONTROL_INPUTS, OUTPUT_INPUTS, Input, check_output, panorama_inputs
+
+SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
+INPUTS = panorama_inputs()  # SD2-base's; those that follow a model's window say so
+# The ControlNet's numbers; its condition image is --control-image, a file.
+CONTROL_NUMBERS = {name: spec for name, spec in CONTROL_INPUTS.items() if spec.type is float}
+
+
+def _default(spec: Input) -> str:
+    """The default, as `--help` says it; where it follows the model's window, how."""
+    sdxl = panorama_inputs(Geometry(window=128)).get(spec.name, spec)
+    if sdxl.default == spec.default:
+        return f"default: {spec.default!r}"
+    return f"default: {spec.default!r}; {sdxl.default!r} on SDXL, as it follows the window"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every panorama input as `--input-name`, from the library's description of the inputs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m syncdiffusion",
+        description="Make a coherent panorama with SyncDiffusion on Stable Diffusion "
+        "(2.0-base unless --model names another SD 1.x/2.x or SDXL folder).",
+    )
+    # Inputs not given stay None: the model's defaults (or the --from-png file's) fill them in.
+    for spec in (*INPUTS.values(), *CONTROL_NUMBERS.values()):
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.required:
+            parser.add_argument(flag, help=f"{spec.help} Required without --from-png.")
+        elif spec.type is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, help=f"{spec.help} ({_default(spec)})"
+            )
+        else:
+            parser.add_argument(flag, type=spec.type, help=f"{spec.help} ({_default(spec)})")
+    parser.add_argument(
+        "--from-png",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="take every input from a panorama this tool made (options given here override)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("panorama.png"),
+        help="file to write: .png, .webp or .jpg (default: panorama.png)",
+    )
+    quality = OUTPUT_INPUTS["output_quality"]
+    parser.add_argument(
+        "--output-quality",
+        type=int,
+        default=quality.default,
+        help=f"{quality.help} ({_default(quality)})",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights folder (default: $SYNCDIFFUSION_WEIGHTS or weights/)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder in the weights folder, e.g. stable-diffusion-xl-base-1.0 (default: "
+        "$SYNCDIFFUSION_MODEL or stable-diffusion-2-base); sides and stride follow its window",
+    )
+    parser.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="NAME",
+        help="lay the panorama out with this ControlNet, a folder in the weights folder's "
+        "controlnet/ (scripts/download_weights.py --controlnet NAME fetches it); needs "
+        "--control-image",
+    )
+    parser.add_argument(
+        "--control-image",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"{CONTROL_INPUTS['control_image'].help} A PNG, JPEG or WebP file.",
+    )
+    parser.add_argument(
+        "--control-preprocess",
+        choices=CONTROL_PREPROCESSORS,
+        default=None,
+        help="what to make of --control-image first: canny turns a photo into its edges (for "
+        "a canny ControlNet); none uses it as given (default: none)",
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument(
+        "--view-batch-size",
+        type=int,
+        default=None,
+        help="windows per network call (default: as many as fit in memory)",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the inputs saved in `--from-png FILE` as defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.from_file = []  # the inputs the --from-png file gave, to check once the model is known
+    if args.from_png is not None:
+        try:
+            saved = read_parameters(args.from_png)
+        except ValueError as error:
+            parser.exit(2, f"error: --from-png: {error}\n")
+        # Set as they were saved, not through argparse's `type`: the model's checks judge them.
+        saved_names = [*INPUTS, *CONTROL_NUMBERS, "controlnet", "control_preprocess"]
+        args.from_file = [n for n in saved_names if n in saved and getattr(args, n) is None]
+        for name in args.from_file:
+            setattr(args, name, saved[name])
+        args.saved_model = saved.get("model")
+        args.saved_control_image = saved.get("control_image")
+    if args.prompt is None:
+        parser.error("--prompt is required (or --from-png FILE)")
+    if args.controlnet is None and args.control_image is not None:
+        parser.error("--control-image needs --controlnet NAME (the ControlNet it steers)")
+    if args.controlnet is not None and args.control_image is None:
+        saved = getattr(args, "saved_control_image", None)
+        if isinstance(saved, dict):
+            parser.error(
+                f"{args.from_png} was laid out by a condition image of "
+                f"{saved.get('width')}x{saved.get('height')} pixels (sha256 "
+                f"{str(saved.get('sha256'))[:16]}...): give it with --control-image FILE"
+            )
+        parser.error("--controlnet needs --control-image FILE (the layout)")
+    if args.output.suffix.lower() not in SUFFIX_FORMATS:
+        parser.error(f"--output must end in .png, .webp or .jpg; got {str(args.output)!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    args = parse_args(argv)
+    output_format = SUFFIX_FORMATS[args.output.suffix.lower()]
+    try:
+        check_output(output_format, args.output_quality)
+        control = {}
+        if args.controlnet is not None:
+            control = _control_inputs(args)
+        pipe = SyncDiffusionPipeline.from_pretrained(
+            args.weights, device=args.device, model=args.model, controlnet=args.controlnet
+        )
+        described = panorama_inputs(pipe.geometry, control=bool(control))
+        problems = [
+            described[name].problem(getattr(args, name))
+            for name in args.from_file
+            if name in described
+        ]
+        if problems := [p for p in problems if p]:
+            raise InputError(f"--from-png {args.from_png}: {'; '.join(problems)}")
+        saved_model = getattr(args, "saved_model", None)
+        if saved_model and saved_model != model_identity(pipe.unet.config):
+            print(
+                f"warning: {args.from_png} was made by another model ({saved_model!r}); "
+                "the panorama will differ",
+                file=sys.stderr,
+            )
+        names = [*INPUTS, *(CONTROL_NUMBERS if control else ())]
+        inputs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+        with tqdm(unit="step") as bar:
+
+            def progress(state: dict) -> None:
+                bar.total = state["steps"]
+                bar.set_postfix_str("sync" if state["sync"] else "")
+                bar.update(1)
+
+            image = pipe(
+                **inputs,
+                **control,
+                view_batch_size=args.view_batch_size,
+                callback=progress,
+            )
+    except (InputError, WeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    parameters = image.info["parameters"]
+    if control:
+        parameters = {**parameters, "control_preprocess": args.control_preprocess or "none"}
+    save_image(image, args.output, parameters, output_format, args.output_quality)
+    print(f"wrote {args.output} ({image.width}x{image.height})")
+    return 0
+
+
+def _control_inputs(args: argparse.Namespace) -> dict:
+    """The condition image of --control-image, preprocessed as asked; with --from-png, refused
+    unless it is the one the saved panorama was made with."""
+    try:
+        image = open_control_image(args.control_image)
+    except InputError as error:
+        raise InputError(f"--control-image {args.control_image}: {error}") from None
+    image = preprocess(image, args.control_preprocess or "none")
+    saved = getattr(args, "saved_control_image", None)
+    if isinstance(saved, dict) and saved.get("sha256") != image_record(image)["sha256"]:
+        raise InputError(
+            f"--control-image {args.control_image} is not the condition image {args.from_png} "
+            f"was made with (a {saved.get('width')}x{saved.get('height')} image, sha256 "
+            f"{str(saved.get('sha256'))[:16]}...; after --control-preprocess "
+            f"{args.control_preprocess or 'none'})"
+        )
+    return {"control_image": image}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
