@@ -9,6 +9,7 @@ the options of this project's commands in it are still checked. docs/development
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -174,18 +175,64 @@ def test_python_blocks(path, docs_folder):
         pytest.skip("; ".join(skipped))
 
 
-def test_the_layout_names_every_file():
+DESCRIPTION_COLUMN = 25  # where the layout's descriptions start; names sit left of it
+
+
+def layout_tree(layout: str) -> dict[str, str]:
+    """Every path the layout's tree names, with the text of its entry (its line, and for a
+    folder the lines under it). A line's names are its first word and the words after it that
+    look like paths (a dot or a slash in them), up to the first gap of two spaces; a name ending
+    in / is a folder, and the names indented under it are inside it."""
+    lines = layout.splitlines()
+    entries: dict[str, str] = {}
+    folders: list[tuple[int, str]] = []  # (indent, path) of the folders the line is inside
+    for number, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip(" "))
+        if not line.strip() or indent >= DESCRIPTION_COLUMN - 1:
+            continue  # a description carried over
+        while folders and folders[-1][0] >= indent:
+            folders.pop()
+        words = re.split(r"[ ,]+", line.strip().split("  ")[0])
+        names = [words[0], *itertools.takewhile(lambda w: "." in w or "/" in w, words[1:])]
+        below = next(
+            (n for n in range(number + 1, len(lines)) if lines[n].strip()
+             and len(lines[n]) - len(lines[n].lstrip(" ")) <= indent),
+            len(lines),
+        )
+        parent = folders[-1][1] if folders else ""
+        for name in names:
+            entry = lines[number:below] if name.endswith("/") else [line]
+            entries[parent + name] = "\n".join(entry)
+        if len(names) == 1 and names[0].endswith("/"):
+            folders.append((indent, parent + names[0]))
+    return entries
+
+
+def test_the_layout_is_the_tree():
+    """docs/development.md's layout names every file git tracks at its place in the tree (or in
+    its folder's entry), and names nothing that is not there."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     files = subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
     [(_, layout, _)] = blocks(ROOT / "docs" / "development.md", "text")
+    tree = layout_tree(layout)
 
-    def named(word: str) -> bool:
-        return re.search(rf"(?<![\w.-]){re.escape(word)}(?![\w-])", layout) is not None
+    def listed(path: str) -> bool:
+        if path in tree:
+            return True
+        folder, name = path.rpartition("/")[0], Path(path).name
+        while True:  # named in the entry of its folder, or of a folder above it
+            text = tree.get(folder + "/", "") if folder else layout
+            if re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", text):
+                return True
+            if not folder:
+                return False
+            folder = folder.rpartition("/")[0]
 
-    missing = [
-        f for f in files if not named(f) and not (named(Path(f).name) and named(f.split("/")[0]))
-    ]
-    assert not missing, f"docs/development.md's layout lacks {missing}"
+    missing = [f for f in files if not listed(f)]
+    assert not missing, f"docs/development.md's layout lacks {missing} (or names them elsewhere)"
+    folders = {str(parent) + "/" for f in files for parent in Path(f).parents if str(parent) != "."}
+    stale = [path for path in tree if path not in files and path not in folders]
+    assert not stale, f"docs/development.md's layout names {stale}, which git does not track"
