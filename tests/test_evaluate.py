@@ -1,4 +1,4 @@
-"""The coherence report (syncdiffusion.evaluation, scripts/evaluate.py) against the paper's
+"""The coherence report (syncdiffusion.evaluation.report, scripts/evaluate.py) against the paper's
 evaluation code (tests/paper_metrics.py).
 
 Both run on the same random VGG16/VGG19 in a temporary torch hub cache and the same tiny
@@ -24,7 +24,7 @@ from eval_models import VGG_FILES, write_hub_vgg, write_tiny_clip
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from syncdiffusion import evaluation
+from syncdiffusion.evaluation import coherence, crops, fidelity, report
 from syncdiffusion.request.image_file import save_image
 
 WINDOW = 64
@@ -52,7 +52,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def small_window(monkeypatch):
-    monkeypatch.setattr(evaluation, "CROP", WINDOW)
+    for module in (crops, coherence, fidelity, report):  # each binds the crop side it uses
+        monkeypatch.setattr(module, "CROP", WINDOW, raising=False)
     monkeypatch.setattr(paper_metrics, "WINDOW", WINDOW)
 
 
@@ -70,7 +71,7 @@ def write_panoramas(folder: Path) -> Path:
 
 
 def test_the_crop_is_the_papers():
-    assert evaluation.CROP == paper_metrics.WINDOW == 512
+    assert crops.CROP == paper_metrics.WINDOW == 512
 
 
 def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, capsys):
@@ -78,7 +79,7 @@ def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, cap
     folder = write_panoramas(tmp_path / "panoramas")
     out = tmp_path / "figures.json"
     argv = [str(folder), "--weights", str(models["weights"]), "--json", str(out), "--clip"]
-    assert evaluation.main([*argv, "--clip-model", str(models["clip"]), "--device", "cpu"]) == 0
+    assert report.main([*argv, "--clip-model", str(models["clip"]), "--device", "cpu"]) == 0
     figures = json.loads(out.read_text())
     ours = {image["file"]: image for image in figures["images"]}
     assert list(ours) == list(PANORAMAS)
@@ -105,7 +106,7 @@ def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, cap
     # panorama, the first in name order; the others continue the same seeded numpy stream.
     def clip_model():
         folder = models["clip"]
-        model = evaluation.ProjectedCLIP.from_pretrained(folder)
+        model = coherence.ProjectedCLIP.from_pretrained(folder)
         return model, CLIPProcessor.from_pretrained(folder)
 
     wide_only = tmp_path / "wide"
@@ -142,7 +143,7 @@ def test_figures_are_the_papers(models, small_window, monkeypatch, tmp_path, cap
 def test_projected_clip_gives_the_projected_embeddings(models):
     """torchmetrics needs the embeddings as tensors; transformers 5 returns output objects."""
     plain = CLIPModel.from_pretrained(models["clip"])
-    projected = evaluation.ProjectedCLIP.from_pretrained(models["clip"])
+    projected = coherence.ProjectedCLIP.from_pretrained(models["clip"])
     pixels = torch.rand(1, 3, 224, 224)
     tokens = torch.tensor([[0, 5, 2]])
     with torch.no_grad():
@@ -158,7 +159,7 @@ def test_without_clip_the_score_is_null(models, small_window, monkeypatch, tmp_p
     folder.mkdir()
     Image.new("RGB", (2 * WINDOW, WINDOW), (10, 200, 30)).save(folder / "flat.png")
     out = tmp_path / "figures.json"
-    assert evaluation.main([str(folder), "--weights", str(tmp_path), "--json", str(out)]) == 0
+    assert report.main([str(folder), "--weights", str(tmp_path), "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["images"][0]["clip_score"] is None and figures["mean"]["clip_score"] is None
     # Two identical crops: perfectly coherent.
@@ -177,7 +178,7 @@ def test_offline_without_vgg19_says_which_file_and_where(monkeypatch, tmp_path, 
     folder = tmp_path / "panoramas"
     folder.mkdir()
     Image.new("RGB", (1024, 512)).save(folder / "p.png")
-    assert evaluation.main([str(folder), "--weights", str(tmp_path / "none")]) == 2
+    assert report.main([str(folder), "--weights", str(tmp_path / "none")]) == 2
     error = capsys.readouterr().err
     expected = tmp_path / "torch" / "hub" / "checkpoints" / VGG_FILES["E"]
     assert error.count("\n") == 1 and "no network" in error
@@ -194,27 +195,27 @@ def test_offline_without_vgg19_says_which_file_and_where(monkeypatch, tmp_path, 
 )
 def test_refusals_name_the_file(size, extra, message, tmp_path, capsys):
     Image.new("RGB", size).save(tmp_path / "p.png")
-    assert evaluation.main([str(tmp_path), *extra]) == 2
+    assert report.main([str(tmp_path), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_refuses_an_unreadable_image(tmp_path, capsys):
     (tmp_path / "p.png").write_text("not a picture")
-    assert evaluation.main([str(tmp_path)]) == 2
+    assert report.main([str(tmp_path)]) == 2
     assert "p.png is not an image Pillow can read" in capsys.readouterr().err
 
 
 def test_refuses_an_empty_folder_and_a_missing_clip_model(tmp_path, capsys):
-    assert evaluation.main([str(tmp_path)]) == 2
+    assert report.main([str(tmp_path)]) == 2
     assert f"folder {tmp_path} holds no images" in capsys.readouterr().err
     Image.new("RGB", (1024, 512)).save(tmp_path / "p.png")
-    assert evaluation.main([str(tmp_path), "--clip-model", str(tmp_path / "clip")]) == 2
+    assert report.main([str(tmp_path), "--clip-model", str(tmp_path / "clip")]) == 2
     assert "--clip-model must be a folder" in capsys.readouterr().err
 
 
 def _figures(folder: Path, models: dict[str, Path], out: Path) -> dict[str, dict]:
     argv = [str(folder), "--weights", str(models["weights"]), "--json", str(out)]
-    assert evaluation.main([*argv, "--device", "cpu"]) == 0
+    assert report.main([*argv, "--device", "cpu"]) == 0
     return {image["file"]: image for image in json.loads(out.read_text())["images"]}
 
 
@@ -249,7 +250,7 @@ def test_bad_files_get_one_line_each_and_a_fifo_is_skipped(tmp_path, capsys):
     Image.new("F", (1024, 512)).save(tmp_path / "float.tiff", format="TIFF")
     (tmp_path / "float.tiff").rename(tmp_path / "float.png")  # Pillow reads it by content
     os.mkfifo(tmp_path / "fifo.png")  # opening it would wait for a writer forever
-    assert evaluation.main([str(tmp_path)]) == 2
+    assert report.main([str(tmp_path)]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "skipping fifo.png: not a regular file"
     assert lines[1].startswith("error: cut.png is not an image Pillow can read (OSError: ")
@@ -279,7 +280,7 @@ def test_memory_does_not_grow_with_the_number_of_crops(models, small_window, mon
     def sample(*_):
         peak[0] = max(peak[0], _live_tensor_bytes())
 
-    load_lpips, load_vgg19 = evaluation.load_lpips, evaluation.load_vgg19_features
+    load_lpips, load_vgg19 = report.load_lpips, report.load_vgg19_features
 
     def lpips_sampled(path):
         model = load_lpips(path)
@@ -289,11 +290,11 @@ def test_memory_does_not_grow_with_the_number_of_crops(models, small_window, mon
     def vgg19_sampled(path):
         features = load_vgg19(path)
         convs = [layer for layer in features if isinstance(layer, torch.nn.Conv2d)]
-        convs[evaluation.STYLE_CONVS - 1].register_forward_hook(sample)
+        convs[coherence.STYLE_CONVS - 1].register_forward_hook(sample)
         return features
 
-    monkeypatch.setattr(evaluation, "load_lpips", lpips_sampled)
-    monkeypatch.setattr(evaluation, "load_vgg19_features", vgg19_sampled)
+    monkeypatch.setattr(report, "load_lpips", lpips_sampled)
+    monkeypatch.setattr(report, "load_vgg19_features", vgg19_sampled)
     peaks = {}
     for crops in (2, 8):
         folder = tmp_path / f"{crops}-crops"
@@ -303,7 +304,7 @@ def test_memory_does_not_grow_with_the_number_of_crops(models, small_window, mon
         gc.collect()
         peak[0] = 0
         argv = [str(folder), "--weights", str(models["weights"]), "--device", "cpu"]
-        assert evaluation.main(argv) == 0
+        assert report.main(argv) == 0
         peaks[crops] = peak[0]
     lpips_model = load_lpips(models["weights"] / "lpips" / VGG_FILES["D"])
     with torch.no_grad():

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from syncdiffusion.evaluation import CROP, Panorama, clip_box, evaluate_fidelity, fidelity, to_json
+from syncdiffusion.evaluation import fidelity
+from syncdiffusion.evaluation.crops import CROP, clip_box
+from syncdiffusion.evaluation.report import Panorama, evaluate_fidelity, to_json
 
 cleanfid = pytest.importorskip("cleanfid.fid")
 CPU = torch.device("cpu")
