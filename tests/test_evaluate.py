@@ -296,16 +296,16 @@ def test_memory_does_not_grow_with_the_number_of_crops(models, small_window, mon
     monkeypatch.setattr(report, "load_lpips", lpips_sampled)
     monkeypatch.setattr(report, "load_vgg19_features", vgg19_sampled)
     peaks = {}
-    for crops in (2, 8):
-        folder = tmp_path / f"{crops}-crops"
+    for n_crops in (2, 8):
+        folder = tmp_path / f"{n_crops}-crops"
         folder.mkdir()
-        pixels = np.random.default_rng(crops).integers(0, 256, (WINDOW, crops * WINDOW, 3))
+        pixels = np.random.default_rng(n_crops).integers(0, 256, (WINDOW, n_crops * WINDOW, 3))
         Image.fromarray(pixels.astype(np.uint8)).save(folder / "p.png")
         gc.collect()
         peak[0] = 0
         argv = [str(folder), "--weights", str(models["weights"]), "--device", "cpu"]
         assert report.main(argv) == 0
-        peaks[crops] = peak[0]
+        peaks[n_crops] = peak[0]
     lpips_model = load_lpips(models["weights"] / "lpips" / VGG_FILES["D"])
     with torch.no_grad():
         one_crop = sum(out.nbytes for out in lpips_model.net(torch.zeros(1, 3, WINDOW, WINDOW)))
