@@ -32,7 +32,7 @@ from syncdiffusion.models.weights import (
     controlnet_repo_id,
     download_controlnet,
 )
-from tests.conftest import ROOT
+from syncdiffusion.testing.measure import ARCHITECTURES, SD2_CONFIGS
 
 CANNY = "lllyasviel/sd-controlnet-canny"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -228,7 +228,7 @@ SDXL_CANNY_SMALL = {**SDXL_CANNY, "down_block_types": ["DownBlock2D"] * 3}
 
 
 def _unet_config(family: str) -> dict:
-    return json.loads((ROOT / "benchmarks" / family / "unet.json").read_text())
+    return json.loads((ARCHITECTURES / family / "unet.json").read_text())
 
 
 def test_an_sd1_controlnet_does_not_fit_sd2() -> None:
@@ -292,7 +292,7 @@ def test_the_fit_check_names_both_folders(tmp_path: Path) -> None:
     weights = tmp_path / "weights"
     model, controlnet = weights / SD_DIRNAME, controlnet_dir(weights, CANNY)
     (model / "unet").mkdir(parents=True)
-    shutil.copy(ROOT / "benchmarks" / "sd2-base" / "unet.json", model / "unet" / "config.json")
+    shutil.copy(SD2_CONFIGS / "unet.json", model / "unet" / "config.json")
     controlnet.mkdir(parents=True)
     (controlnet / "config.json").write_text(json.dumps(SD15_CANNY))
     with pytest.raises(WeightsError) as exc:

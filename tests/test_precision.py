@@ -18,6 +18,7 @@ from syncdiffusion.core.precision import LossScale, initial_loss_scale
 from syncdiffusion.core.sampling import guided_eps, sample_panorama, x0_predictor
 from syncdiffusion.core.sync import lpips_features, lpips_to_anchor, sync_gradient
 from syncdiffusion.request.inputs import sync_schedule
+from syncdiffusion.testing.measure import SD2_CONFIGS, SDXL_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -168,16 +169,14 @@ def test_loss_scale_back_offs_count_each_window_lowered():
 
 def test_the_vae_is_upcast_as_diffusers_pipelines_would_and_read_from_the_file():
     import json
-    from pathlib import Path
 
     from diffusers import AutoencoderKL
 
     from syncdiffusion.core.precision import vae_dtype, vae_upcast
     from syncdiffusion.models.family import SD, SDXL
 
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    sd2 = json.loads((benchmarks / "sd2-base" / "vae.json").read_text())
-    sdxl = json.loads((benchmarks / "sdxl-base" / "vae.json").read_text())
+    sd2 = json.loads((SD2_CONFIGS / "vae.json").read_text())
+    sdxl = json.loads((SDXL_CONFIGS / "vae.json").read_text())
     # SD2-base's file predates the key: its VAE runs in fp16, as in diffusers' SD pipeline,
     # although a model built from the file reports force_upcast true (diffusers' default).
     assert "force_upcast" not in sd2 and not vae_upcast(sd2, SD)
