@@ -302,9 +302,9 @@ class SyncDiffusionPipeline:
     def window_bytes(self, eps: Callable, scheduler: DDIMScheduler, sync: bool = True) -> int:
         """One window's memory in a chunk, counted once per device and dtype on a 16x16-latent
         probe; `eps` and `scheduler` are a call's own. In a sync step
-        (`batching.sync_window_bytes`): what its backward keeps, with `self.recompute`
+        (`chunks.sync_window_bytes`): what its backward keeps, with `self.recompute`
         recomputed, and the peak of that recomputation; in another step
-        (`batching.plain_window_bytes`): the peak of its guided UNet forward."""
+        (`chunks.plain_window_bytes`): the peak of its guided UNet forward."""
         key = (self.device, self.dtype, sync)
         if key in self._window_bytes:
             return self._window_bytes[key]

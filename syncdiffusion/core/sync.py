@@ -1,5 +1,5 @@
 """The SyncDiffusion step: the LPIPS gradient that pulls every window towards the anchor
-(when and how hard: `schedule`)."""
+(when and how hard: `sync_schedule`)."""
 
 from __future__ import annotations
 

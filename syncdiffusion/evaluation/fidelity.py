@@ -1,7 +1,7 @@
 """The paper's fidelity figures: FID, KID and Mean-GIQA of panoramas against a reference set.
 
 As the authors' `eval_code/` does it: each panorama gives one random 512x512 crop (numpy seed
-2023, `randint(0, W - 512)` along the long side: the crop `evaluation.clip_box` takes for
+2023, `randint(0, W - 512)` along the long side: the crop `crops.clip_box` takes for
 CLIP-S, files in name order), saved losslessly; FID and KID compare these crops with the
 reference images (single 512x512 pictures of the same prompts from the same model) through
 clean-fid in its "clean" mode, on the Inception features it downloads at first use

@@ -1,7 +1,7 @@
 """Model weights on disk: the layout (weights/README.md), checking it, downloading it.
 
-A weights folder holds one folder per model, named after its hub repository (`model_folder`
-checks one), the LPIPS trunk (`perceptual`), and ControlNets in `controlnet/`, one folder each,
+A weights folder holds one folder per model, named after its hub repository (`folders`
+checks one), the LPIPS trunk (`lpips_trunk`), and ControlNets in `controlnet/`, one folder each,
 likewise named. huggingface_hub downloads a model or a ControlNet (resuming; each file verified,
 then moved into place); torch.hub downloads torchvision's VGG16 for the trunk. Whatever is wrong
 surfaces as WeightsError, whose message names the path and the command that fixes it.
