@@ -29,7 +29,6 @@ import torch
 from syncdiffusion.cli.demo import (
     CPU_SETTINGS,
     PROMPT,
-    WINDOW_PIXELS,
     describe,
     estimate_cpu_seconds,
     published_defaults,
@@ -108,16 +107,16 @@ def main() -> None:
     wall_laps = [b - a for a, b in itertools.pairwise(wall)]
     synced, plain, _, decode = cpu_laps
     unet_s = plain / 2  # both windows, guided (two network passes each)
-    decode_s = decode / (width * height / WINDOW_PIXELS)
+    decode_s = decode / (width * height / 512**2)
     # The synced step: both windows' UNet passes, the anchor's decode (and LPIPS features), and
     # the other window's gradient through LPIPS, the decoder and the UNet: the extra it costs.
     synced_s = synced - 2 * unet_s - decode_s
 
     figures = {
         "speed probe (COST_PROBE_CPU_S)": probe_cpu,
-        "guided UNet pass per window-step (COST_UNET_S)": unet_s,
-        "synced window-step beyond its UNet pass (COST_SYNCED_S)": synced_s,
-        "VAE decode per 512x512 (COST_DECODE_S)": decode_s,
+        "guided UNet pass per window-step (CPU_SECONDS.window_step)": unet_s,
+        "synced window-step beyond its UNet pass (CPU_SECONDS.synced_window_step)": synced_s,
+        "VAE decode per 512x512 (CPU_SECONDS.decode)": decode_s,
     }
     rows = [f"| {name} | {value:.3f} |" for name, value in figures.items()]
     report = "\n".join(

@@ -64,7 +64,8 @@ from syncdiffusion.core.sampling import guided_eps, x0_predictor
 from syncdiffusion.core.sync import lpips_features, sync_gradient
 from syncdiffusion.core.windows import SD2_BASE, Geometry
 from syncdiffusion.models.tiny import TINY_MODELS, make_tiny_weights, random_controlnet
-from syncdiffusion.request.inputs import panorama_request, synced_steps
+from syncdiffusion.core.sync_schedule import synced_steps
+from syncdiffusion.request.inputs import panorama_request
 from syncdiffusion.testing.measure import (
     SDXL_CONFIGS,
     machine,

@@ -39,6 +39,7 @@ from .core.precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae
 from .core.recompute import recompute_layers
 from .core.sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
 from .core.sync import lpips_features, sync_loss
+from .core.sync_schedule import sync_schedule
 from .core.windows import Geometry
 from .errors import InputError
 from .models.family import SDXL, controlnet_problem, unet_family
@@ -53,7 +54,7 @@ from .models.weights import (
     model_dirname,
 )
 from .request.image_file import model_identity
-from .request.inputs import panorama_request, sync_schedule
+from .request.inputs import panorama_request
 from .version import __version__
 
 logger = logging.getLogger(__name__)

@@ -17,13 +17,9 @@ from PIL import Image
 from syncdiffusion import InputError, SyncDiffusionPipeline, WeightsError
 from syncdiffusion.core.control import Control, image_record
 from syncdiffusion.core.windows import Geometry, Window
+from syncdiffusion.request.cost import LIMIT, request_cost
 from syncdiffusion.request.image_file import read_parameters, save_image
-from syncdiffusion.request.inputs import (
-    CONTROLNET_COST,
-    panorama_request,
-    panorama_size,
-    request_cost,
-)
+from syncdiffusion.request.inputs import panorama_request, panorama_size
 from syncdiffusion.testing.oracle_controlnet import oracle_sync_controlnet
 
 SD2_CONTROLNET, SDXL_CONTROLNET = "tiny-controlnet-sd2", "tiny-controlnet-sdxl"
@@ -244,5 +240,5 @@ def test_the_command_line_lays_a_photo_out_by_its_edges_and_remakes_it(control_w
 
 def test_a_controlnet_adds_its_passes_to_what_a_request_costs():
     request = panorama_request({"prompt": "x"})  # 2048x512: 13 windows, 50 steps, 5 synced
-    extra = (13 * 50 + 3 * 5 * 12) * CONTROLNET_COST
+    extra = (13 * 50 + 3 * 5 * 12) * LIMIT.controlnet_pass
     assert request_cost(request, control=True) == pytest.approx(request_cost(request) + extra)

@@ -15,6 +15,7 @@ import torch
 
 import syncdiffusion.cli.generate as cli
 from syncdiffusion.cli import demo, download
+from syncdiffusion.request.cost import CPU_SECONDS
 from syncdiffusion.request.image_file import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,8 @@ def test_estimate_scales_with_the_work_and_the_cpu():
     unsynced = demo.estimate_cpu_seconds({**cpu, "sync_threshold": 0}, demo.COST_PROBE_CPU_S)
     synced = demo.estimate_cpu_seconds(cpu, demo.COST_PROBE_CPU_S)
     # 3 windows: the anchor's decode and the two other windows' gradients.
-    assert synced - unsynced == pytest.approx(demo.COST_DECODE_S + 2 * demo.COST_SYNCED_S)
+    extra = CPU_SECONDS.decode + 2 * CPU_SECONDS.synced_window_step
+    assert synced - unsynced == pytest.approx(extra)
 
 
 DRIVER_535 = (

@@ -9,13 +9,8 @@ import pytest
 
 from syncdiffusion.core.windows import Geometry
 from syncdiffusion.errors import InputError
-from syncdiffusion.request.inputs import (
-    SYNCED_WINDOW_STEP_COST,
-    check_output,
-    panorama_inputs,
-    panorama_request,
-    request_cost,
-)
+from syncdiffusion.request.cost import LIMIT, request_cost
+from syncdiffusion.request.inputs import check_output, panorama_inputs, panorama_request
 
 GOOD = dict(
     prompt="a beach",
@@ -176,7 +171,7 @@ def test_an_sdxl_window_costs_four_sd2_windows():
     with pytest.raises(InputError, match=r"is 2401 windows of 1024 px; 140 steps with 5 synced "):
         panorama_request(huge, Geometry(window=128))
     fewer_steps = panorama_request({**huge, "num_inference_steps": 50}, Geometry(window=128))
-    expected = 4 * (2401 * 50 + 5 * 2400 * SYNCED_WINDOW_STEP_COST)
+    expected = 4 * (2401 * 50 + 5 * 2400 * LIMIT.synced_window_step)
     assert request_cost(fewer_steps, Geometry(window=128)) == pytest.approx(expected)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import syncdiffusion.request.inputs as described_inputs
+import syncdiffusion.core.sync_schedule as sync_schedule_module
 from syncdiffusion.core.sync_schedule import SyncSchedule
 from syncdiffusion.testing.oracle import oracle_panorama
 
@@ -124,5 +124,5 @@ def test_a_sync_of_weight_zero_is_skipped_and_changes_no_bit(
         callback=lambda state: steps.append(state["sync"]),
     )
     assert [i for i, sync in enumerate(steps) if sync] == synced
-    monkeypatch.setattr(described_inputs, "SyncSchedule", _SyncEvenAtWeightZero)
+    monkeypatch.setattr(sync_schedule_module, "SyncSchedule", _SyncEvenAtWeightZero)
     assert torch.equal(skipped, pipe(**inputs, output_type="latent", view_batch_size=1))

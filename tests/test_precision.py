@@ -17,7 +17,7 @@ from syncdiffusion.core.decoding import decode
 from syncdiffusion.core.precision import LossScale, initial_loss_scale
 from syncdiffusion.core.sampling import guided_eps, sample_panorama, x0_predictor
 from syncdiffusion.core.sync import lpips_features, lpips_to_anchor, sync_gradient
-from syncdiffusion.request.inputs import sync_schedule
+from syncdiffusion.core.sync_schedule import sync_schedule
 from syncdiffusion.testing.measure import SD2_CONFIGS, SDXL_CONFIGS
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.sync_schedule import sync_schedule
 from ..errors import InputError, WeightsError, one_line
 from ..request.image_file import save_image
-from ..request.inputs import sync_schedule
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 import torch
 
-from ..core.windows import SD2_BASE
+from ..core.sync_schedule import synced_steps
 from ..models.lpips_trunk import VGG16_RELPATH
 from ..models.weights import (
     OFFLINE_ENV,
@@ -41,7 +41,8 @@ from ..models.weights import (
     hub_offline,
     missing_parts,
 )
-from ..request.inputs import panorama_inputs, panorama_request, synced_steps
+from ..request.cost import CPU_SECONDS, work
+from ..request.inputs import panorama_inputs, panorama_request
 from . import download
 
 PROMPT = "a photo of a mountain range at twilight"
@@ -62,17 +63,13 @@ TINY_SETTINGS = {"width": 1024, "num_inference_steps": 4, "sync_threshold": 2}
 # the first syncs (the published 5 of 50 likewise cover the first tenth of the trajectory).
 CPU_SETTINGS = {"width": 1024, "stride": 32, "num_inference_steps": 10, "sync_threshold": 1}
 
-# What SD2-base in fp32 costs on the CPU, in CPU seconds (all threads together) per window and
-# step, measured by scripts/demo_costs.py (BENCHMARKS.md). CPU seconds do not change when other
-# work shares the cores; the speed probe's wall-clock time on the user's machine turns them
-# into that machine's seconds, its cores and its load included.
-COST_PROBE_CPU_S = 0.089  # the speed probe
-COST_UNET_S = 18.3  # a guided UNet pass (two network passes) of one window
-COST_SYNCED_S = 151.0  # a synced window beyond its UNet pass: gradient through LPIPS, VAE, UNet
-COST_DECODE_S = 28.3  # the VAE decode of 512x512 pixels
+# The speed probe's CPU seconds where `cost.CPU_SECONDS` was measured (scripts/demo_costs.py,
+# BENCHMARKS.md). CPU seconds do not change when other work shares the cores; the probe's
+# wall-clock time on the user's machine turns them into that machine's seconds, its cores and
+# its load included.
+COST_PROBE_CPU_S = 0.089
 # Peak memory of the CPU run (its synced step), as demo_costs.py measured it.
 CPU_PEAK_GIB = 16.2
-WINDOW_PIXELS = 512 * 512
 
 NETWORK_TIMEOUT_S = 10
 
@@ -104,15 +101,7 @@ def estimate_cpu_seconds(settings: dict[str, Any], probe_s: float) -> float:
 
     Model loading is not included.
     """
-    s = settings
-    n = len(SD2_BASE.windows(s))
-    synced = synced_steps(settings)
-    # A synced step adds the anchor's decode and, for every other window, its gradient.
-    seconds = (
-        s["num_inference_steps"] * n * COST_UNET_S
-        + synced * (COST_DECODE_S + (n - 1) * COST_SYNCED_S)
-        + COST_DECODE_S * s["width"] * s["height"] / WINDOW_PIXELS
-    )
+    seconds = CPU_SECONDS.price(work(settings))
     return seconds * probe_s / COST_PROBE_CPU_S
 
 

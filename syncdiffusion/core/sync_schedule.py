@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,3 +24,19 @@ class SyncSchedule:
     def weight_at(self, step: int) -> float:
         """The exponentially decayed gradient weight of step `step` (SyncDiffusion, Sec. 4)."""
         return self.weight * self.decay_rate**step
+
+
+def sync_schedule(request: Mapping[str, Any]) -> SyncSchedule:
+    """When a request's sync step runs, and how hard (its inputs of those names)."""
+    return SyncSchedule(
+        request["sync_weight"],
+        request["sync_decay_rate"],
+        request["sync_freq"],
+        request["sync_threshold"],
+    )
+
+
+def synced_steps(request: Mapping[str, Any]) -> int:
+    """How many of a request's denoising steps run the sync gradient step."""
+    schedule = sync_schedule(request)
+    return sum(schedule.active(i) for i in range(request["num_inference_steps"]))

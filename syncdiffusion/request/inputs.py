@@ -18,9 +18,10 @@ from typing import Any
 
 from PIL import Image
 
-from ..core.sync_schedule import SyncSchedule
+from ..core.sync_schedule import synced_steps
 from ..core.windows import SD2_BASE, Geometry
 from ..errors import InputError, shown
+from .cost import MAX_COST, request_cost
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +34,6 @@ class _Required:
 REQUIRED: Any = _Required()
 """The default of an input that has none: the request must give it."""
 
-# What one request may cost, in SD2-base window-steps: one guided UNet pass of a 512x512 window.
-# A window of another model costs its pixels' share of that, and a synced window-step adds the
-# gradient through LPIPS, the VAE decoder and the UNet: 151.0 / 18.3 CPU seconds by
-# scripts/demo_costs.py on SD2-base's architecture (BENCHMARKS.md), about 8.3 more.
-SYNCED_WINDOW_STEP_COST = 151.0 / 18.3
-# A ControlNet's forward pass over a window, in UNet passes: 567 against 1,609 GFLOP on
-# SD2-base's architecture at 512 px (torch's FlopCounterMode). It runs beside the UNet once per
-# window-step, and three times more per synced one (again with gradients, and its backward).
-CONTROLNET_COST = 0.35
-# The limit is the published wrapper's dearest request: 3072x3072 at stride 8 (41 x 41
-# windows), 200 steps, of which the first 50 synced. Larger sizes are welcome at a coarser
-# stride, with fewer steps or fewer synced ones.
-MAX_COST = 41 * 41 * 200 + 50 * (41 * 41 - 1) * SYNCED_WINDOW_STEP_COST
 MAX_TEXT_LENGTH = 10_000  # characters of a prompt; the text encoder reads its first 77 tokens
 MAX_SIDE = 4096
 
@@ -390,37 +378,6 @@ def _size_from_condition(request: dict[str, Any], geometry: Geometry) -> None:
     request["height"] = request["height"] or height
     if note is not None:
         logger.info(note)
-
-
-def sync_schedule(request: Mapping[str, Any]) -> SyncSchedule:
-    """When a request's sync step runs, and how hard."""
-    return SyncSchedule(
-        request["sync_weight"],
-        request["sync_decay_rate"],
-        request["sync_freq"],
-        request["sync_threshold"],
-    )
-
-
-def synced_steps(request: Mapping[str, Any]) -> int:
-    """How many of a request's denoising steps run the sync gradient step."""
-    schedule = sync_schedule(request)
-    return sum(schedule.active(i) for i in range(request["num_inference_steps"]))
-
-
-def request_cost(
-    request: Mapping[str, Any], geometry: Geometry = SD2_BASE, control: bool = False
-) -> float:
-    """What a request costs, in SD2-base window-steps (see `SYNCED_WINDOW_STEP_COST`): every
-    window at every step, and every synced step's gradient of each window but the anchor; with
-    a ControlNet (`control`), its passes beside the UNet's (`CONTROLNET_COST`)."""
-    n_windows = len(geometry.windows(request))
-    window_steps = n_windows * request["num_inference_steps"]
-    synced_window_steps = synced_steps(request) * (n_windows - 1)
-    cost = window_steps + synced_window_steps * SYNCED_WINDOW_STEP_COST
-    if control:
-        cost += (window_steps + 3 * synced_window_steps) * CONTROLNET_COST
-    return cost * (geometry.window_pixels / 512) ** 2
 
 
 def check_output(output_format: Any, output_quality: Any) -> None:
