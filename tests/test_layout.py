@@ -5,6 +5,8 @@ private name of another, and no import circle hides inside a function."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 from tests.test_readme import ROOT, blocks, layout_tree
 
@@ -121,3 +123,21 @@ def test_the_layouts_rooms_are_the_packages():
         if (p.suffix == ".py") or (p / "__init__.py").is_file()
     }
     assert set(rooms()) == on_disk
+
+
+def test_the_cog_image_holds_every_module_its_predictors_import():
+    """.dockerignore leaves testing/ and replicate/ out of the image: no predictor may need them
+    (each predictor imported alone, in a fresh interpreter, as the image's worker does)."""
+    left_out = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    left_out = [f for f in left_out if f.startswith("syncdiffusion/")]
+    assert left_out
+    for predictor in ("predict", "predict_sdxl", "predict_controlnet"):
+        code = f"import sys, {predictor}; print(*(m for m in sys.modules if 'syncdiffusion' in m))"
+        imported = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+        files = {m.replace(".", "/") for m in imported}
+        needed = [
+            f for f in files for folder in left_out if f == folder or f.startswith(folder + "/")
+        ]
+        assert not needed, f"{predictor}.py imports {needed}, which .dockerignore leaves out"
