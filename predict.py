@@ -4,8 +4,9 @@
 bound and description is one literal, or a module constant holding one: it publishes a string
 as the source text between its quotes, so adjacent literals would be published with the quotes
 and line break between them (tests/test_predict.py holds what it publishes to what Python
-means). A model whose windows differ has its own predictor file with its own literals
-(predict_sdxl.py).
+means). The literals are written from syncdiffusion/request/inputs.py between the marker
+comments, by `python -m syncdiffusion.replicate.predictors`. A model whose windows differ has
+its own predictor file with its own literals (predict_sdxl.py).
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ from syncdiffusion.request.condition_image import open_control_image
 from syncdiffusion.request.image_file import save_image
 from syncdiffusion.request.inputs import check_output
 
-# A module constant only because the description is too long for the line inside Input(...).
+# --- input descriptions: written by python -m syncdiffusion.replicate.predictors ---
+# From syncdiffusion/request/inputs.py: edit that, then run the command above.
+# The descriptions too long for their line inside Input(...):
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
+# --- end of input descriptions ---
 
 try:
     _libc = ctypes.CDLL("libc.so.6")
@@ -96,6 +100,8 @@ class Predictor(BaseRunner):
 
     def run(
         self,
+        # --- inputs: written by python -m syncdiffusion.replicate.predictors ---
+        # From syncdiffusion/request/inputs.py: edit that, then run the command above.
         prompt: str = Input(description="What the panorama shows.", max_length=10000),
         negative_prompt: str = Input(
             description="What the panorama should not show.", default="", max_length=10000
@@ -144,12 +150,7 @@ class Predictor(BaseRunner):
         num_inference_steps: int = Input(
             description="Number of DDIM denoising steps.", default=50, ge=1, le=200
         ),
-        stride: int = Input(
-            description=STRIDE_HELP,
-            default=16,
-            ge=8,
-            le=56,
-        ),
+        stride: int = Input(description=STRIDE_HELP, default=16, ge=8, le=56),
         seed: int = Input(
             description="Random seed: the same seed gives the same panorama.", default=2, ge=0
         ),
@@ -168,6 +169,7 @@ class Predictor(BaseRunner):
             ge=1,
             le=100,
         ),
+        # --- end of inputs ---
     ) -> Path:
         """Make one panorama file."""
         # Every input by its name, as the schema above lists them.

@@ -4,8 +4,9 @@ Diffusion 1.5 with the canny ControlNet, the SyncDiffusion authors' SyncControlN
 Publish it with `run: "predict_controlnet.py:Predictor"` in cog.yaml (docs/replicate.md). An
 edge map (white edges on black) as large as the panorama lays it out: a 3072x512 map with no
 size given makes a 3072x512 panorama. `cog build` reads the `Input(...)` fields without running
-this file, so they are literals here too (tests/test_predict.py holds them to the library's
-description); the descriptions too long for one line are module constants.
+this file, so they are literals here too, written from the library's description by
+`python -m syncdiffusion.replicate.predictors`; the descriptions too long for one line are
+module constants.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from cog import Input, Path
 
 import predict
 
-STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
+# --- input descriptions: written by python -m syncdiffusion.replicate.predictors ---
+# From syncdiffusion/request/inputs.py: edit that, then run the command above.
+# The descriptions too long for their line inside Input(...):
 CONTROL_IMAGE_HELP = "The layout: a condition image for the ControlNet (an edge map, a QR code), stretched over the whole panorama. Without a size, the panorama takes its size."  # noqa: E501
+GUIDANCE_START_HELP = "Fraction of the denoising steps after which the ControlNet starts steering."
+GUIDANCE_END_HELP = "Fraction of the denoising steps after which the ControlNet stops steering."
 WIDTH_HELP = "Width in pixels, a multiple of 8, or 0 for the control image's. Wider than high: a horizontal panorama."  # noqa: E501
 HEIGHT_HELP = "Height in pixels, a multiple of 8, or 0 for the control image's. Higher than wide: a vertical panorama."  # noqa: E501
-START_HELP = "Fraction of the denoising steps after which the ControlNet starts steering."
-END_HELP = "Fraction of the denoising steps after which the ControlNet stops steering."
+STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
+# --- end of input descriptions ---
 
 
 class Predictor(predict.Predictor):
@@ -28,6 +33,8 @@ class Predictor(predict.Predictor):
 
     def run(
         self,
+        # --- inputs: written by python -m syncdiffusion.replicate.predictors ---
+        # From syncdiffusion/request/inputs.py: edit that, then run the command above.
         prompt: str = Input(description="What the panorama shows.", max_length=10000),
         negative_prompt: str = Input(
             description="What the panorama should not show.", default="", max_length=10000
@@ -39,8 +46,10 @@ class Predictor(predict.Predictor):
             ge=0,
             le=2,
         ),
-        control_guidance_start: float = Input(description=START_HELP, default=0.0, ge=0, le=1),
-        control_guidance_end: float = Input(description=END_HELP, default=1.0, ge=0, le=1),
+        control_guidance_start: float = Input(
+            description=GUIDANCE_START_HELP, default=0.0, ge=0, le=1
+        ),
+        control_guidance_end: float = Input(description=GUIDANCE_END_HELP, default=1.0, ge=0, le=1),
         width: int = Input(description=WIDTH_HELP, default=0, ge=0, le=4096),
         height: int = Input(description=HEIGHT_HELP, default=0, ge=0, le=4096),
         guidance_scale: float = Input(
@@ -75,12 +84,7 @@ class Predictor(predict.Predictor):
         num_inference_steps: int = Input(
             description="Number of DDIM denoising steps.", default=50, ge=1, le=200
         ),
-        stride: int = Input(
-            description=STRIDE_HELP,
-            default=16,
-            ge=8,
-            le=56,
-        ),
+        stride: int = Input(description=STRIDE_HELP, default=16, ge=8, le=56),
         seed: int = Input(
             description="Random seed: the same seed gives the same panorama.", default=2, ge=0
         ),
@@ -99,6 +103,7 @@ class Predictor(predict.Predictor):
             ge=1,
             le=100,
         ),
+        # --- end of inputs ---
     ) -> Path:
         """Make one panorama file, laid out by `control_image`."""
         # Every input by its name, as the schema above lists them.

@@ -2,8 +2,9 @@
 
 Publish it with `run: "predict_sdxl.py:Predictor"` in cog.yaml (README, "An SDXL model on
 Replicate"). `cog build` reads the `Input(...)` fields without running this file, so they are
-literals here too: the bounds that differ from predict.py's are the sides (at least one
-1024 px window), the stride (below the 128-latent window) and the defaults that follow.
+literals here too, written by `python -m syncdiffusion.replicate.predictors`: the bounds that
+differ from predict.py's are the sides (at least one 1024 px window), the stride (below the
+128-latent window) and the defaults that follow.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from cog import Input, Path
 
 import predict
 
-# predict.py's STRIDE_HELP for the 128-latent window: `cog build` reads this file's constants.
+# --- input descriptions: written by python -m syncdiffusion.replicate.predictors ---
+# From syncdiffusion/request/inputs.py: edit that, then run the command above.
+# The descriptions too long for their line inside Input(...):
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 128; smaller: smoother, slower."
+# --- end of input descriptions ---
 
 
 class Predictor(predict.Predictor):
@@ -21,6 +25,8 @@ class Predictor(predict.Predictor):
 
     def run(
         self,
+        # --- inputs: written by python -m syncdiffusion.replicate.predictors ---
+        # From syncdiffusion/request/inputs.py: edit that, then run the command above.
         prompt: str = Input(description="What the panorama shows.", max_length=10000),
         negative_prompt: str = Input(
             description="What the panorama should not show.", default="", max_length=10000
@@ -69,12 +75,7 @@ class Predictor(predict.Predictor):
         num_inference_steps: int = Input(
             description="Number of DDIM denoising steps.", default=50, ge=1, le=200
         ),
-        stride: int = Input(
-            description=STRIDE_HELP,
-            default=32,
-            ge=8,
-            le=120,
-        ),
+        stride: int = Input(description=STRIDE_HELP, default=32, ge=8, le=120),
         seed: int = Input(
             description="Random seed: the same seed gives the same panorama.", default=2, ge=0
         ),
@@ -93,6 +94,7 @@ class Predictor(predict.Predictor):
             ge=1,
             le=100,
         ),
+        # --- end of inputs ---
     ) -> Path:
         """Make one panorama file."""
         # Every input by its name, as the schema above lists them.

@@ -26,6 +26,7 @@ JOINED = "two " "literals"
 class Predictor(BaseRunner):
     def run(
         self,
+        # a comment, which cog passes over
         prompt: str = Input(description="What it shows."),
         steps: int = Input(description="Steps " "in two pieces.", default=5, ge=1, le=-1),
         scale: float = Input(description=HELP, default=7.5),

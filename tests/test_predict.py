@@ -10,9 +10,16 @@ from PIL import Image
 
 from syncdiffusion import InputError, __version__
 from syncdiffusion.core.windows import Geometry
-from syncdiffusion.replicate.schema import published_inputs, python_inputs
+from syncdiffusion.replicate import predictors
+from syncdiffusion.replicate.schema import (
+    openapi_document,
+    openapi_text,
+    published_inputs,
+    python_inputs,
+    write_openapi_schema,
+)
 from syncdiffusion.request.image_file import read_parameters
-from syncdiffusion.request.inputs import OUTPUT_INPUTS, REQUIRED, panorama_inputs
+from syncdiffusion.request.inputs import OUTPUT_INPUTS, REQUIRED, Input, panorama_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
@@ -84,6 +91,74 @@ def test_every_predictor_input_is_the_library_description(predictor, model):
         choices = fields.pop("choices", None)
         assert (tuple(choices) if choices else None) == spec.choices, name
         assert not fields, f"{predictor}: {name}: {fields} are not in the library's description"
+
+
+def test_the_predictors_inputs_are_written_from_the_description():
+    """Each predictor's Input(...) parameters are what the generator writes from
+    syncdiffusion/request/inputs.py: an input edited there and not regenerated fails here."""
+    assert {
+        name: (predictor.geometry, predictor.control)
+        for name, predictor in predictors.PREDICTORS.items()
+    } == PREDICTORS
+    stale = predictors.stale(ROOT)
+    assert not stale, (
+        f"{', '.join(stale)}: the inputs are not those of syncdiffusion/request/inputs.py; "
+        f"run: {predictors.COMMAND}"
+    )
+
+
+@pytest.mark.parametrize("predictor", PREDICTORS)
+def test_the_published_schema_is_the_descriptions_byte_for_byte(predictor, tmp_path):
+    # The schema `cog build` writes from the file's literals, against the one of the inputs
+    # as the library describes them: the generated literals read back as the same values.
+    out = write_openapi_schema(ROOT / predictor, tmp_path / "openapi_schema.json")
+    described = predictors.published(predictors.PREDICTORS[predictor])
+    assert out.read_bytes() == openapi_text(openapi_document(described)).encode()
+
+
+def _copy_predictors(folder: Path) -> None:
+    for name in PREDICTORS:
+        (folder / name).write_text((ROOT / name).read_text())
+
+
+def test_check_names_the_stale_predictor_and_the_command(tmp_path, capsys):
+    _copy_predictors(tmp_path)
+    sdxl = tmp_path / "predict_sdxl.py"
+    sdxl.write_text(sdxl.read_text().replace("default=4096,", "default=3072,"))
+    assert predictors.main(["--check", "--root", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "predict_sdxl.py:" in error and "predict.py" not in error
+    assert "run: python -m syncdiffusion.replicate.predictors" in error
+    assert predictors.main(["--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == "wrote predict_sdxl.py\n"
+    assert sdxl.read_text() == (ROOT / "predict_sdxl.py").read_text()
+    assert predictors.main(["--check", "--root", str(tmp_path)]) == 0
+    sdxl.write_text(sdxl.read_text().replace("        # --- end of inputs ---\n", ""))
+    assert predictors.main(["--check", "--root", str(tmp_path)]) == 2
+    assert "predict_sdxl.py has no '# --- end of inputs ---'" in capsys.readouterr().err
+
+
+def test_a_new_input_is_one_edit_and_the_command(tmp_path, monkeypatch):
+    # One more input in the description; the generator puts it in every predictor, as cog
+    # will publish it, and the predictor passes it on with the rest.
+    _copy_predictors(tmp_path)
+    text = "Whether the panorama is also written upside down, for a test of one more input."
+    monkeypatch.setitem(OUTPUT_INPUTS, "upside_down", Input("upside_down", bool, text, False))
+    assert set(predictors.stale(tmp_path)) == set(PREDICTORS)
+    assert predictors.main(["--root", str(tmp_path)]) == 0
+    for name in PREDICTORS:
+        published = published_inputs(tmp_path / name)
+        assert list(published)[-1] == "upside_down"
+        assert published["upside_down"] == {"type": "bool", "description": text, "default": False}
+        assert python_inputs(tmp_path / name)["upside_down"] == published["upside_down"]
+
+
+@pytest.mark.parametrize(
+    "value", ["a \\ backslash", "a\nline break", "both ' and \" quotes", float("inf")]
+)
+def test_the_generator_refuses_a_literal_cog_would_publish_wrong(value):
+    with pytest.raises(ValueError, match=r"escape|cannot read"):
+        predictors.literal(value)
 
 
 def test_the_library_describes_the_published_inputs():

@@ -1,2 +1,3 @@
-"""The Cog predictors' inputs as `cog build` sees them: read with tree-sitter as cog reads them, and
-the OpenAPI schema it writes. Tooling for the tests and the Cog server runner; not in the image."""
+"""The Cog predictors' inputs as `cog build` sees them: written into each predictor from the input
+description (`predictors`), read back with tree-sitter as cog reads them, and the OpenAPI schema
+cog writes (`schema`). Tooling for developers and tests; not in the image."""

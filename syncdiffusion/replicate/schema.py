@@ -169,8 +169,8 @@ def published_inputs(path: Path, predictor: str = "Predictor") -> dict[str, dict
     scope = _module_scope(root)
     inputs = {}
     for param in _run_method(root, predictor).child_by_field_name("parameters").named_children:
-        if param.type == "identifier":
-            continue  # self
+        if param.type in ("identifier", "comment"):
+            continue  # self, and comments, which cog's extractInputs passes over too
         if param.type not in ("typed_parameter", "typed_default_parameter"):
             raise SchemaError(f"{path.name}: parameter {_text(param)!r} needs a type annotation")
         if param.type == "typed_parameter":
@@ -328,7 +328,13 @@ def openapi_schema(path: Path, predictor: str = "Predictor") -> dict[str, Any]:
     returns = _run_method(root, predictor).child_by_field_name("return_type")
     if returns is None or _text(returns) != "Path":
         raise SchemaError(f"{path.name}: only a run() that returns Path is read here")
-    inputs_schema, enums = _input_schema(published_inputs(path, predictor))
+    return openapi_document(published_inputs(path, predictor))
+
+
+def openapi_document(inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAPI document of a run() returning Path whose inputs cog publishes as `inputs`
+    (published_inputs' shape)."""
+    inputs_schema, enums = _input_schema(inputs)
     components = _Ordered(Input=inputs_schema, Output={**JSON_TYPES["Path"], "title": "Output"})
     components |= dict(enums)
     components["PredictionRequest"] = {
@@ -463,13 +469,17 @@ def _go_json(value: Any) -> Any:
     return value
 
 
-def write_openapi_schema(path: Path, out: Path, predictor: str = "Predictor") -> Path:
-    """Write the predictor's document as `cog build` writes `.cog/openapi_schema.json`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    document = _go_json(openapi_schema(path, predictor))
-    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+def openapi_text(document: dict[str, Any]) -> str:
+    """The document as `cog build` writes it: Go's encoding/json, compact."""
+    text = json.dumps(_go_json(document), separators=(",", ":"), ensure_ascii=False)
     # Go escapes these three for HTML; they only occur inside strings.
     for char in "<>&":
         text = text.replace(char, f"\\u{ord(char):04x}")
-    out.write_text(text)
+    return text
+
+
+def write_openapi_schema(path: Path, out: Path, predictor: str = "Predictor") -> Path:
+    """Write the predictor's document as `cog build` writes `.cog/openapi_schema.json`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(openapi_text(openapi_schema(path, predictor)))
     return out

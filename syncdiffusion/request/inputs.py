@@ -2,9 +2,9 @@
 and the rules between inputs.
 
 The checks and their messages, the command line (`__main__`), the parameters saved in files and
-the pipeline's call all come from `panorama_inputs`. The Cog predictors restate it in literals,
-which `cog build` reads without running Python, and tests/test_predict.py holds every
-`Input(...)` to it, input by input.
+the pipeline's call all come from `panorama_inputs`. The Cog predictors state it in literals,
+which `cog build` reads without running Python: `python -m syncdiffusion.replicate.predictors`
+writes their `Input(...)` parameters from it, and tests/test_predict.py holds every one to it.
 """
 
 from __future__ import annotations
