@@ -64,7 +64,7 @@ def test_seeds_and_settings_parse():
     assert parse_setting('negative_prompt=["a, b", ""]') == ("negative_prompt", ["a, b", ""])
     with pytest.raises(InputError, match=r"one of prompt.*got .sync_wieght=1"):
         parse_setting("sync_wieght=1")
-    with pytest.raises(InputError, match="stride: 'x' is not an int"):
+    with pytest.raises(InputError, match=r"--set stride: stride must be a multiple of 8 .*got 'x'"):
         parse_setting("stride=x")
     with pytest.raises(InputError, match="--seeds"):
         parse_seeds("a-b")

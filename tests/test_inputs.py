@@ -3,14 +3,24 @@ value and rule; defaults that follow the model's window."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 
+from syncdiffusion.app.form import field_value, read_form
+from syncdiffusion.batch.jobs import parse_setting
+from syncdiffusion.cli.generate import build_parser
 from syncdiffusion.core.windows import Geometry
-from syncdiffusion.errors import InputError
+from syncdiffusion.errors import InputError, shown
 from syncdiffusion.request.cost import LIMIT, request_cost
-from syncdiffusion.request.inputs import check_output, panorama_inputs, panorama_request
+from syncdiffusion.request.inputs import (
+    CONTROL_INPUTS,
+    OUTPUT_INPUTS,
+    check_output,
+    panorama_inputs,
+    panorama_request,
+)
 
 GOOD = dict(
     prompt="a beach",
@@ -179,3 +189,188 @@ def test_a_refusal_quotes_a_huge_value_short():
     with pytest.raises(InputError) as error:
         panorama_request({**GOOD, "loop_closure": list(range(10**5))})
     assert len(str(error.value)) < 400
+
+
+# --- text as an input's value: Input.parse ---------------------------------------------------
+
+DESCRIBED = {**panorama_inputs(), **CONTROL_INPUTS, **OUTPUT_INPUTS}
+
+PARSED = [
+    # str: the text as given, spaces and all; bounds and choices are the request's check.
+    ("prompt", "a lake at dawn", "a lake at dawn"),
+    ("negative_prompt", "  blurry, dark ", "  blurry, dark "),
+    ("negative_prompt", "", ""),
+    ("output_format", "gif", "gif"),
+    # int: what int() reads.
+    ("width", "1024", 1024),
+    ("width", " 1024\n", 1024),
+    ("width", "1_024", 1024),
+    ("seed", "+7", 7),
+    ("seed", str(2**64 - 1), 2**64 - 1),
+    ("sync_freq", "-3", -3),  # bounds are the request's check
+    ("width", "0", 0),  # with a ControlNet: the condition image's; otherwise refused later
+    ("output_quality", "95", 95),
+    # float: what float() reads, an int's text too.
+    ("guidance_scale", "7", 7.0),
+    ("guidance_scale", " 7.5 ", 7.5),
+    ("sync_decay_rate", ".5", 0.5),
+    ("sync_weight", "2e1", 20.0),
+    ("controlnet_conditioning_scale", "-1.5e-3", -1.5e-3),
+    ("control_guidance_end", "inf", math.inf),
+]
+
+BOOL_SPELLINGS = [
+    ("true", True),
+    ("True", True),
+    ("TRUE", True),
+    ("tRuE", True),
+    (" true ", True),
+    ("false", False),
+    ("False", False),
+    ("FALSE", False),
+    ("fAlSe", False),
+    ("\tfalse\n", False),
+]
+
+NOT_PARSED = [
+    ("width", "2048.0", "width must be a multiple of 8 from 512 to 4096; got '2048.0'"),
+    ("width", "", "width must be a multiple of 8 from 512 to 4096; got ''"),
+    ("width", "wide", "width must be a multiple of 8 from 512 to 4096; got 'wide'"),
+    ("seed", "0x10", "seed must be an integer from 0 to 18446744073709551615; got '0x10'"),
+    ("seed", "1e3", "seed must be an integer from 0 to 18446744073709551615; got '1e3'"),
+    ("seed", "1__0", "got '1__0'"),
+    ("sync_freq", "1.5", "sync_freq must be an integer >= 1; got '1.5'"),
+    ("output_quality", "high", "output_quality must be an integer from 1 to 100; got 'high'"),
+    ("guidance_scale", "much", "guidance_scale must be a number from 0 to 20; got 'much'"),
+    ("guidance_scale", "7,5", "guidance_scale must be a number from 0 to 20; got '7,5'"),
+    ("sync_weight", " ", "sync_weight must be a number from 0 to 30; got ' '"),
+    ("loop_closure", "yes", "loop_closure must be true or false; got 'yes'"),
+    ("loop_closure", "1", "loop_closure must be true or false; got '1'"),
+    ("loop_closure", "on", "loop_closure must be true or false; got 'on'"),
+    ("loop_closure", "t", "loop_closure must be true or false; got 't'"),
+    ("loop_closure", "", "loop_closure must be true or false; got ''"),
+    ("loop_closure", "true false", "loop_closure must be true or false; got 'true false'"),
+    (
+        "control_image",
+        "layout.png",
+        "control_image must be an image, given as a file, not as text; got 'layout.png'",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, text, value", PARSED, ids=[f"{n}={t!r}" for n, t, _ in PARSED])
+def test_parse_reads_text_as_the_input_type(name, text, value):
+    parsed = DESCRIBED[name].parse(text)
+    assert parsed == value and type(parsed) is DESCRIBED[name].type
+
+
+def test_parse_reads_nan_as_a_float_the_request_then_refuses():
+    spec = DESCRIBED["guidance_scale"]
+    assert math.isnan(spec.parse("nan"))
+    assert (
+        spec.problem(spec.parse("nan")) == "guidance_scale must be a number from 0 to 20; got nan"
+    )
+
+
+@pytest.mark.parametrize("text, value", BOOL_SPELLINGS, ids=[t for t, _ in BOOL_SPELLINGS])
+def test_parse_reads_each_bool_spelling(text, value):
+    assert DESCRIBED["loop_closure"].parse(text) is value
+
+
+@pytest.mark.parametrize(
+    "name, text, message", NOT_PARSED, ids=[f"{n}={t!r}" for n, t, _ in NOT_PARSED]
+)
+def test_parse_refuses_naming_input_text_and_what_is_allowed(name, text, message):
+    spec = DESCRIBED[name]
+    with pytest.raises(InputError) as refused:
+        spec.parse(text)
+    assert message in str(refused.value)
+    assert str(refused.value).startswith(f"{name} must be {spec.allowed()}")
+    assert shown(text) in str(refused.value)
+
+
+def test_parse_refuses_more_digits_than_int_reads_naming_them_short():
+    with pytest.raises(InputError) as refused:
+        DESCRIBED["seed"].parse("9" * 5000)
+    message = str(refused.value)
+    assert message.startswith("seed must be an integer from 0 to 18446744073709551615; got an ")
+    assert "of 5,000 digits" in message and len(message) < 200
+
+
+def test_parse_reads_the_type_only_the_request_checks_the_rest():
+    spec = DESCRIBED["width"]
+    assert spec.parse("700") == 700
+    assert spec.problem(spec.parse("700")) == (
+        "width must be a multiple of 8 from 512 to 4096; got 700"
+    )
+
+
+# Texts without a comma: the grid form splits its values on commas.
+SAME_EVERYWHERE = [
+    ("negative_prompt", " blurry "),
+    ("width", " 1_024"),
+    ("height", "768"),
+    ("stride", "+24"),
+    ("guidance_scale", "7"),
+    ("sync_weight", "2e1"),
+    ("sync_decay_rate", ".95"),
+    ("num_inference_steps", "30 "),
+    ("seed", str(2**64 - 1)),
+]
+
+
+def cli_value(name: str, text: str):
+    args = build_parser().parse_args(["--prompt", "x", "--" + name.replace("_", "-"), text])
+    return getattr(args, name)
+
+
+def grid_value(name: str, text: str):
+    setting, values = parse_setting(f"{name}={text}")
+    assert setting == name and len(values) == 1
+    return values[0]
+
+
+def form_value(name: str, text: str):
+    return field_value(panorama_inputs()[name], text)
+
+
+@pytest.mark.parametrize(
+    "name, text", SAME_EVERYWHERE, ids=[f"{n}={t!r}" for n, t in SAME_EVERYWHERE]
+)
+def test_the_three_front_ends_read_the_same_text_alike(name, text):
+    expected = panorama_inputs()[name].parse(text)
+    for read in (cli_value, grid_value, form_value):
+        value = read(name, text)
+        assert value == expected and type(value) is type(expected), read.__name__
+
+
+def test_the_front_ends_that_take_a_bool_as_text_read_it_alike():
+    # The command line's is a flag (--loop-closure / --no-loop-closure), not text.
+    for text, value in BOOL_SPELLINGS:
+        assert grid_value("loop_closure", text.strip()) is value
+        assert form_value("loop_closure", text) is value
+    assert build_parser().parse_args(["--prompt", "x", "--loop-closure"]).loop_closure is True
+    assert build_parser().parse_args(["--prompt", "x", "--no-loop-closure"]).loop_closure is False
+
+
+@pytest.mark.parametrize(
+    "name, text", [("width", "wide"), ("guidance_scale", "much"), ("seed", "1e3")]
+)
+def test_the_three_front_ends_refuse_the_same_text_alike(name, text, capsys):
+    with pytest.raises(InputError) as refused:
+        panorama_inputs()[name].parse(text)
+    message = str(refused.value)
+    with pytest.raises(SystemExit):
+        cli_value(name, text)
+    assert f"argument --{name.replace('_', '-')}: {message}" in capsys.readouterr().err
+    with pytest.raises(InputError, match=re.escape(f"--set {name}: {message}")):
+        grid_value(name, text)
+    with pytest.raises(InputError) as form_refused:
+        read_form({"prompt": "x", name: text}, Geometry(window=64))
+    assert form_refused.value.fields == {name: message}
+
+
+def test_the_form_gives_what_is_not_text_as_it_came():
+    assert form_value("loop_closure", True) is True
+    assert form_value("seed", 12) == 12
+    assert field_value(CONTROL_INPUTS["control_image"], None) is None

@@ -8,7 +8,6 @@ import base64
 import binascii
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ from ..request.inputs import (
     panorama_inputs,
     panorama_request,
 )
-
-_INTEGER = re.compile(r"[+-]?\d+")
 
 MAX_UPLOAD = 32 << 20
 """The largest condition image file the app takes, in bytes: an edge map or a QR code is a few
@@ -102,20 +99,17 @@ def output_form() -> list[dict[str, Any]]:
     return [describe(spec) for spec in OUTPUT_INPUTS.values()]
 
 
-def coerce(spec: Input, value: Any) -> Any:
-    """A field's text as its input's type, as argparse's `type` reads the CLI's; text that is
-    not one stays text, so the library's check names it as given."""
-    if not isinstance(value, str) or spec.type is str:
+def field_value(spec: Input, value: Any) -> Any:
+    """A field's value for its input: text read by `Input.parse`, as the command line reads its
+    options. What is not text (a checkbox's true or false, a number a client sent as JSON) is
+    given as it came, and so is text that does not parse: the library's check then names it as
+    given, with every other bad field at once."""
+    if not isinstance(value, str):
         return value
-    text = value.strip()
-    if spec.type is int and _INTEGER.fullmatch(text):
-        return int(text)
-    if spec.type is float:
-        try:
-            return float(text)
-        except ValueError:
-            return value
-    return value
+    try:
+        return spec.parse(value)
+    except InputError:
+        return value
 
 
 def read_upload(upload: Any) -> Image.Image:
@@ -157,12 +151,13 @@ def read_form(
     described = panorama_inputs(geometry, control)
     # Unknown names go on to the library, which names them and lists the inputs.
     inputs = {
-        name: coerce(described[name], value) if name in described else value
+        name: field_value(described[name], value) if name in described else value
         for name, value in fields.items()
         if name not in OUTPUT_INPUTS
     }
     output = {
-        name: coerce(spec, fields.get(name, spec.default)) for name, spec in OUTPUT_INPUTS.items()
+        name: field_value(spec, fields.get(name, spec.default))
+        for name, spec in OUTPUT_INPUTS.items()
     }
     upload_problem = None
     if control:

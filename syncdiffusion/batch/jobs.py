@@ -94,8 +94,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_setting(text: str) -> tuple[str, list[Any]]:
-    """`name=v1,v2` (or `name=[JSON list]`) as the input's name and its values, typed as the
-    input is; InputError naming the input otherwise."""
+    """`name=v1,v2` (or `name=[JSON list]`) as the input's name and its values, each read by
+    the input's `Input.parse`; InputError naming the input otherwise."""
     name, equals, values = text.partition("=")
     described = panorama_inputs()
     if not equals or name not in described:
@@ -112,22 +112,10 @@ def parse_setting(text: str) -> tuple[str, list[Any]]:
         if not isinstance(parsed, list):
             raise InputError(f"--set {name}: {values!r} is not a JSON list")
         return name, parsed
-    return name, [_typed(spec.type, name, value) for value in values.split(",")]
-
-
-def _typed(kind: type, name: str, value: str) -> Any:
-    if kind is str:
-        return value
-    if kind is bool and value.lower() in ("true", "false"):
-        return value.lower() == "true"
     try:
-        if kind is int:
-            return int(value)
-        if kind is float:
-            return float(value)
-    except ValueError:
-        pass
-    raise InputError(f"--set {name}: {value!r} is not a{'n' * (kind is int)} {kind.__name__}")
+        return name, [spec.parse(value) for value in values.split(",")]
+    except InputError as error:
+        raise InputError(f"--set {name}: {error}") from None
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -32,6 +32,22 @@ def _default(spec: Input) -> str:
     return f"default: {spec.default!r}; {sdxl.default!r} on SDXL, as it follows the window"
 
 
+def _option_type(spec: Input):
+    """argparse's `type` for an input: its text read by `Input.parse`, whose refusal (naming the
+    input, the text and what is allowed) becomes argparse's error for the option."""
+
+    def parse(text: str):
+        try:
+            return spec.parse(text)
+        except InputError as error:
+            follows = panorama_inputs(Geometry(window=128)).get(spec.name, spec) != spec
+            note = " (SD2-base's bounds; they follow the model's window)" if follows else ""
+            raise argparse.ArgumentTypeError(f"{error}{note}") from None
+
+    parse.__name__ = spec.type.__name__  # how argparse names the type
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every panorama input as `--input-name`, from the library's description of the inputs."""
     parser = argparse.ArgumentParser(
@@ -43,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in (*INPUTS.values(), *CONTROL_NUMBERS.values()):
         flag = "--" + spec.name.replace("_", "-")
         if spec.required:
-            parser.add_argument(flag, help=f"{spec.help} Required without --from-png.")
+            parser.add_argument(
+                flag, type=_option_type(spec), help=f"{spec.help} Required without --from-png."
+            )
         elif spec.type is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, help=f"{spec.help} ({_default(spec)})"
             )
         else:
-            parser.add_argument(flag, type=spec.type, help=f"{spec.help} ({_default(spec)})")
+            parser.add_argument(
+                flag, type=_option_type(spec), help=f"{spec.help} ({_default(spec)})"
+            )
     parser.add_argument(
         "--from-png",
         type=Path,
@@ -66,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality = OUTPUT_INPUTS["output_quality"]
     parser.add_argument(
         "--output-quality",
-        type=int,
+        type=_option_type(quality),
         default=quality.default,
         help=f"{quality.help} ({_default(quality)})",
     )

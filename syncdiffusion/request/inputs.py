@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,52 @@ class Input:
         if isinstance(value, str) and self.max_length is not None and len(value) > self.max_length:
             return f"{self.name} must be {self.allowed()}; got {len(value):,} characters"
         return f"{self.name} must be {self.allowed()}; got {shown(value)}"
+
+    def parse(self, text: str) -> Any:
+        """`text` as a value of this input's type: the one rule by which the command line's
+        options, the grid form's `--set name=v1,v2` and the app's fields read text.
+
+        - str: the text as given, spaces and all.
+        - int: what Python's `int()` reads: an optional sign and decimal digits, `_` between
+          digits allowed (`1_024`); not `2048.0`, `0x10` or `1e3`.
+        - float: what Python's `float()` reads: `7`, `.5`, `-1.5e-3`, `inf`, `nan`.
+        - bool: `true` or `false`, in any case (`True`, `FALSE`). The command line spells a
+          flag `--loop-closure` / `--no-loop-closure` and the app's page sends a checkbox's
+          true/false, neither as text; other spellings (`yes`, `1`, `on`) are refused.
+        - an image (`control_image`): refused: an image is given as a file, opened and checked
+          by `condition_image.open_control_image` (the command line's `--control-image FILE`,
+          the app's upload), not as text.
+
+        Spaces around a number or a bool are ignored, as `int()` and `float()` ignore them.
+        Only the type is read: the bounds, choices and lengths are `problem`'s, checked with the
+        rest of the request (the sides' and stride's bounds follow the model's window).
+
+        Raises `InputError` naming this input, the text (`errors.shown`) and what is allowed,
+        as `problem` says it: `width must be a multiple of 8 from 512 to 4096; got 'wide'`.
+        """
+        if self.type is str:
+            return text
+        if self.type is Image.Image:
+            raise InputError(
+                f"{self.name} must be {self.allowed()}, given as a file, not as text; "
+                f"got {shown(text)}"
+            )
+        if self.type not in (bool, int, float):
+            raise TypeError(f"{self.name}: no rule reads text as {self.type.__name__}")
+        stripped = text.strip()
+        if self.type is bool:
+            if stripped.lower() in ("true", "false"):
+                return stripped.lower() == "true"
+        else:
+            try:
+                return self.type(stripped)
+            except ValueError:
+                # int() reads at most so many digits: say so rather than quote them all.
+                digits, most = stripped.lstrip("+-").replace("_", ""), sys.get_int_max_str_digits()
+                if self.type is int and digits.isdecimal() and len(digits) > most:
+                    got = f"an integer of {len(digits):,} digits, more than are read ({most:,})"
+                    raise InputError(f"{self.name} must be {self.allowed()}; got {got}") from None
+        raise InputError(f"{self.name} must be {self.allowed()}; got {shown(text)}")
 
 
 # SD2-base's inputs: those of the published wrapper, with its defaults. `panorama_inputs` gives
