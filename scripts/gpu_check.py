@@ -56,7 +56,6 @@ import torch
 from PIL import Image
 
 from syncdiffusion import SyncDiffusionPipeline, __version__
-from syncdiffusion.cli.demo import COST_DECODE_S, COST_SYNCED_S, COST_UNET_S
 from syncdiffusion.core.chunks import free_memory, release_memory
 from syncdiffusion.core.decoding import decode
 from syncdiffusion.core.precision import LossScale, initial_loss_scale
@@ -64,7 +63,7 @@ from syncdiffusion.core.sampling import guided_eps, x0_predictor
 from syncdiffusion.core.sync import lpips_features, sync_gradient
 from syncdiffusion.core.windows import SD2_BASE, Geometry
 from syncdiffusion.models.tiny import TINY_MODELS, make_tiny_weights, random_controlnet
-from syncdiffusion.core.sync_schedule import synced_steps
+from syncdiffusion.request.cost import CPU_SECONDS, Rates, work
 from syncdiffusion.request.inputs import panorama_request
 from syncdiffusion.testing.measure import (
     SDXL_CONFIGS,
@@ -126,8 +125,13 @@ WINDOW_STEP_SECONDS = 0.03
 # A window's sync gradient beyond its window-step, and a VAE decode of 512x512 px: in the
 # proportions SD2-base's architecture shows on the CPU (scripts/demo_costs.py, 151.0 and 28.3
 # CPU seconds against 18.3 for the window-step).
-SYNCED_WINDOW_STEP_SECONDS = WINDOW_STEP_SECONDS * COST_SYNCED_S / COST_UNET_S
-DECODE_SECONDS = WINDOW_STEP_SECONDS * COST_DECODE_S / COST_UNET_S
+GPU_SECONDS = Rates(
+    window_step=WINDOW_STEP_SECONDS,
+    synced_window_step=WINDOW_STEP_SECONDS
+    * CPU_SECONDS.synced_window_step
+    / CPU_SECONDS.window_step,
+    decode=WINDOW_STEP_SECONDS * CPU_SECONDS.decode / CPU_SECONDS.window_step,
+)
 # The published wrapper per unit: one view at a time rather than batched (a batch of 2 at
 # 64x64 latents leaves much of an H100 idle), fp32 weights under autocast; 2 is on the safe side
 # of what batching gains.
@@ -147,7 +151,7 @@ BUDGET_SECONDS = 480.0
 
 class Work(NamedTuple):
     """What a section asks of the GPU, counted in SD2-base 512 px windows (an SDXL window
-    counts its pixels' share, 4, as `inputs.request_cost` counts it), and its seconds."""
+    counts its pixels' share, 4, as `cost.work` counts it), and its estimated seconds."""
 
     window_steps: float = 0.0
     synced_window_steps: float = 0.0
@@ -171,18 +175,15 @@ def panorama_work(
     for (`decoded`). The published wrapper also takes the anchor's gradient, runs its UNet
     twice, and runs one view at a time."""
     request = panorama_request({"prompt": PROMPT, **inputs}, geometry)
-    n, synced = len(geometry.windows(request)), synced_steps(request)
-    share = (geometry.window_pixels / 512) ** 2
-    window_steps = (n * request["num_inference_steps"] + (synced if published else 0)) * share
-    synced_window_steps = synced * (n if published else n - 1) * share
-    panorama = request["width"] * request["height"] / 512**2 if decoded else 0.0
-    decodes = synced * share + panorama
-    seconds = (
-        window_steps * WINDOW_STEP_SECONDS
-        + (synced_window_steps * SYNCED_WINDOW_STEP_SECONDS + decodes * DECODE_SECONDS)
-        * vae_slowdown
-    ) * (PUBLISHED_SLOWDOWN if published else 1.0)
-    return Work(window_steps, synced_window_steps, decodes, seconds)
+    counted = work(request, geometry, published=published, decoded=decoded)
+    # The synced window-steps and decodes run through the VAE.
+    rates = Rates(
+        GPU_SECONDS.window_step,
+        GPU_SECONDS.synced_window_step * vae_slowdown,
+        GPU_SECONDS.decode * vae_slowdown,
+    )
+    seconds = rates.price(counted) * (PUBLISHED_SLOWDOWN if published else 1.0)
+    return Work(counted.window_steps, counted.synced_window_steps, counted.decodes, seconds)
 
 
 def sdxl_geometry(smoke: bool) -> Geometry:
@@ -204,7 +205,7 @@ def section_work(name: str, settings: dict[str, Any], smoke: bool) -> Work:
     if name == "repeatable":
         return sum([panorama_work(settings["repeatable"])] * 3, Work())
     if name == "gradient":  # one view's gradient with fp16 networks twice, fp32 ones once
-        one = WINDOW_STEP_SECONDS + SYNCED_WINDOW_STEP_SECONDS
+        one = GPU_SECONDS.window_step + GPU_SECONDS.synced_window_step
         return Work(3, 3, 0, (2 + FP32_SLOWDOWN) * one)
     if name == "memory":
         runs = len(settings["chunks"])

@@ -200,8 +200,8 @@ def test_the_gpu_run_is_estimated_within_8_minutes_and_each_section_from_its_wor
         12 * 5,
         5 + 4,
         13 * 50 * gpu_check.WINDOW_STEP_SECONDS
-        + 12 * 5 * gpu_check.SYNCED_WINDOW_STEP_SECONDS
-        + 9 * gpu_check.DECODE_SECONDS,
+        + 12 * 5 * gpu_check.GPU_SECONDS.synced_window_step
+        + 9 * gpu_check.GPU_SECONDS.decode,
     )
     published = gpu_check.panorama_work(one, published=True)
     assert published[:3] == (13 * 50 + 5, 13 * 5, 9)
