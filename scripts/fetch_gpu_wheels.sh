@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Download the wheels that a GPU machine without network lacks into .whl/ (git-ignored), to
 # take along for scripts/gpu_check.py. That machine has PyTorch, huggingface-hub, accelerate,
-# safetensors, tokenizers, psutil and scipy, but not this project's diffusers, transformers or
-# lpips. There, before the check:
+# safetensors, tokenizers, psutil, scipy and pytest (the check runs its `gpu` tests with it;
+# without it the check still measures, and reports the tests as not run), but not this
+# project's diffusers, transformers or lpips. There, before the check:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site:. python3 scripts/gpu_check.py --out OUT
 set -euo pipefail

@@ -13,6 +13,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA, unless SYNCDIFFUSION_GPU_SMOKE=1 runs them on the CPU at
+    the smoke sizes or scripts/gpu_check.py hands them the figures it measured."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu or os.environ.get("SYNCDIFFUSION_GPU_SMOKE") == "1":
+        return
+    import torch
+
+    from syncdiffusion.testing.gpu.plugin import FIGURES
+
+    if torch.cuda.is_available() or config.stash.get(FIGURES, None) is not None:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (SYNCDIFFUSION_GPU_SMOKE=1: the CPU, smoke sizes)")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A weights folder holding the tiny SD2-shaped model and a random VGG16 trunk."""

@@ -1,4 +1,5 @@
-"""The prepared GPU check, run as its CPU smoke test so that the GPU run is never its first."""
+"""The prepared GPU check, run as its CPU smoke test so that the GPU run is never its first:
+its budget planner, its report, and `pytest -m gpu` (tests/test_gpu.py) run inside it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import pytest
 import torch
 
 from syncdiffusion.testing import measure
+from syncdiffusion.testing.gpu import budget, sections
+from syncdiffusion.testing.gpu.sections import SECTIONS, SETTINGS
 
 
 @pytest.fixture
 def gpu_check():
-    """scripts/gpu_check.py as a module, fresh for each test (tests patch its checks)."""
+    """scripts/gpu_check.py as a module, fresh for each test."""
     import importlib.util
 
     from tests.conftest import ROOT
@@ -24,51 +27,50 @@ def gpu_check():
     return module
 
 
+# A figure of each section that its tests read, as it lands in the report's JSON.
+FIGURE = {
+    "published": "max_pixel_diff",
+    "repeatable": "max_pixel_diff_chunks_of_1",
+    "gradient": "cosine",
+    "controlnet": "max_pixel_diff",
+    "memory": "window_bytes",
+    "out-of-memory": "chunks_under_cap",
+    "huge": "latents_finite",
+    "sdxl": "latents_finite",
+}
+
+
 @pytest.mark.slow
-def test_the_gpu_check_runs_every_section_on_the_cpu(tiny_weights, tmp_path, run_script):
+def test_the_gpu_check_runs_every_section_and_its_tests_on_the_cpu(
+    tiny_weights, tmp_path, run_script
+):
     args = ("--smoke", "--out", str(tmp_path), "--tiny-weights", str(tiny_weights))
     result = run_script("gpu_check.py", *args)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
 
     figures = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert list(figures) == [
-        "published",
-        "repeatable",
-        "gradient",
-        "controlnet",
-        "memory",
-        "out-of-memory",
-        "huge",
-        "sdxl",
-        "total",
-    ]
-    published = figures["published"]
-    controlnet = figures["controlnet"]
-    assert controlnet["fast_latents_finite"] and controlnet["oracle_latent_finite"]
-    assert controlnet["max_pixel_diff"] <= 2  # fp32 on the CPU: the authors' picture
-    assert published["fast_latents_finite"] and published["oracle_latent_finite"]
-    assert published["max_pixel_diff"] <= 2  # fp32 on the CPU: the oracle's picture
-    assert figures["repeatable"]["max_pixel_diff_same_chunks"] == 0
-    assert figures["repeatable"]["max_pixel_diff_chunks_of_1"] <= 1
-    assert figures["gradient"]["cosine"] == pytest.approx(1, abs=1e-6)  # fp32 against itself
-    assert set(figures["memory"]["chunks"]) == {"1", "2"}
-    oom = figures["out-of-memory"]
-    assert oom["chunks_under_cap"][:2] == [2, 1] and oom["halved_and_succeeded"]
-    assert "out of cpu memory even with one window" in oom["one_window_error"]
-    assert oom["next_prediction_finite"]
-    # fp32 on the CPU: no loss scale, so nothing to back off, but every run says so.
-    assert published["fast_loss_scale_back_offs"] == 0
-    assert figures["repeatable"]["loss_scale_back_offs"] == [0, 0, 0]
-    assert oom["loss_scale_back_offs"] == {"under_cap": 0, "next": 0}
-    assert figures["sdxl"]["loss_scale_back_offs"] == figures["huge"]["loss_scale_back_offs"] == 0
-    sections = [name for name in figures if name != "total"]
-    assert all(figures[name]["wall_seconds"] > 0 for name in sections)
-    assert set(figures["total"]["sections"]) == set(sections)
-
+    assert list(figures) == [*SECTIONS, "tests", "total"]
     report = (tmp_path / "gpu-check.md").read_text()
+    for name in SECTIONS:
+        assert "error" not in figures[name] and figures[name]["device"] == "cpu"
+        assert FIGURE[name] in figures[name]
+        assert figures[name]["wall_seconds"] > 0 and "estimated_seconds" in figures[name]
+        assert f"**{name}**" in report
+    assert "FAILED" not in report and "not described" not in report
+    assert set(figures["memory"]["chunks"]) == {"1", "2"}
+
+    # The claims, tested on those figures: every section's, and every test passed.
+    tests = figures["tests"]
+    assert {test["section"] for test in tests.values()} == set(SECTIONS)
+    assert {test["outcome"] for test in tests.values()} == {"passed"}
+    assert len(tests) >= 2 * len(SECTIONS)
+    assert f"`pytest -m gpu` over these figures (tests/test_gpu.py): {len(tests)} passed." in report
+    assert "| test_a_huge_panorama_fits_a_24_gb_card | huge | passed |" in report
+
     assert report.startswith("### ") and "gpu_check --smoke" in report
     assert "| published (fp32 weights, autocast) |" in report
     assert "| section | estimated seconds | measured seconds |" in report
+    assert set(figures["total"]["sections"]) == set(SECTIONS)
     assert result.stdout.index("| total |") < result.stdout.index("Wall time")
 
 
@@ -129,37 +131,40 @@ def test_the_cpu_stand_in_cap_halves_and_fails_as_a_real_one_and_leaves_the_pipe
 
 
 def test_a_failing_section_is_reported_and_the_others_still_run(gpu_check, tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_check, "load", lambda tiny, device, dtype: SimpleNamespace())
+    monkeypatch.setattr(sections, "load", lambda tiny, device, dtype: SimpleNamespace())
 
-    def broken(report, *args):
+    def broken(*args):
         raise RuntimeError("this section broke")
 
-    def fine(report, *args):
-        report.add("huge", {"ok": True}, ["fine"])
-
-    monkeypatch.setattr(gpu_check, "check_repeatable", broken)
-    monkeypatch.setattr(gpu_check, "check_huge", fine)
+    monkeypatch.setattr(sections, "repeatable", broken)
+    monkeypatch.setattr(sections, "huge", lambda *args: {"ok": True})
+    monkeypatch.setattr(gpu_check, "run_tests", lambda figures: {})
     argv = ["--smoke", "--out", str(tmp_path), "--only", "repeatable", "--only", "huge"]
     assert gpu_check.main(argv) == 0
     figures = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert list(figures) == ["repeatable", "huge", "total"]
+    assert list(figures) == ["repeatable", "huge", "tests", "total"]
     assert figures["repeatable"]["error"] == "RuntimeError: this section broke"
     assert figures["repeatable"]["wall_seconds"] >= 0  # timed, failed or not
     assert figures["huge"]["ok"] and "estimated_seconds" in figures["huge"]
+    report = (tmp_path / "gpu-check.md").read_text()
+    assert "FAILED: RuntimeError: this section broke" in report
+    assert "(figures not described: KeyError" in report  # kept, though not what huge says
 
 
 def _record_sections(gpu_check, monkeypatch) -> list[str]:
-    """Every check replaced by one that notes its section in stdout and in the list returned."""
+    """Every section replaced by one that notes its name in stdout and in the list returned,
+    and no tests run over their figures."""
     ran = []
-    monkeypatch.setattr(gpu_check, "load", lambda tiny, device, dtype: SimpleNamespace())
-    for name in gpu_check.SECTIONS:
+    monkeypatch.setattr(sections, "load", lambda tiny, device, dtype: SimpleNamespace())
+    monkeypatch.setattr(gpu_check, "run_tests", lambda figures: {})
+    for name in SECTIONS:
 
-        def check(report, *args, name=name):
+        def section(*args, name=name):
             ran.append(name)
-            report.add(name, {}, [f"ran {name}"])
-            return {"chunks": {}}  # what out-of-memory reads from memory's figures
+            print(f"ran {name}")
+            return {}
 
-        monkeypatch.setattr(gpu_check, f"check_{name.replace('-', '_')}", check)
+        monkeypatch.setattr(sections, name.replace("-", "_"), section)
     return ran
 
 
@@ -169,10 +174,10 @@ def test_the_estimate_is_printed_before_any_section_runs_and_only_narrows_it(
     ran = _record_sections(gpu_check, monkeypatch)
     assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
     everything = capsys.readouterr().out
-    assert ran == list(gpu_check.SECTIONS)
+    assert ran == list(SECTIONS)
     estimate = everything[: everything.index("ran published")]
     assert estimate.startswith("Estimated seconds on an H100-class GPU")
-    assert all(f"| {name} |" in estimate for name in ("loading", *gpu_check.SECTIONS, "total"))
+    assert all(f"| {name} |" in estimate for name in ("loading", *SECTIONS, "total"))
 
     ran.clear()
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--only", "sdxl"]) == 0
@@ -181,49 +186,52 @@ def test_the_estimate_is_printed_before_any_section_runs_and_only_narrows_it(
     estimate = narrowed[: narrowed.index("ran sdxl")]
     rows = [line.split(" | ")[0] for line in estimate.splitlines() if line.startswith("| ")]
     assert rows == ["| section", "| ---", "| sdxl", "| total"]
-    sdxl = gpu_check.section_work("sdxl", gpu_check.SETTINGS["smoke"], smoke=True).seconds
+    sdxl = budget.section_work("sdxl", SETTINGS["smoke"], smoke=True).seconds
     assert f"| total | | | | {sdxl:.0f} of 480 |" in estimate
 
 
-def test_the_gpu_run_is_estimated_within_8_minutes_and_each_section_from_its_work(gpu_check):
-    settings = gpu_check.SETTINGS["gpu"]
-    works = gpu_check.estimate(settings, gpu_check.SECTIONS, smoke=False)
-    assert list(works) == ["loading", *gpu_check.SECTIONS]
-    assert gpu_check.BUDGET_SECONDS == 480
-    assert gpu_check.total_seconds(works) <= 480
-    assert gpu_check.fit(settings, gpu_check.SECTIONS, False, 480) == (settings, {})
+def test_the_gpu_run_is_estimated_within_8_minutes_and_each_section_from_its_work():
+    settings = SETTINGS["gpu"]
+    works = budget.estimate(settings, SECTIONS, smoke=False)
+    assert list(works) == ["loading", *SECTIONS]
+    assert budget.BUDGET_SECONDS == 480
+    assert budget.total_seconds(works) <= 480
+    assert budget.fit(settings, SECTIONS, False, 480) == (settings, {})
     # published at 2048x512: 13 windows, 50 steps, 5 synced; the oracle takes the anchor's
     # gradient too and runs its UNet twice, both paths decode the anchor per synced step.
     one = settings["published"]
-    assert gpu_check.panorama_work(one) == gpu_check.Work(
+    assert budget.panorama_work(one) == budget.Work(
         13 * 50,
         12 * 5,
         5 + 4,
-        13 * 50 * gpu_check.WINDOW_STEP_SECONDS
-        + 12 * 5 * gpu_check.GPU_SECONDS.synced_window_step
-        + 9 * gpu_check.GPU_SECONDS.decode,
+        13 * 50 * budget.WINDOW_STEP_SECONDS
+        + 12 * 5 * budget.SYNCED_WINDOW_STEP_SECONDS
+        + 9 * budget.DECODE_SECONDS,
     )
-    published = gpu_check.panorama_work(one, published=True)
+    published = budget.panorama_work(one, published=True)
     assert published[:3] == (13 * 50 + 5, 13 * 5, 9)
     # SDXL's 1024 px windows count 4 of SD2-base's 512 px ones.
-    sdxl = gpu_check.panorama_work(settings["sdxl"], gpu_check.sdxl_geometry(smoke=False))
+    sdxl = budget.panorama_work(settings["sdxl"], budget.sdxl_geometry(smoke=False))
     assert sdxl.window_steps == 4 * 13 * 50
     # Without the GPU reference, and only what out-of-memory needs, the estimate shrinks.
-    huge = gpu_check.estimate(settings, ["huge"], smoke=False)
+    huge = budget.estimate(settings, ["huge"], smoke=False)
     assert list(huge) == ["loading", "huge"]
-    assert huge["loading"].seconds == gpu_check.LOAD_SECONDS["sd2"]
+    assert huge["loading"].seconds == budget.LOAD_SECONDS["sd2"]
 
 
 def test_over_budget_the_dearest_sections_lose_unsynced_steps_or_the_check_refuses(
     gpu_check, tmp_path, monkeypatch, capsys
 ):
-    settings = gpu_check.SETTINGS["gpu"]
-    fitted, shrunk = gpu_check.fit(settings, gpu_check.SECTIONS, False, 450)
-    assert gpu_check.total_seconds(gpu_check.estimate(fitted, gpu_check.SECTIONS, False)) <= 450
+    settings = SETTINGS["gpu"]
+    fitted, shrunk = budget.fit(settings, SECTIONS, False, 450)
+    assert budget.total_seconds(budget.estimate(fitted, SECTIONS, False)) <= 450
     assert shrunk == {"sdxl": 50}  # the dearest section, and only as far as needed
     assert fitted["sdxl"]["num_inference_steps"] < 50
     assert fitted["sdxl"]["sync_threshold"] == settings["sdxl"]["sync_threshold"]
     assert settings["sdxl"]["num_inference_steps"] == 50  # the table itself is untouched
+    plan = budget.plan(settings, SECTIONS, False, 450)
+    assert plan.settings == fitted
+    assert plan.shrinks == [f"sdxl: {fitted['sdxl']['num_inference_steps']} steps rather than 50"]
 
     ran = _record_sections(gpu_check, monkeypatch)
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget", "5"]) == 2
@@ -231,3 +239,28 @@ def test_over_budget_the_dearest_sections_lose_unsynced_steps_or_the_check_refus
     assert ran == [] and not (tmp_path / "gpu-check.json").exists()
     assert "| total |" in output.out
     assert "over the budget of 5 s" in output.err and "--only" in output.err
+
+
+def test_the_tests_run_over_the_figures_given_and_report_each_outcome(gpu_check):
+    """tests/test_gpu.py inside this run, as gpu_check runs it: only the given sections' tests,
+    on the given figures, each outcome with what a failure said."""
+    published = {
+        "device": "cpu",
+        "oracle_latent_finite": True,
+        "fast_latents_finite": True,
+        "max_pixel_diff": 1,
+        "fast_loss_scale_back_offs": 0,
+    }
+    outcomes = gpu_check.run_tests({"published": published})
+    assert {test["section"] for test in outcomes.values()} == {"published"}
+    assert {test["outcome"] for test in outcomes.values()} == {"passed"} and len(outcomes) == 2
+
+    outcomes = gpu_check.run_tests({"published": {**published, "max_pixel_diff": 200}})
+    failed = [test for test in outcomes.values() if test["outcome"] == "failed"]
+    assert len(failed) == 1 and "200" in failed[0]["message"]
+    assert any(gpu_check.failed(test) for test in outcomes.values())
+
+    outcomes = gpu_check.run_tests({"sdxl": {"device": "cpu", "error": "RuntimeError: broke"}})
+    messages = {test["outcome"]: test["message"] for test in outcomes.values()}
+    assert list(messages) == ["error"]  # at setup: the figures fixture fails
+    assert messages["error"] == "Failed: the sdxl section failed: RuntimeError: broke"
