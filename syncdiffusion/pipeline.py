@@ -26,17 +26,20 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from transformers.utils import logging as transformers_logging
 
 from .core.chunks import (
+    RECOMPUTE_MODES,
+    SyncChunks,
     auto_view_batch_size,
     free_memory,
     is_out_of_memory,
     plain_window_bytes,
+    plan_sync_chunks,
     release_memory,
     sync_window_bytes,
 )
 from .core.control import Control, WindowControl, condition_tensor, image_record
 from .core.decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .core.precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
-from .core.recompute import recompute_layers
+from .core.recompute import Recomputation, recompute_layers
 from .core.sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
 from .core.sync import lpips_features, sync_loss
 from .core.sync_schedule import sync_schedule
@@ -155,7 +158,7 @@ class SyncDiffusionPipeline:
         # What the sync backward recomputes rather than keeps (`recompute`): the networks it
         # runs through, the VAE's decoder only.
         self.recompute = recompute_layers(*self._denoisers(), vae.decoder, perceptual)
-        self._window_bytes: dict[tuple[torch.device, torch.dtype, bool], int] = {}
+        self._window_bytes: dict[tuple[torch.device, torch.dtype, bool, bool], int] = {}
         # The hub revision of the weights, where their folder records one (`from_pretrained`).
         self.model_revision: str | None = None
         # The ControlNet's folder name and hub revision, where it was loaded from one.
@@ -300,13 +303,16 @@ class SyncDiffusionPipeline:
         """The model's windows: what its inputs' bounds and its panoramas' views follow."""
         return Geometry(self.window, self.vae_scale_factor)
 
-    def window_bytes(self, eps: Callable, scheduler: DDIMScheduler, sync: bool = True) -> int:
+    def window_bytes(
+        self, eps: Callable, scheduler: DDIMScheduler, sync: bool = True, recompute: bool = True
+    ) -> int:
         """One window's memory in a chunk, counted once per device and dtype on a 16x16-latent
         probe; `eps` and `scheduler` are a call's own. In a sync step
         (`chunks.sync_window_bytes`): what its backward keeps, with `self.recompute`
-        recomputed, and the peak of that recomputation; in another step
-        (`chunks.plain_window_bytes`): the peak of its guided UNet forward."""
-        key = (self.device, self.dtype, sync)
+        recomputed, and the peak of that recomputation, or without `recompute` every
+        activation; in another step (`chunks.plain_window_bytes`): the peak of its guided UNet
+        forward."""
+        key = (self.device, self.dtype, sync, sync and recompute)
         if key in self._window_bytes:
             return self._window_bytes[key]
         side, t = 16, scheduler.timesteps[0]
@@ -340,9 +346,25 @@ class SyncDiffusionPipeline:
                 model=self.perceptual,
                 anchor_features=anchor,
             )
-            count = sync_window_bytes(loss, probe, self.window, parameters, self.recompute)
+            layers = self.recompute if recompute else ()
+            count = sync_window_bytes(loss, probe, self.window, parameters, layers)
         self._window_bytes[key] = count
         return count
+
+    def sync_chunks(
+        self,
+        eps: Callable,
+        scheduler: DDIMScheduler,
+        n_windows: int,
+        recompute: str = "auto",
+        view_batch_size: int | None = None,
+    ) -> SyncChunks:
+        """Whether a call's sync backward recomputes and how many windows go per call, from
+        each way's `window_bytes` and the free memory (`chunks.plan_sync_chunks`)."""
+        kept, recomputed = (self.window_bytes(eps, scheduler, True, r) for r in (False, True))
+        return plan_sync_chunks(
+            recompute, n_windows, kept, recomputed, self.device, view_batch_size
+        )
 
     def new_scheduler(self) -> DDIMScheduler:
         """A fresh DDIM scheduler, so no call sees another's state."""
@@ -417,6 +439,7 @@ class SyncDiffusionPipeline:
         self,
         *,
         view_batch_size: int | None = None,
+        recompute: Literal["auto", "always", "never"] = "auto",
         output_type: Literal["pil", "latent"] = "pil",
         callback: Callback | None = None,
         **inputs: Any,
@@ -425,10 +448,15 @@ class SyncDiffusionPipeline:
 
         `inputs` are the panorama's, by name (`prompt`, `width`, `seed`, ...: see
         `inputs.panorama_inputs`); the model's defaults fill in the rest. Sides are at least
-        one window (`window_pixels`) and `stride` is below one window. `callback` gets a dict
-        after every denoising step (step, steps, t, sync, latent, view_batch_size: the
-        windows per network call that fitted in that step, and loss_scale_back_offs: the
-        windows' sync backward passes redone at a lower fp16 loss scale so far). The image's
+        one window (`window_pixels`) and `stride` is below one window. `view_batch_size`:
+        windows per network call (default: as many as fit the free memory). `recompute`: the
+        sync backward's activations recomputed rather than kept ("always"), kept ("never"), or
+        ("auto") kept where the memory allows it and recomputed where not, or where one window
+        kept runs out of memory: the same picture to the bit at the same chunk size. `callback`
+        gets a dict after every denoising step (step, steps, t, sync, latent, view_batch_size:
+        the windows per network call that fitted in that step, recompute and recompute_reason:
+        whether a synced step recomputed and why, and loss_scale_back_offs: the windows' sync
+        backward passes redone at a lower fp16 loss scale so far). The image's
         `info["parameters"]` holds every input, the model's identity (and hub revision, where
         its folder records one) and the version.
         """
@@ -444,6 +472,9 @@ class SyncDiffusionPipeline:
             raise InputError(
                 f"view_batch_size must be a positive integer or None; got {view_batch_size!r}"
             )
+        if recompute not in RECOMPUTE_MODES:
+            allowed = ", ".join(repr(mode) for mode in RECOMPUTE_MODES)
+            raise InputError(f"recompute must be one of {allowed}; got {recompute!r}")
 
         # 2. Encode the prompt.
         text_embeddings, added_conditions = self._encode(
@@ -489,14 +520,17 @@ class SyncDiffusionPipeline:
         out_of_memory = None
         try:
             with torch.no_grad():
-                plain_batch_size = view_batch_size
-                if view_batch_size is None:
-                    view_batch_size, plain_batch_size = (
-                        auto_view_batch_size(
-                            len(windows), self.window_bytes(eps, scheduler, sync), self.device
-                        )
-                        for sync in (True, False)
-                    )
+                plan = self.sync_chunks(eps, scheduler, len(windows), recompute, view_batch_size)
+                logger.info("sync backward: %s", plan.reason)
+                plain_batch_size = view_batch_size or auto_view_batch_size(
+                    len(windows), self.window_bytes(eps, scheduler, sync=False), self.device
+                )
+                fallback = self.recompute if recompute == "auto" else ()
+                recomputation = (
+                    Recomputation(self.recompute, reason=plan.reason)
+                    if plan.recompute
+                    else Recomputation((), fallback, plan.reason)
+                )
                 latent = sample_panorama(
                     latent,
                     windows,
@@ -505,9 +539,9 @@ class SyncDiffusionPipeline:
                     decode=partial(decode, self.vae),
                     perceptual=self.perceptual,
                     sync=sync_schedule(request),
-                    view_batch_size=view_batch_size,
+                    view_batch_size=plan.view_batch_size,
                     plain_batch_size=plain_batch_size,
-                    recompute=self.recompute,
+                    recompute=recomputation,
                     initial_loss_scale=initial_loss_scale(self.dtype),
                     control=control,
                     callback=callback,

@@ -10,7 +10,13 @@ import torch
 
 import syncdiffusion.core.sampling as sampling
 from syncdiffusion.core import chunks as batching
-from syncdiffusion.core.chunks import auto_view_batch_size, run_in_chunks
+from syncdiffusion.core.chunks import (
+    RECOMPUTE_COST,
+    auto_view_batch_size,
+    chunk_cost,
+    plan_sync_chunks,
+    run_in_chunks,
+)
 from syncdiffusion.core.sampling import guided_eps
 from syncdiffusion.core.sync_schedule import SyncSchedule
 
@@ -33,6 +39,30 @@ def test_run_in_chunks_gives_up_only_at_one_window():
 
     with pytest.raises(torch.OutOfMemoryError):
         run_in_chunks(fn, range(3), 4)
+
+
+def test_run_in_chunks_at_one_window_tries_again_once_fall_back_needs_less_memory():
+    fell_back, seen = [], []
+
+    def fn(chunk):
+        if not fell_back:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        seen.extend(chunk)
+
+    def fall_back():
+        fell_back.append(True)
+        return len(fell_back) == 1  # a fallback the first time only
+
+    assert run_in_chunks(fn, range(3), 2, fall_back) == 1
+    assert seen == [0, 1, 2] and fell_back == [True]
+
+
+def test_run_in_chunks_without_a_fallback_left_raises_at_one_window():
+    def fn(chunk):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        run_in_chunks(fn, range(3), 2, lambda: False)
 
 
 @pytest.mark.parametrize(
@@ -99,6 +129,63 @@ def test_auto_view_batch_size_follows_free_memory(monkeypatch):
 def test_cpu_chunks_stay_small_whatever_the_memory(monkeypatch):
     monkeypatch.setattr(batching, "free_memory", lambda device: 2**50)
     assert auto_view_batch_size(100, 1000, torch.device("cpu")) == 2
+
+
+GIB = 2**30
+GPU = torch.device("cuda")
+
+
+def _plan(monkeypatch, free_gib, mode="auto", device=GPU, n=12, view_batch_size=None):
+    """The plan for `n` windows, 4.8 GiB a window kept and 1.5 recomputed (SD2-base in fp16,
+    by the pipeline's count), with `free_gib` free."""
+    monkeypatch.setattr(batching, "free_memory", lambda device: free_gib * GIB)
+    return plan_sync_chunks(mode, n, int(4.8 * GIB), int(1.5 * GIB), device, view_batch_size)
+
+
+def test_auto_keeps_the_activations_in_the_largest_chunk_that_fits_on_a_large_gpu(monkeypatch):
+    plan = _plan(monkeypatch, 76)  # 80 GB less the weights: 53 GiB to fill, 11 windows kept
+    assert (plan.recompute, plan.view_batch_size) == (False, 11)
+    assert plan.reason.startswith("kept: predicted")
+
+
+def test_auto_keeps_one_window_rather_than_recompute_many_at_the_predicted_costs(monkeypatch):
+    plan = _plan(monkeypatch, 8)  # 5.6 GiB to fill: one window kept, three recomputed
+    assert (plan.recompute, plan.view_batch_size) == (False, 1)
+    assert chunk_cost(False, 1, GPU) < chunk_cost(True, 3, GPU)
+    assert plan.reason.startswith(
+        "kept: predicted 1.20 a window kept in chunks of 1 against 1.42 a window recomputed in "
+        "chunks of 3"
+    )
+
+
+def test_auto_recomputes_where_one_window_kept_does_not_fit(monkeypatch):
+    plan = _plan(monkeypatch, 6)  # 4.2 GiB to fill
+    assert (plan.recompute, plan.view_batch_size) == (True, 2)
+    assert plan.reason.startswith("recomputed: 1 window(s) kept would not fit")
+    assert "4.80 GiB kept, 1.50 GiB recomputed; 4.2 GiB to fill" in plan.reason
+
+
+def test_on_the_cpu_auto_keeps_one_window_at_a_time_as_the_published_algorithm(monkeypatch):
+    plan = _plan(monkeypatch, 1000, device=torch.device("cpu"))
+    assert (plan.recompute, plan.view_batch_size) == (False, 1)
+    # Calls cost nothing beyond their windows there: a larger chunk would only cost memory.
+    assert chunk_cost(False, 1, torch.device("cpu")) == chunk_cost(False, 2, torch.device("cpu"))
+    assert chunk_cost(True, 1, torch.device("cpu")) == RECOMPUTE_COST
+
+
+def test_always_and_never_are_obeyed_whatever_the_memory(monkeypatch):
+    always = _plan(monkeypatch, 76, mode="always")
+    assert (always.recompute, always.view_batch_size) == (True, 12)
+    assert always.reason.startswith("recomputed, as asked (recompute='always')")
+    never = _plan(monkeypatch, 2, mode="never")
+    assert (never.recompute, never.view_batch_size) == (False, 1)
+
+
+def test_a_given_chunk_size_is_kept_where_it_fits_and_recomputed_where_not(monkeypatch):
+    fits = _plan(monkeypatch, 30, view_batch_size=4)  # 21 GiB to fill: 4 kept fit
+    assert (fits.recompute, fits.view_batch_size) == (False, 4)
+    too_many = _plan(monkeypatch, 30, view_batch_size=6)
+    assert (too_many.recompute, too_many.view_batch_size) == (True, 6)
 
 
 def test_out_of_memory_mid_panorama_retries_smaller_and_changes_nothing(pipe, monkeypatch):

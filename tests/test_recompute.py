@@ -1,5 +1,5 @@
-"""The sync backward recomputes activations rather than keeping them: the same gradient to the
-bit, in a fraction of the memory, and only in the sync backward."""
+"""The sync backward recomputes activations rather than keeping them where memory needs it: the
+same gradient to the bit, in a fraction of the memory, and only in the sync backward."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ from functools import partial
 import pytest
 import torch
 
+import syncdiffusion.core.sampling as sampling
 from syncdiffusion.core import recompute
 from syncdiffusion.core.chunks import peak_live_bytes, saved_bytes
 from syncdiffusion.core.decoding import decode
 from syncdiffusion.core.precision import LossScale
 from syncdiffusion.core.sampling import guided_eps, x0_predictor
 from syncdiffusion.core.sync import lpips_features, sync_gradient, sync_loss
+from syncdiffusion.errors import InputError
+
+SYNCED = dict(prompt="a bay", width=640, height=512, num_inference_steps=2, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +78,13 @@ def test_recomputation_runs_only_in_the_sync_backward(pipe, monkeypatch):
         return checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
-    inputs = dict(prompt="a bay", width=640, height=512, num_inference_steps=2, seed=1)
-    pipe(**inputs, sync_threshold=0, output_type="latent")
+    pipe(**SYNCED, sync_threshold=0, output_type="latent", recompute="always")
     assert calls == []  # plain denoising: no_grad, nothing kept, nothing recomputed
-    pipe(**inputs, sync_threshold=1, output_type="latent")
+    pipe(**SYNCED, sync_threshold=1, output_type="latent", recompute="always")
     assert len(calls) > 0 and all(calls)
+    calls.clear()
+    pipe(**SYNCED, sync_threshold=1, output_type="latent", recompute="never")
+    assert calls == []
     assert not any("forward" in layer.__dict__ for layer in pipe.recompute)
 
 
@@ -123,3 +129,65 @@ def test_peak_live_bytes_counts_what_is_alive_at_once():
         return c.sum()  # 4 bytes more, beside `b` and `c`
 
     assert peak_live_bytes(forward, []) == 8004
+
+
+def _steps(pipe, **options):
+    log = []
+    latent = pipe(**SYNCED, sync_threshold=1, output_type="latent", callback=log.append, **options)
+    synced = log[0]
+    return latent, (synced["recompute"], synced["view_batch_size"], synced["recompute_reason"])
+
+
+@pytest.fixture(scope="module")
+def recomputed(pipe):
+    """The synced panorama recomputed, one window at a time."""
+    return _steps(pipe, recompute="always", view_batch_size=1)[0]
+
+
+def test_kept_and_recomputed_give_the_same_panorama_to_the_bit(pipe):
+    kept, (recomputed_first, *_) = _steps(pipe, recompute="never", view_batch_size=2)
+    again, (recomputed_then, *_) = _steps(pipe, recompute="always", view_batch_size=2)
+    assert (recomputed_first, recomputed_then) == (False, True)
+    assert torch.equal(kept, again)
+
+
+def test_auto_on_the_cpu_keeps_one_window_at_a_time_and_says_why(pipe, recomputed):
+    latent, (recomputes, chunk, reason) = _steps(pipe)
+    assert (recomputes, chunk) == (False, 1)
+    assert reason.startswith("kept: predicted 1.00 a window kept in chunks of 1 against 1.33")
+    assert torch.equal(latent, recomputed)
+
+
+def test_a_kept_window_out_of_memory_falls_back_to_recomputation(pipe, recomputed, monkeypatch):
+    real = sampling.sync_gradient
+    tries = []
+
+    def only_recomputed_fits(*args):
+        tries.append(bool(args[-1]))
+        if not args[-1]:  # the layers recomputed: none
+            raise torch.OutOfMemoryError("CUDA out of memory (kept activations)")
+        return real(*args)
+
+    monkeypatch.setattr(sampling, "sync_gradient", only_recomputed_fits)
+    latent, (recomputes, chunk, reason) = _steps(pipe)
+    assert tries == [False, True]  # once kept, then recomputed from then on
+    assert (recomputes, chunk) == (True, 1)
+    assert reason.startswith("recomputed: one window kept ran out of memory (planned: kept:")
+    assert torch.equal(latent, recomputed)
+    with pytest.raises(MemoryError, match="even with one window"):
+        _steps(pipe, recompute="never")
+
+
+@pytest.mark.parametrize("value", ["sometimes", None, True])
+def test_a_recompute_mode_outside_the_three_is_refused_by_name(pipe, value):
+    with pytest.raises(InputError) as refused:
+        pipe(**SYNCED, recompute=value, output_type="latent")
+    assert str(refused.value) == (
+        f"recompute must be one of 'auto', 'always', 'never'; got {value!r}"
+    )
+
+
+def test_a_window_kept_counts_more_than_recomputed(pipe, step):
+    scheduler, eps, _ = step
+    kept = pipe.window_bytes(eps, scheduler, recompute=False)
+    assert kept > pipe.window_bytes(eps, scheduler) > pipe.window_bytes(eps, scheduler, sync=False)

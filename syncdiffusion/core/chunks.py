@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import psutil
 import torch
@@ -20,6 +21,19 @@ _MEMORY_SHARE = 0.7
 # faster per window (LPIPS-VGG16 forward and backward at 512x512: 3.6 s a window alone or in
 # twos, 3.7-4.1 s in fours, on two cores): larger chunks would only cost memory.
 _CPU_MAX_CHUNK = 2
+# What recomputing costs, in the time of the same synced window kept: a forward and a backward
+# of about twice its time, and recomputation adds about one more forward (4 forwards' time for 3).
+RECOMPUTE_COST = 4 / 3
+# What one network call costs beyond its windows, in one window's time: the share of a call
+# that does not shrink with fewer windows (kernel launches, layers too small to fill the
+# device). On the CPU none: SD2-base's networks ran as fast a window alone as in twos
+# (`_CPU_MAX_CHUNK`). On a GPU an estimate, not yet measured: a 512x512 window fills most of
+# the device, but not all of it.
+_GPU_CALL_OVERHEAD = 0.2
+
+# What `recompute` may ask of the sync backward (`SyncDiffusionPipeline.__call__`).
+RECOMPUTE_MODES = ("auto", "always", "never")
+
 # accelerate's list of out-of-memory messages lacks the allocation failures that cuBLAS and
 # cuDNN report as plain RuntimeErrors when they cannot get a workspace, and CUDA's own (its
 # list has " out of memory." with a period; CUDA's message goes on "out of memory\nCUDA kernel
@@ -190,6 +204,87 @@ def auto_view_batch_size(n_windows: int, window_bytes: int, device: torch.device
     return max(1, min(n_windows, fits))
 
 
+@dataclass(frozen=True)
+class SyncChunks:
+    """How a sync step's windows go through the networks: `recompute` or keep the backward's
+    activations, `view_batch_size` windows per call, and why (for logs and reports)."""
+
+    recompute: bool
+    view_batch_size: int
+    reason: str
+
+
+def chunk_cost(recompute: bool, batch: int, device: torch.device) -> float:
+    """A synced window's predicted time in chunks of `batch`, in units of one window kept in a
+    call of many: the call's overhead shared by its windows, times `RECOMPUTE_COST` where
+    recomputed."""
+    overhead = 0.0 if device.type == "cpu" else _GPU_CALL_OVERHEAD
+    return (RECOMPUTE_COST if recompute else 1.0) * (1 + overhead / batch)
+
+
+def plan_sync_chunks(
+    mode: Literal["auto", "always", "never"],
+    n_windows: int,
+    kept_bytes: int,
+    recomputed_bytes: int,
+    device: torch.device,
+    view_batch_size: int | None = None,
+) -> SyncChunks:
+    """Keep or recompute the sync backward's activations, and how many windows per call.
+
+    `kept_bytes` and `recomputed_bytes` are one window's memory in a sync chunk either way
+    (`SyncDiffusionPipeline.window_bytes`). `mode` "always" recomputes and "never" keeps;
+    "auto" predicts each way's time per window (`chunk_cost`) at the largest chunk that fits
+    the free memory and takes the faster, keeping where they tie; one window kept that does
+    not fit leaves only recomputation. Each way's chunk is the smallest that is as fast as
+    the largest that fits: on the CPU, where calls cost nothing beyond their windows, one
+    window, which holds no more than the published algorithm. A given `view_batch_size` is
+    the chunk either way, kept under "auto" if that many windows kept fit.
+    """
+    budget = int(free_memory(device) * _MEMORY_SHARE)
+
+    def fitting(window_bytes: int) -> int:
+        fits = min(n_windows, budget // window_bytes)
+        return min(fits, _CPU_MAX_CHUNK) if device.type == "cpu" else fits
+
+    def chunk(recompute: bool) -> int:
+        if view_batch_size is not None:
+            return view_batch_size
+        fits = max(1, fitting(recomputed_bytes if recompute else kept_bytes))
+        best = chunk_cost(recompute, fits, device)
+        return min(b for b in range(1, fits + 1) if chunk_cost(recompute, b, device) <= best)
+
+    gib = 2**30
+    memory = (
+        f"a window {kept_bytes / gib:.2f} GiB kept, {recomputed_bytes / gib:.2f} GiB "
+        f"recomputed; {budget / gib:.1f} GiB to fill"
+    )
+    if mode != "auto":
+        recompute = mode == "always"
+        way = "recomputed" if recompute else "kept"
+        return SyncChunks(
+            recompute, chunk(recompute), f"{way}, as asked (recompute={mode!r}); {memory}"
+        )
+    kept_chunk = view_batch_size or 1
+    if fitting(kept_bytes) < kept_chunk:
+        return SyncChunks(
+            True, chunk(True), f"recomputed: {kept_chunk} window(s) kept would not fit; {memory}"
+        )
+    sizes = {False: chunk(False), True: chunk(True)}
+    costs = {way: chunk_cost(way, size, device) for way, size in sizes.items()}
+    faster = costs[True] < costs[False]
+
+    def said(way: bool) -> str:
+        return f"{costs[way]:.2f} a window {('kept', 'recomputed')[way]} in chunks of {sizes[way]}"
+
+    return SyncChunks(
+        faster,
+        sizes[faster],
+        f"{('kept', 'recomputed')[faster]}: predicted {said(faster)} against "
+        f"{said(not faster)}; {memory}",
+    )
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` says an allocation failed (PyTorch's allocator, cuBLAS or cuDNN, cuDNN's
     "unable to find an engine" included)."""
@@ -211,14 +306,18 @@ def release_memory() -> None:
 
 
 def run_in_chunks(
-    fn: Callable[[Sequence[int]], None], indices: Sequence[int], batch_size: int
+    fn: Callable[[Sequence[int]], None],
+    indices: Sequence[int],
+    batch_size: int,
+    fall_back: Callable[[], bool] | None = None,
 ) -> int:
     """Call `fn` on consecutive chunks of `indices` (its slices: ranges where it is a range, so
     a chunk of views is a slice, not an index); a chunk out of memory is halved, retried.
 
     `fn` must write its results only once it has them all, so a failed chunk leaves no trace.
     Returns the chunk size that last succeeded, so later steps start from a size that fits.
-    Out of memory at one window is raised as it came.
+    Out of memory at one window is raised as it came, unless `fall_back()` says it has made
+    `fn` need less memory (it returns True), and that window is tried again.
     """
     start = 0
     while start < len(indices):
@@ -228,7 +327,9 @@ def run_in_chunks(
             start += len(chunk)
             continue
         except Exception as error:
-            if batch_size == 1 or not is_out_of_memory(error):
+            if not is_out_of_memory(error) or (
+                batch_size == 1 and (fall_back is None or not fall_back())
+            ):
                 raise
         # Only here, past the `except`, are the error, its traceback and the failed chunk's
         # tensors gone, so the cache can give all of it back.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -56,6 +57,29 @@ def recompute_layers(*networks: torch.nn.Module) -> list[torch.nn.Module]:
         else:
             visit(network)
     return layers
+
+
+@dataclass
+class Recomputation:
+    """What one panorama's sync backward recomputes: `layers` now (none: every activation kept)
+    and `fallback`, the layers to recompute instead once one window kept does not fit (none:
+    out of memory at one window is final). `reason` says why, for logs and reports."""
+
+    layers: Sequence[torch.nn.Module] = ()
+    fallback: Sequence[torch.nn.Module] = ()
+    reason: str = ""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.layers)
+
+    def fall_back(self) -> bool:
+        """Recompute from now on, if there is a fallback; whether there was."""
+        if not self.fallback:
+            return False
+        self.layers, self.fallback = self.fallback, ()
+        self.reason = f"recomputed: one window kept ran out of memory (planned: {self.reason})"
+        return True
 
 
 def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from .chunks import run_in_chunks
 from .control import Control, WindowControl
 from .precision import LossScale
+from .recompute import Recomputation
 from .sync import PredictX0, lpips_features, sync_gradient
 from .sync_schedule import SyncSchedule
 from .windows import Window, anchor_index, gather, scatter_add
@@ -96,7 +97,7 @@ def denoise_views(
     sync: SyncSchedule,
     loss_scale: LossScale,
     view_batch_size: int,
-    recompute: Sequence[torch.nn.Module] = (),
+    recompute: Recomputation | None = None,
     control: Control | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One DDIM step of every view (n, 4, s, s), after the sync gradient step when it is due.
@@ -105,11 +106,13 @@ def denoise_views(
     Python int, for DDIM's arithmetic on its host tables: neither is copied per chunk. Chunks
     of views are contiguous slices, so a step waits on the device only where the sync step must
     read back whether its gradients are finite.
-    `recompute`: the layers recomputed in the sync backward (`recompute`). `control`: the
+    `recompute`: what the sync backward recomputes, and what it falls back to when one window
+    does not fit (`recompute.Recomputation`; default: nothing). `control`: the
     ControlNet, which every call of a view runs with the view's condition crop.
     Returns the denoised views and the chunk size that fitted.
     """
     steps = len(scheduler.timesteps)
+    recompute = recompute or Recomputation()
 
     def control_of(ids: Sequence[int]) -> WindowControl | None:
         return None if control is None else control.at(step, steps, ids)
@@ -146,10 +149,14 @@ def denoise_views(
 
     def sync_and_denoise(rows: range) -> None:
         x, ids = others[rows.start : rows.stop], numbers[rows.start : rows.stop]
-        grad = sync_gradient(x, ids, x0, decode, perceptual, anchor_features, loss_scale, recompute)
+        grad = sync_gradient(
+            x, ids, x0, decode, perceptual, anchor_features, loss_scale, recompute.layers
+        )
         moved[rows.start : rows.stop] = denoise(x - weight * grad.to(x.dtype), ids)
 
-    batch = run_in_chunks(sync_and_denoise, range(len(others)), view_batch_size)
+    batch = run_in_chunks(
+        sync_and_denoise, range(len(others)), view_batch_size, recompute.fall_back
+    )
     return torch.cat([moved[:anchor], anchor_denoised, moved[anchor:]]), batch
 
 
@@ -164,7 +171,7 @@ def sample_panorama(
     sync: SyncSchedule,
     view_batch_size: int,
     plain_batch_size: int | None = None,
-    recompute: Sequence[torch.nn.Module] = (),
+    recompute: Recomputation | None = None,
     initial_loss_scale: float = 1.0,
     control: Control | None = None,
     callback: Callback | None = None,
@@ -175,12 +182,15 @@ def sample_panorama(
     where given: `control.Control`) and `decode` the VAE decode to [0, 1];
     views go through them `view_batch_size` at a time in sync steps and `plain_batch_size`
     (default the same) in the others, which keep nothing for a backward; a chunk that runs out
-    of memory is halved, and each kind of step goes on from the size that fitted it. The layers
-    in `recompute` are recomputed in the sync backward. `initial_loss_scale` starts every
+    of memory is halved, and each kind of step goes on from the size that fitted it.
+    `recompute` says what the sync backward recomputes (default: nothing, every activation
+    kept) and what it falls back to. `initial_loss_scale` starts every
     window's loss scale for the sync backward (`precision`): 1 for fp32 networks. `callback`
     gets each step's state, with the chunk size that fitted (`view_batch_size`), which
-    measurements of memory read, and the windows' loss-scale back-offs so far.
+    measurements of memory read, whether a synced step recomputed and why, and the windows'
+    loss-scale back-offs so far.
     """
+    recompute = recompute or Recomputation()
     anchor = anchor_index(windows)
     loss_scale = LossScale(len(windows), initial_loss_scale)
     steps = len(scheduler.timesteps)
@@ -218,6 +228,8 @@ def sample_panorama(
                     "sync": synced,
                     "latent": latent,
                     "view_batch_size": batch_sizes[synced],
+                    "recompute": synced and recompute.active,
+                    "recompute_reason": recompute.reason if synced else "",
                     "loss_scale_back_offs": loss_scale.back_offs,
                 }
             )
