@@ -228,3 +228,24 @@ def test_from_png_prints_a_saved_model_without_its_control_characters(
     assert main([*argv, "--output", str(tmp_path / "out.png")]) == 0
     err = capsys.readouterr().err
     assert "\x1b" not in err and "made by another model ('\\x1b[2J\\x1b[31mevil')" in err
+
+
+def test_recompute_always_or_never_makes_the_same_picture(tiny_weights, tmp_path):
+    common = ["--prompt", "a cove", "--weights", str(tiny_weights), "--width", "640"]
+    common += ["--num-inference-steps", "1", "--sync-threshold", "1", "--seed", "2"]
+    pictures = []
+    for mode in ("always", "never"):
+        out = tmp_path / f"{mode}.png"
+        assert main([*common, "--recompute", mode, "--output", str(out)]) == 0
+        with Image.open(out) as image:
+            pictures.append(image.tobytes())
+    assert pictures[0] == pictures[1]
+
+
+def test_a_recompute_mode_outside_the_three_is_refused_naming_them(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--prompt", "a cove", "--recompute", "sometimes"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "--recompute: invalid choice: 'sometimes'" in error
+    assert "(choose from 'auto', 'always', 'never')" in error

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..core.chunks import RECOMPUTE_MODES
 from ..core.control import image_record
 from ..core.windows import Geometry
 from ..errors import InputError, WeightsError
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="windows per network call (default: as many as fit in memory)",
     )
+    parser.add_argument(
+        "--recompute",
+        choices=RECOMPUTE_MODES,
+        default="auto",
+        help="the sync backward's activations: recomputed (always), kept (never), or kept "
+        "where they fit and recomputed where not (auto, the default); the same picture",
+    )
     return parser
 
 
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 **inputs,
                 **control,
                 view_batch_size=args.view_batch_size,
+                recompute=args.recompute,
                 callback=progress,
             )
     except (InputError, WeightsError) as error:
