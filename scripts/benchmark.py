@@ -5,8 +5,9 @@
     python scripts/benchmark.py --arch sdxl          # SDXL base's architecture, random weights
     python scripts/benchmark.py --controlnet         # with a ControlNet and a condition image
 
-Runs the oracle and the fast path on the same inputs and seed in one process, alternating,
-then the fast path alone at several widths (time per window), prints a table and appends it,
+Runs the oracle and the fast path (with each `recompute` mode: auto, always, never) on the same
+inputs and seed in one process, alternating, counts one synced step's tensor peak of each, then
+the fast path alone at several widths (time per window), prints a table and appends it,
 with the machine, date and settings, to BENCHMARKS.md. On a GPU the oracle runs as published
 (fp32 weights under CUDA autocast) and the fast path in fp16. The oracle is SD2-base's
 algorithm, literally: for SDXL only the fast path runs (4096x1024, stride 32 by default).
@@ -125,8 +126,8 @@ def main() -> None:
             "- Command: `python scripts/benchmark.py " + " ".join(sys.argv[1:]) + "`",
             "",
             *table(
-                "| path | size | windows | seconds | speed-up | peak memory | max latent diff "
-                "| max pixel diff |",
+                "| path | size | windows | seconds | speed-up | peak memory "
+                "| synced step's tensors | max latent diff | max pixel diff |",
                 rows,
             ),
             "",

@@ -12,6 +12,7 @@ import copy
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from diffusers import ControlNetModel
 from PIL import Image
 
+from ..core.chunks import peak_live_bytes
 from ..models.tiny import make_tiny_controlnet, make_tiny_weights, random_controlnet
 from ..pipeline import SyncDiffusionPipeline
 from .measure import sd2_pipeline, sdxl_pipeline, timed
@@ -92,48 +94,84 @@ def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 
 
+def synced_step_peak(
+    pipe: SyncDiffusionPipeline, inputs: dict[str, Any], run: Callable[..., Any]
+) -> int:
+    """The most bytes of tensors alive at once in one synced step of `inputs` (`run(**inputs)`
+    with one step, synced), `pipe`'s weights left out (`chunks.peak_live_bytes`): the same
+    count on every device, where the CPU's peak RSS only ever grows within a process."""
+    networks = (pipe.unet, pipe.controlnet, pipe.vae, pipe.perceptual, *pipe.text_encoders())
+    weights = [
+        t for net in networks if net is not None for t in (*net.parameters(), *net.buffers())
+    ]
+    one = {**inputs, "num_inference_steps": 1, "sync_threshold": 1}
+    return peak_live_bytes(lambda: run(**one), weights)
+
+
+# The fast path's ways with the sync backward's activations (`recompute`), timed in turn.
+RECOMPUTE_ROWS = ("auto", "always", "never")
+
+
 def against_oracle(
     pipes: Pipelines, inputs: dict[str, Any], repeats: int, device: torch.device, name: str
 ) -> list[str]:
-    """Rows for the oracle (where there is one), the fast path and the fast path one window per
-    network call (the bounded-memory setting, as the oracle): each the best of `repeats` runs
-    alternating with the oracle's, with the largest latent and pixel differences."""
+    """Rows for the oracle (where there is one), the fast path with each `recompute` mode and
+    the fast path one window per network call (the bounded-memory setting, as the oracle):
+    each the best of `repeats` runs alternating with the oracle's, with its peak memory (CUDA:
+    allocated; CPU: the process's RSS, which only grows), one synced step's tensor peak
+    (`synced_step_peak`) and the largest latent and pixel differences to the oracle."""
     fast, oracle = pipes.fast, pipes.oracle
     size = f"{inputs['width']}x{inputs['height']}"
     n_windows = len(fast.geometry.windows(inputs))
-    oracle_runs, fast_runs = [], []
+    oracle_runs, fast_runs = [], {mode: [] for mode in RECOMPUTE_ROWS}
     for _ in range(repeats):
+        said = ""
         if oracle is not None:
             oracle_runs.append(timed(lambda: pipes.run_oracle(oracle, **inputs), device))
-        fast_runs.append(timed(lambda: fast(**inputs, output_type="latent"), device))
-        said = f"oracle {oracle_runs[-1][1]:.1f}s  " if oracle_runs else ""
-        print(f"{said}fast {fast_runs[-1][1]:.1f}s", flush=True)
-    fast_s = min(seconds for _, seconds, _ in fast_runs)
-    rows, speedup, diffs, oracle_s = [], "", " | ", None
+            said = f"oracle {oracle_runs[-1][1]:.1f}s"
+        for mode, runs in fast_runs.items():
+            runs.append(
+                timed(lambda m=mode: fast(**inputs, output_type="latent", recompute=m), device)
+            )
+            said += f"  {mode} {runs[-1][1]:.1f}s"
+        print(said.strip(), flush=True)
+
+    def fast_step(mode: str, **options: Any) -> Callable[..., Any]:
+        return partial(fast, output_type="latent", recompute=mode, **options)
+
+    rows, oracle_s, o_latent, o_image = [], None, None, None
     if oracle is not None:
         (o_image, o_latent), _, _ = oracle_runs[-1]
-        f_latent = fast_runs[-1][0]
-        latent_diff = (f_latent.float() - o_latent.float()).abs().max().item()
-        f_image = np.asarray(fast.decode(f_latent), dtype=int)
-        pixels = np.abs(f_image - np.asarray(o_image, dtype=int)).max()
         oracle_s = min(seconds for _, seconds, _ in oracle_runs)
-        diffs, speedup = f"{latent_diff:.2e} | {pixels}/255", f"{oracle_s / fast_s:.2f}x"
         peak = max(p for _, _, p in oracle_runs)
+        step = synced_step_peak(oracle, inputs, partial(pipes.run_oracle, oracle))
         rows.append(
-            f"| oracle ({name}) | {size} | {n_windows} | {oracle_s:.2f} | 1.00x | {gib(peak)} | | |"
+            f"| oracle ({name}) | {size} | {n_windows} | {oracle_s:.2f} | 1.00x | {gib(peak)} "
+            f"| {gib(step)} | | |"
         )
-    peak = max(p for _, _, p in fast_runs)
-    rows.append(
-        f"| fast | {size} | {n_windows} | {fast_s:.2f} | {speedup} | {gib(peak)} | {diffs} |"
-    )
-    _, one_s, one_peak = timed(
-        lambda: fast(**inputs, output_type="latent", view_batch_size=1), device
-    )
-    speedup = f"{oracle_s / one_s:.2f}x" if oracle_s is not None else ""
-    rows.append(
-        f"| fast, chunks of 1 | {size} | {n_windows} | {one_s:.2f} | {speedup} | {gib(one_peak)} "
-        "| | |"
-    )
+
+    def row(label: str, runs: list, step: int) -> str:
+        seconds = min(s for _, s, _ in runs)
+        peak = max(p for _, _, p in runs)
+        speedup, diffs = "", " | "
+        if oracle_s is not None:
+            latent = runs[-1][0]
+            latent_diff = (latent.float() - o_latent.float()).abs().max().item()
+            pixels = np.abs(
+                np.asarray(fast.decode(latent), dtype=int) - np.asarray(o_image, dtype=int)
+            ).max()
+            speedup, diffs = f"{oracle_s / seconds:.2f}x", f"{latent_diff:.2e} | {pixels}/255"
+        return (
+            f"| {label} | {size} | {n_windows} | {seconds:.2f} | {speedup} | {gib(peak)} "
+            f"| {gib(step)} | {diffs} |"
+        )
+
+    for mode, runs in fast_runs.items():
+        step = synced_step_peak(fast, inputs, fast_step(mode))
+        rows.append(row(f"fast, recompute {mode}", runs, step))
+    one = timed(lambda: fast(**inputs, output_type="latent", view_batch_size=1), device)
+    step = synced_step_peak(fast, inputs, fast_step("auto", view_batch_size=1))
+    rows.append(row("fast, chunks of 1", [one], step))
     return rows
 
 
