@@ -24,7 +24,7 @@ from syncdiffusion.models import lpips_trunk
 from syncdiffusion.models.folders import read_source, sd_variant
 from syncdiffusion.models.lpips_trunk import save_trunk
 from syncdiffusion.models.perceptual import load_vgg16_features
-from syncdiffusion.models.tiny import make_tiny_weights
+from syncdiffusion.models.tiny import make_tiny_controlnet, make_tiny_weights
 from syncdiffusion.models.weights import (
     DOWNLOAD_COMMAND,
     LEGACY_VGG16_RELPATH,
@@ -34,6 +34,7 @@ from syncdiffusion.models.weights import (
     WEIGHTS_ENV,
     check_weights,
     default_weights_dir,
+    download_controlnet,
     download_weights,
     hub_offline,
     missing_parts,
@@ -73,6 +74,28 @@ def test_tiny_model_passes(tiny: Path) -> None:
     assert missing_parts(tiny, verify=True) == []
     assert sd_variant(tiny / SD_DIRNAME) is None
     assert len(load_vgg16_features(tiny / VGG16_RELPATH)) == 26
+
+
+def _modes(folder: Path) -> dict[str, str]:
+    """Each file's and folder's permission bits under `folder`, but huggingface_hub's .cache/."""
+    found = [folder, *(p for p in folder.rglob("*") if ".cache" not in p.parts)]
+    return {p.relative_to(folder).as_posix(): oct(p.stat().st_mode & 0o777) for p in found}
+
+
+def _readable(folder: Path) -> dict[str, str]:
+    """The files and folders under `folder` that another user cannot read (or enter)."""
+    return {
+        rel: mode
+        for rel, mode in _modes(folder).items()
+        if mode != ("0o755" if (folder / rel).is_dir() else "0o644")
+    }
+
+
+def test_tiny_weights_are_readable_by_every_user(tiny: Path) -> None:
+    # A Cog image's worker may run as another user than the one that wrote the weights, and
+    # safetensors' save_file writes 0600.
+    assert {m for r, m in _modes(tiny).items() if r.endswith(".safetensors")} == {"0o644"}
+    assert _readable(tiny) == {}
 
 
 def test_tiny_model_is_deterministic(tiny: Path, tmp_path: Path) -> None:
@@ -449,6 +472,26 @@ def test_download_fails_cleanly_and_a_rerun_finishes(
     got = {p.name for p in (target / SD_DIRNAME).rglob("*") if p.is_file()}
     assert not any(name.endswith((".bin", ".ckpt")) for name in got)
     assert "diffusion_pytorch_model.safetensors" not in got
+
+
+def test_downloaded_weights_are_readable_by_every_user(
+    tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # huggingface_hub writes files by the umask; safetensors' save_file (the trunk) writes 0600.
+    network.repos["alice/tiny-controlnet"] = make_tiny_controlnet(
+        network.repo, tmp_path / "controlnet-hub"
+    )
+    for repo in (network.repo, tmp_path / "controlnet-hub"):
+        for path in repo.rglob("*"):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+    old = os.umask(0o077)
+    try:
+        download_weights(tmp_path / "w", progress=False)
+        download_controlnet(tmp_path / "w", "alice/tiny-controlnet", progress=False)
+    finally:
+        os.umask(old)
+    assert _readable(tmp_path / "w") == {}
+    assert _modes(tmp_path / "w")[UNET.replace(".safetensors", ".fp16.safetensors")] == "0o644"
 
 
 def test_download_rejects_a_file_with_the_wrong_sha256(

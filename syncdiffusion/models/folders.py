@@ -29,6 +29,21 @@ _FAMILY_FILES = ("unet/config.json", "model_index.json")  # what a folder's fami
 SOURCE_FILE = "syncdiffusion-source.json"
 
 
+def share(path: str | os.PathLike[str], top: str | os.PathLike[str] | None = None) -> None:
+    """Let every user read the weights at `path`: a file (0644), or a folder (0755) and all in
+    it; with `top`, also the folders from `top` down to `path`. safetensors' `save_file` writes
+    0600 and a download follows the umask, while a Cog image's worker may run as another user
+    than the one that fetched the weights. Bits are only added, never taken away."""
+    path = Path(path)
+    chain = [path, *path.parents[: len(path.relative_to(top).parts)]] if top else [path]
+    for folder in chain[1:]:
+        folder.chmod(folder.stat().st_mode | 0o755)
+    found = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in found:
+        if not item.is_symlink():
+            item.chmod(item.stat().st_mode | (0o755 if item.is_dir() else 0o644))
+
+
 def read_source(sd_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """What the download recorded in a model folder: {"repo_id": ..., "revision": ...}; None
     for a folder it did not make (made by hand, by an older version) or an unreadable record."""

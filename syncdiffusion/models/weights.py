@@ -28,6 +28,7 @@ from .folders import (
     hub_patterns,
     read_source,
     sd_variant,
+    share,
     write_source,
 )
 from .lpips_trunk import LEGACY_VGG16_RELPATH, VGG16_RELPATH
@@ -343,6 +344,7 @@ def _download(weights_dir: Path, repo: str, kind: _Kind, fix: str, progress: boo
     fetch("fp16")
     if kind.variant(folder) != "fp16":  # a repository without fp16 files (fine-tunes often)
         fetch(None)
+    share(folder, weights_dir)  # readable by the image's worker, whoever it runs as
     if problem := kind.problem(folder):
         raise WeightsError(f"Downloaded {repo}, but {problem}. {fix}")
     _say(progress, f"{repo} is in {folder}")
@@ -372,5 +374,6 @@ def _make_trunk(weights_dir: Path, progress: bool) -> None:
     lpips_trunk.save_trunk(features, written)
     final.parent.mkdir(exist_ok=True)
     os.replace(written, final)
+    share(final, weights_dir)
     source.unlink()
     _say(progress, f"The LPIPS trunk ({final.stat().st_size:,} bytes) is in {final}")
