@@ -180,6 +180,14 @@ def _config(component: str, key: str, value: object) -> Callable[[Path], None]:
     return edit
 
 
+def _scheduler(key: str, value: object) -> Callable[[Path], None]:
+    def edit(w: Path) -> None:
+        path = w / SD_DIRNAME / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+
+    return edit
+
+
 def _trunk(edit: Callable[[dict[str, torch.Tensor]], None], **metadata: str) -> Callable:
     """Rewrite the trunk with `edit` applied to its tensors (and no hash unless given)."""
 
@@ -227,6 +235,20 @@ BROKEN = {  # what breaks the folder: (how, which part is then missing, what the
         SD,
         "scheduler/scheduler_config.json is not valid JSON",
     ),
+    "unet window 0": (
+        _config("unet", "sample_size", 0),
+        SD,
+        "unet/config.json has sample_size 0, expected a whole number of at least 16 (the window",
+    ),
+    "unet window 8": (_config("unet", "sample_size", 8), SD, "has sample_size 8, expected a"),
+    "unet window text": (_config("unet", "sample_size", "64"), SD, "has sample_size '64', exp"),
+    "scheduler steps": (
+        _scheduler("num_train_timesteps", -5),
+        SD,
+        "scheduler/scheduler_config.json has num_train_timesteps -5, expected a whole number of "
+        "at least 1 (the training schedule's steps)",
+    ),
+    "scheduler steps float": (_scheduler("num_train_timesteps", 1e3), SD, "timesteps 1000.0, e"),
     "unet in_channels": (_config("unet", "in_channels", 9), SD, "in_channels 9, expected 4"),
     "unet out_channels": (_config("unet", "out_channels", 8), SD, "out_channels 8"),
     "unet cross dim": (_config("unet", "cross_attention_dim", 768), SD, "cross_attention_dim 768"),
@@ -335,6 +357,43 @@ def test_sd_variant_prefers_full_precision_when_both_present(weights_dir: Path) 
 
 
 # --- the old layout -----------------------------------------------------------------------
+
+
+OTHER_TENSORS = {  # a component's weights file replaced by another network's: its header is whole
+    "unet": ("vae", "208 of its 208 tensors are missing, such as conv_in.bias; it holds 184 "),
+    "vae": ("unet", "184 of its 184 tensors are missing, such as decoder.conv_in.bias; it holds"),
+    "text_encoder": ("vae", "36 of its 36 tensors are missing, such as embeddings.position_emb"),
+}
+
+
+@pytest.mark.parametrize("component", OTHER_TENSORS)
+def test_another_networks_tensors_fail_naming_the_file(weights_dir: Path, component: str) -> None:
+    from syncdiffusion import SyncDiffusionPipeline
+
+    other, expected = OTHER_TENSORS[component]
+    sd = weights_dir / SD_DIRNAME
+    target = sd / component / f"{WEIGHT_FILES[component]}.safetensors"
+    shutil.copy(sd / other / f"{WEIGHT_FILES[other]}.safetensors", target)
+    check_weights(weights_dir)  # a whole file: only loading tells whose tensors it holds
+    with pytest.raises(WeightsError) as exc:
+        SyncDiffusionPipeline.from_pretrained(weights_dir, "cpu")
+    message = _assert_actionable(exc, target)
+    assert f"does not hold the network {component}/config.json describes" in message
+    assert expected in message
+
+
+def test_a_tensor_of_another_shape_fails_naming_it(weights_dir: Path) -> None:
+    from syncdiffusion import SyncDiffusionPipeline
+
+    tensors = load_file(weights_dir / UNET)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"][:, :, :1, :1].contiguous()
+    save_file(tensors, weights_dir / UNET)
+    with pytest.raises(WeightsError) as exc:
+        SyncDiffusionPipeline.from_pretrained(weights_dir, "cpu")
+    assert (
+        "1 of its 208 tensors have another shape, such as conv_in.weight: 32x4x1x1 in the file, "
+        "32x4x3x3 by unet/config.json"
+    ) in _assert_actionable(exc, weights_dir / UNET)
 
 
 def _torchvision_file(tiny: Path, path: Path) -> Path:

@@ -94,6 +94,41 @@ def weights_file(component: str, variant: str | None) -> str:
     return f"{component}/{_STEMS[component]}{'.' + variant if variant else ''}.safetensors"
 
 
+def tensors_problem(path: Path, expected: dict[str, tuple[int, ...]], config: str) -> str | None:
+    """What the weights file at `path` lacks of the tensors (name -> shape) that the network its
+    `config` (a config.json, as a message names it) describes holds, or has in another shape;
+    None if it has them all. Read from the file's header alone. Tensors the network does not
+    hold are left alone (loaders skip them: an old text encoder's `position_ids`)."""
+    with safe_open(path, framework="pt") as f:
+        found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+
+    def shape(dims: tuple[int, ...]) -> str:
+        return "x".join(map(str, dims)) or "a scalar"
+
+    missing = [name for name in expected if name not in found]
+    reshaped = [name for name in expected if name in found and found[name] != expected[name]]
+    problems = []
+    if missing:
+        others = [name for name in found if name not in expected]
+        held = f"; it holds {len(others)} others, such as {others[0]}" if others else ""
+        problems.append(
+            f"{len(missing)} of its {len(expected)} tensors are missing, such as "
+            f"{missing[0]} ({shape(expected[missing[0]])}){held}"
+        )
+    if reshaped:
+        name = reshaped[0]
+        problems.append(
+            f"{len(reshaped)} of its {len(expected)} tensors have another shape, such as "
+            f"{name}: {shape(found[name])} in the file, {shape(expected[name])} by {config}"
+        )
+    if not problems:
+        return None
+    return (
+        f"Weights file {path} does not hold the network {config} describes (another model's "
+        f"file?): {'; '.join(problems)}"
+    )
+
+
 def hub_patterns(variant: str | None) -> list[str]:
     """What to fetch of a hub repository: only what diffusers reads (the repositories also
     hold .bin copies, other precisions and single-file checkpoints)."""

@@ -174,7 +174,7 @@ def check_controlnet(weights_dir: str | os.PathLike[str], name: str) -> Path:
     raise WeightsError naming the folder, what is wrong and the command that fixes it.
 
     Reads the config and the weights file's header only, as check_weights does for models."""
-    weights_dir, fix = Path(weights_dir), _controlnet_fix(Path(weights_dir), name)
+    weights_dir, fix = Path(weights_dir), controlnet_fix_command(Path(weights_dir), name)
     if "/" in name:  # a repository id: the folder holds it
         _check_source(weights_dir, name, _CONTROLNET)
     folder = controlnet_dir(weights_dir, name)
@@ -196,7 +196,8 @@ def download_controlnet(
     _check_source(weights_dir, repo, _CONTROLNET)
     folder = controlnet_dir(weights_dir, repo)
     if controlnet_folder_problem(folder):
-        _download(weights_dir, repo, _CONTROLNET, _controlnet_fix(weights_dir, name), progress)
+        fix = controlnet_fix_command(weights_dir, name)
+        _download(weights_dir, repo, _CONTROLNET, fix, progress)
     return folder
 
 
@@ -263,7 +264,8 @@ def fix_command(weights_dir: Path | None, model: str | None = None) -> str:
     return f"Run: {DOWNLOAD_COMMAND}{chosen}{folder}"
 
 
-def _controlnet_fix(weights_dir: Path, name: str) -> str:
+def controlnet_fix_command(weights_dir: Path, name: str) -> str:
+    """"Run: <the download command>" that puts ControlNet `name` in `weights_dir`."""
     folder = shlex.quote(str(weights_dir))
     return f"Run: {DOWNLOAD_COMMAND}{_option(_CONTROLNET, name)} --weights {folder}"
 
