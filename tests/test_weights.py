@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -434,6 +435,12 @@ def test_default_weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 # --- download_weights: the hub faked, torchvision's file served from a file:// URL --------
 
 
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 class FakeHub:
     """Stands in for huggingface_hub's snapshot_download and model_info, serving files from a
     local tree at one revision: `repos[repo_id]`, else `repo` whatever the id.
@@ -444,6 +451,7 @@ class FakeHub:
 
     def __init__(self, repo: Path, revision: str = "0123abc") -> None:
         self.repo, self.revision, self.fail, self.calls = repo, revision, False, []
+        self.flip: str | None = None  # a file the transfer damages
         self.repos: dict[str, Path] = {}
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
@@ -453,8 +461,20 @@ class FakeHub:
         monkeypatch.setattr(huggingface_hub, "model_info", self.model_info)
         return self
 
-    def model_info(self, repo_id: str) -> SimpleNamespace:
-        return SimpleNamespace(id=repo_id, sha=self.revision)
+    def model_info(self, repo_id: str, files_metadata: bool = False) -> SimpleNamespace:
+        """What the hub publishes of the repository: with `files_metadata`, each file's size,
+        git object id, and for weights (kept in LFS on the hub) their sha256."""
+        repo = self.repos.get(repo_id, self.repo)
+        siblings = []
+        for path in sorted(p for p in repo.rglob("*") if p.is_file()):
+            data, rel = path.read_bytes(), path.relative_to(repo).as_posix()
+            lfs = None
+            if rel.endswith((".safetensors", ".bin", ".ckpt")):
+                lfs = BlobLfsInfo(len(data), hashlib.sha256(data).hexdigest(), 134)
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            metadata = {"size": len(data), "blob_id": blob, "lfs": lfs} if files_metadata else {}
+            siblings.append(RepoSibling(rel, **metadata))
+        return SimpleNamespace(id=repo_id, sha=self.revision, siblings=siblings)
 
     def __call__(
         self, repo_id: str, *, revision: str, local_dir: Path, allow_patterns: list[str]
@@ -471,8 +491,11 @@ class FakeHub:
                 raise ConnectionError("Connection reset by peer")
             if not dst.is_file() or dst.read_bytes() != src.read_bytes():
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(src, dst.with_name(dst.name + ".incomplete"))
-                os.replace(dst.with_name(dst.name + ".incomplete"), dst)
+                part = dst.with_name(dst.name + ".incomplete")
+                shutil.copy(src, part)
+                if rel == self.flip:  # damaged on the way: a byte in its middle flipped
+                    _flip_a_byte(part)
+                os.replace(part, dst)
         return str(local_dir)
 
 
@@ -630,6 +653,84 @@ def test_a_model_of_the_same_name_from_another_owner_is_refused(
     assert download.main(["--model", "bob/tiny-sd", "--weights", str(target)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds alice/tiny-sd, not bob/tiny-sd" in err
+
+
+FP16_UNET = f"{SD_DIRNAME}/unet/diffusion_pytorch_model.fp16.safetensors"
+
+
+def test_each_file_is_checked_against_what_the_hub_publishes(
+    tmp_path: Path, network: FakeHub
+) -> None:
+    target = tmp_path / "w"
+    network.flip = FP16_UNET.split("/", 1)[1]  # a byte flipped on the way, the size the same
+    with pytest.raises(WeightsError) as exc:
+        download_weights(target, progress=False)
+    message = _assert_actionable(exc, target / FP16_UNET)
+    published = hashlib.sha256((network.repo / network.flip).read_bytes()).hexdigest()
+    assert "its sha256 is " in message and f"where the hub publishes {published}" in message
+    assert not (target / FP16_UNET).exists()  # removed: the rerun fetches it again
+
+    network.flip = None
+    download_weights(target, progress=False)
+    files = read_source(target / SD_DIRNAME)["files"]
+    assert files["unet/diffusion_pytorch_model.fp16.safetensors"]["sha256"] == published
+    assert set(files) >= {"model_index.json", "tokenizer/vocab.json", "vae/config.json"}
+    check_weights(target)
+
+
+def test_bytes_changed_after_the_download_are_found_by_the_download_command(
+    tmp_path: Path, network: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "w"
+    download_weights(target, progress=False)
+    _flip_a_byte(target / FP16_UNET)
+    check_weights(target)  # a load checks the recorded sizes only: a stat a file
+    assert missing_parts(target, verify=True) == [SD_DIRNAME]  # the command re-hashes
+    network.calls.clear()
+    assert download.main(["--weights", str(target)]) == 0
+    assert network.calls == [SD_REPO_ID]
+    assert (target / FP16_UNET).read_bytes() == (network.repo / network_rel(FP16_UNET)).read_bytes()
+    assert missing_parts(target, verify=True) == []
+
+    index = target / SD_DIRNAME / "model_index.json"  # still JSON, one line longer
+    index.write_text(index.read_text() + "\n")
+    with pytest.raises(WeightsError) as exc:
+        check_weights(target)
+    size = index.stat().st_size
+    assert (
+        f"is incomplete: model_index.json is {size:,} bytes, where the download recorded "
+        f"{size - 1:,} bytes checked against the hub"
+    ) in _assert_actionable(exc, target / SD_DIRNAME)
+
+
+def network_rel(rel: str) -> str:
+    return rel.split("/", 1)[1]
+
+
+def test_an_unrecorded_incomplete_folder_is_not_merged_into(
+    weights_dir: Path, network: FakeHub
+) -> None:
+    (weights_dir / UNET).unlink()  # a folder made by hand, or by an older version: no record
+    with pytest.raises(WeightsError) as exc:
+        download_weights(weights_dir, progress=False)
+    message = _assert_actionable(exc, weights_dir / SD_DIRNAME)
+    assert "unet/diffusion_pytorch_model.safetensors is missing" in message
+    assert "no download recorded whose files it holds" in message
+    assert f"remove {weights_dir / SD_DIRNAME}, then run the command again" in message
+    assert network.calls == [] and read_source(weights_dir / SD_DIRNAME) is None
+
+
+def test_a_known_name_whose_folder_holds_another_owners_copy_says_so(
+    tmp_path: Path, network: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "w"
+    download_weights(target, progress=False, model="alice/stable-diffusion-2-base")
+    check_weights(target, "alice/stable-diffusion-2-base")
+    expected = f"holds alice/stable-diffusion-2-base, not {SD_REPO_ID}"
+    with pytest.raises(WeightsError, match=expected):
+        check_weights(target)  # the default, a name the download knows: SD_REPO_ID's
+    assert download.main(["--weights", str(target)]) == 1
+    assert expected in capsys.readouterr().err
 
 
 def test_the_panorama_records_the_revision_of_its_weights(tmp_path: Path, network: FakeHub):

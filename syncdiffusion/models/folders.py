@@ -9,6 +9,7 @@ safetensors against the file's size, and the configs held to the family's archit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -54,10 +55,63 @@ def read_source(sd_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     return source if isinstance(source, dict) and isinstance(source.get("repo_id"), str) else None
 
 
-def write_source(sd_dir: str | os.PathLike[str], repo_id: str, revision: str | None) -> None:
-    """Record in a model folder which hub repository and revision it holds."""
-    record = json.dumps({"repo_id": repo_id, "revision": revision}, indent=2) + "\n"
-    (Path(sd_dir) / SOURCE_FILE).write_text(record, encoding="utf-8")
+def write_source(
+    sd_dir: str | os.PathLike[str],
+    repo_id: str,
+    revision: str | None,
+    files: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Record in a model folder which hub repository and revision it holds, and once fetched
+    and checked against what the hub publishes, each file's size and sha256 (`files`)."""
+    record: dict[str, Any] = {"repo_id": repo_id, "revision": revision}
+    if files is not None:
+        record["files"] = files
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    (Path(sd_dir) / SOURCE_FILE).write_text(text, encoding="utf-8")
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def git_blob_id(path: Path) -> str:
+    """A file's git object id (the sha1 of "blob <size>\\0" and its bytes): what the hub
+    publishes of a file kept in git rather than LFS (configs, tokenizer files)."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def recorded_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """The files the download recorded in `folder` (relative path -> {"size", "sha256"})."""
+    files = (read_source(folder) or {}).get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def size_problem(folder: Path, noun: str) -> str | None:
+    """A file the download recorded that is gone or has another size now, or None: a stat each,
+    cheap enough for every load (the bytes themselves: `changed_files`)."""
+    for rel, record in sorted(recorded_files(folder).items()):
+        path = folder / rel
+        size = path.stat().st_size if path.is_file() else None
+        if size != record.get("size"):
+            now = "is missing" if size is None else f"is {size:,} bytes"
+            return (
+                f"{noun} {folder} is incomplete: {rel} {now}, where the download recorded "
+                f"{record.get('size'):,} bytes checked against the hub"
+            )
+    return None
+
+
+def changed_files(folder: Path) -> list[str]:
+    """The files the download recorded whose bytes no longer hash to the recorded sha256 (each
+    file read whole: the download command's check, not the load's)."""
+    return [
+        rel
+        for rel, record in sorted(recorded_files(folder).items())
+        if not (folder / rel).is_file() or sha256_of(folder / rel) != record.get("sha256")
+    ]
 
 
 def read_family(sd_dir: str | os.PathLike[str]) -> Family:
@@ -189,6 +243,8 @@ def folder_problem(sd_dir: Path) -> str | None:
             )
         if found := problem(rel):
             return found
+    if found := size_problem(sd_dir, "Weights folder"):
+        return found
     found = architecture_problem(configs, family)
     return f"Weights folder {sd_dir} is not {family.name}: {found}" if found else None
 
@@ -238,4 +294,4 @@ def controlnet_folder_problem(controlnet_dir: Path) -> str | None:
             f"{noun} {controlnet_dir} is incomplete: {rel} is missing (nor is there "
             f"{controlnet_weights_file('fp16')})"
         )
-    return _file_problem(controlnet_dir, rel, configs, noun)
+    return _file_problem(controlnet_dir, rel, configs, noun) or size_problem(controlnet_dir, noun)
