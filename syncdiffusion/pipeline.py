@@ -44,16 +44,26 @@ from .core.sampling import Callback, guided_eps, sample_panorama, window_time_id
 from .core.sync import lpips_features, sync_loss
 from .core.sync_schedule import sync_schedule
 from .core.windows import Geometry
-from .errors import InputError
+from .errors import InputError, WeightsError
 from .models.family import SDXL, controlnet_problem, unet_family
-from .models.folders import controlnet_variant, read_family, read_source, sd_variant
+from .models.folders import (
+    controlnet_variant,
+    controlnet_weights_file,
+    read_family,
+    read_source,
+    sd_variant,
+    tensors_problem,
+    weights_file,
+)
 from .models.lpips_trunk import VGG16_RELPATH
 from .models.perceptual import load_lpips
 from .models.weights import (
     check_controlnet,
     check_controlnet_fits,
     check_weights,
+    controlnet_fix_command,
     default_weights_dir,
+    fix_command,
     model_dirname,
 )
 from .request.image_file import model_identity
@@ -96,6 +106,39 @@ def encoder_text(tokenizer: CLIPTokenizer, text: str) -> tuple[str, int | None]:
 # Tokens past what the encoder reads that a prefix must hold, so that where it is cut inside
 # a word (text without whitespace), the cut cannot reach back into the tokens the encoder reads.
 _TOKEN_MARGIN = 32
+
+
+def _load_checked(cls: Any, folder: Path, weights: Path, fix: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(folder)`, its weights file first held to the tensors the network its
+    config describes holds: another model's file fails with a WeightsError naming the file and
+    what it lacks or has in another shape, where diffusers would fail copying out of a meta
+    tensor and transformers would fill the missing tensors with random numbers."""
+    config = f"{folder.name}/config.json"
+    try:
+        network, loaded = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except Exception as exc:  # both raise many types on a tensor of another shape
+        with torch.device("meta"):  # the network of the config, without its memory
+            if hasattr(cls, "load_config"):  # diffusers
+                built = cls.from_config(cls.load_config(folder))
+            else:  # transformers
+                built = cls(cls.config_class.from_pretrained(folder))
+        if problem := tensors_problem(weights, _shapes(built), config):
+            raise WeightsError(f"{problem}. {fix}") from exc
+        raise
+    # The loaders' own report: it knows the names they rename (transformers' `text_model.`).
+    if missing := sorted(loaded.get("missing_keys") or ()):
+        others = sorted(loaded.get("unexpected_keys") or ())
+        held = f"; it holds {len(others)} others, such as {others[0]}" if others else ""
+        raise WeightsError(
+            f"Weights file {weights} does not hold the network {config} describes (another "
+            f"model's file?): {len(missing)} of its {len(_shapes(network))} tensors are missing, "
+            f"such as {missing[0]}{held}. {fix}"
+        )
+    return network
+
+
+def _shapes(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in network.state_dict().items()}
 
 
 @contextmanager
@@ -198,19 +241,20 @@ class SyncDiffusionPipeline:
         local = {"local_files_only": True}
         kwargs = {**local, "torch_dtype": dtype, "variant": sd_variant(sd)}
         encoders = zip(family.text_encoders, family.text_encoder_classes, strict=True)
+        fix = fix_command(weights_dir, model)
+
+        def load(cls: Any, name: str, **more: Any) -> Any:
+            weights = sd / weights_file(name, kwargs["variant"])
+            return _load_checked(cls, sd / name, weights, fix, **{**kwargs, **more})
+
         with _no_progress_bars():
             index = DiffusionPipeline.load_config(sd, **local)  # model_index.json
             vae_config = AutoencoderKL.load_config(sd, subfolder="vae", **local)
             upcast = vae_dtype(dtype, vae_upcast(vae_config, family))
             pipe = cls(
-                unet=UNet2DConditionModel.from_pretrained(sd, subfolder="unet", **kwargs),
-                vae=AutoencoderKL.from_pretrained(
-                    sd, subfolder="vae", **{**kwargs, "torch_dtype": upcast}
-                ),
-                **{
-                    name: getattr(transformers, kind).from_pretrained(sd, subfolder=name, **kwargs)
-                    for name, kind in encoders
-                },
+                unet=load(UNet2DConditionModel, "unet"),
+                vae=load(AutoencoderKL, "vae", torch_dtype=upcast),
+                **{name: load(getattr(transformers, kind), name) for name, kind in encoders},
                 **{
                     name: CLIPTokenizer.from_pretrained(sd, subfolder=name, **local)
                     for name in family.tokenizers
@@ -220,8 +264,12 @@ class SyncDiffusionPipeline:
                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt")),
                 controlnet=None
                 if control_dir is None
-                else ControlNetModel.from_pretrained(
-                    control_dir, **{**kwargs, "variant": controlnet_variant(control_dir)}
+                else _load_checked(
+                    ControlNetModel,
+                    control_dir,
+                    control_dir / controlnet_weights_file(controlnet_variant(control_dir)),
+                    controlnet_fix_command(weights_dir, controlnet),
+                    **{**kwargs, "variant": controlnet_variant(control_dir)},
                 ),
             )
         pipe.model_revision = (read_source(sd) or {}).get("revision")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from syncdiffusion.request.condition_image import (
     CONTROL_PREPROCESSORS,
     MAX_CONTROL_PIXELS,
     MAX_CONTROL_SIDE,
+    MAX_JPEG_SCANS,
     _declared_size,
+    _jpeg_scans,
     _kind,
     canny,
     open_control_image,
@@ -277,6 +280,79 @@ def test_a_side_beyond_four_panoramas_is_refused_however_few_its_pixels(tmp_path
 def test_our_limit_is_below_pillows_so_pillow_never_warns_of_an_image_we_take():
     assert MAX_CONTROL_SIDE == 4 * MAX_SIDE and MAX_CONTROL_PIXELS == 4 * MAX_SIDE**2
     assert MAX_CONTROL_PIXELS <= Image.MAX_IMAGE_PIXELS
+
+
+def repeated_last_scan(data: bytes, copies: int) -> bytes:
+    """A JPEG `data` with its last scan (SOS segment and coded data) repeated `copies` more times:
+    each copy is decoded over the whole picture, for a few bytes of file."""
+    last, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    return data[:end] + data[last:end] * copies + data[end:]
+
+
+def scan_bomb(side: int = 2048, copies: int = 4000) -> bytes:
+    return repeated_last_scan(
+        encoded(Image.new("RGB", (side, side)), "JPEG", progressive=True), copies
+    )
+
+
+def test_a_progressive_jpeg_scan_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    # 89 KB that took Pillow 12 s to decode on a CPU; counting its scans refuses it in 1 ms.
+    path = written(tmp_path, "bomb.jpg", scan_bomb())
+    assert path.stat().st_size < 120_000
+
+    def never(*args, **kwargs):
+        raise AssertionError("Image.open was called on a file refused by its scans")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Image, "open", never)
+        started = time.perf_counter()
+        message = refusal(path)
+        # A generous bound, as the issue asks ("refused in under a second"): counting the scans
+        # reads 89 KB; 5 s leaves room for a loaded machine and is well under the decode's time.
+        assert time.perf_counter() - started < 5
+    assert message == (
+        f"control_image must be a JPEG of at most {MAX_JPEG_SCANS} scans (a progressive JPEG has "
+        f"about 10, each decoded over the whole picture); got {str(path)!r}: a JPEG of more "
+        f"than {MAX_JPEG_SCANS} scans: save it again, as any image editor writes it"
+    )
+    size = path.stat().st_size
+    assert f"got {size:,} bytes: a JPEG of more than 100 scans" in refusal(path.read_bytes())
+    with Image.open(path) as lazy:  # a PIL image not decoded yet: refused before its pixels
+        assert "got a PIL image: a JPEG of more than 100 scans" in refusal(lazy)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"progressive": True}, {"progressive": True, "quality": 95}]
+)
+def test_a_normal_jpeg_opens_and_its_scans_are_counted(tmp_path, options):
+    data = encoded(noise(), "JPEG", **options)
+    expected = 10 if options else 1  # libjpeg's progression for colour, or one baseline scan
+    assert _jpeg_scans(io.BytesIO(data), MAX_JPEG_SCANS) == expected
+    gray = encoded(noise().convert("L"), "JPEG", **options)
+    assert _jpeg_scans(io.BytesIO(gray), MAX_JPEG_SCANS) == (6 if options else 1)
+    path = written(tmp_path, "photo.jpg", data)
+    assert np.array_equal(np.asarray(open_control_image(path)), np.asarray(Image.open(path)))
+
+
+def test_scans_up_to_the_limit_open(tmp_path):
+    data = encoded(noise(), "JPEG", progressive=True)  # 10 scans
+    at_limit = repeated_last_scan(data, MAX_JPEG_SCANS - 10)
+    assert open_control_image(at_limit).size == (40, 24)
+    assert "more than 100 scans" in refusal(repeated_last_scan(data, MAX_JPEG_SCANS - 9))
+
+
+def test_scans_are_counted_in_coded_data_not_in_segments_or_after_the_end(monkeypatch):
+    # SOS bytes in a comment (or a thumbnail in EXIF) are skipped with their segment; a second
+    # picture after the first's end (MPO) is not decoded with it.
+    data = encoded(noise(), "JPEG", progressive=True, comment=b"\xff\xda" * 500)
+    assert _jpeg_scans(io.BytesIO(data), MAX_JPEG_SCANS) == 10
+    assert _jpeg_scans(io.BytesIO(data + scan_bomb(64, 200)), MAX_JPEG_SCANS) == 10
+    bomb = scan_bomb(64, 200)
+    # Read a few bytes at a time, every marker and length falls across two reads somewhere.
+    for size in (1, 2, 3, 5, 64):
+        monkeypatch.setattr("syncdiffusion.request.condition_image._READ_BYTES", size)
+        assert _jpeg_scans(io.BytesIO(data), MAX_JPEG_SCANS) == 10
+        assert _jpeg_scans(io.BytesIO(bomb), MAX_JPEG_SCANS) == MAX_JPEG_SCANS + 1
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])

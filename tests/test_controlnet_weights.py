@@ -350,7 +350,12 @@ def test_download_fetches_only_what_diffusers_reads(tmp_path: Path, hub) -> None
     assert folder == controlnet_dir(tmp_path / "w", CANNY) and _fetched(hub) == [CANNY]
     got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert got == ["config.json", WEIGHTS, "syncdiffusion-source.json"]
-    assert read_source(folder) == {"repo_id": CANNY, "revision": hub.revision}
+    source = read_source(folder)
+    assert {k: source[k] for k in ("repo_id", "revision")} == {
+        "repo_id": CANNY,
+        "revision": hub.revision,
+    }
+    assert set(source["files"]) == {"config.json", WEIGHTS}  # each checked against the hub
     assert check_controlnet(tmp_path / "w", CANNY) == folder
     ControlNetModel.from_pretrained(folder)
     hub.calls.clear()
@@ -422,8 +427,14 @@ def test_the_command_fetches_a_model_and_its_controlnet_and_checks_the_fit(
     assert "tiny-sd, controlnet/sd-controlnet-canny" in capsys.readouterr().out
     assert _fetched(hub) == ["alice/tiny-sd", CANNY]
 
-    config = controlnet_dir(target, CANNY) / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "cross_attention_dim": 768}))
+    # The repository's config changed to a ControlNet for another UNet, fetched again: a local
+    # edit would be undone, as the file no longer matches what the download recorded.
+    config, published = (
+        controlnet_dir(target, CANNY) / "config.json",
+        hub.repos[CANNY] / "config.json",
+    )
+    published.write_text(json.dumps({**json.loads(config.read_text()), "cross_attention_dim": 768}))
+    config.unlink()
     assert download.main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")

@@ -5,6 +5,7 @@ private name of another, and no import circle hides inside a function."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -125,19 +126,124 @@ def test_the_layouts_rooms_are_the_packages():
     assert set(rooms()) == on_disk
 
 
+PREDICTORS = ("predict", "predict_sdxl", "predict_controlnet")
+# What the image holds beside the package: the predictors, what cog builds from, the command
+# the weights errors name, the code's licence; and the weights.
+IMAGE_FILES = {f"{p}.py" for p in PREDICTORS} | {"cog.yaml", "requirements.txt", "LICENSE"}
+IMAGE_FILES |= {"scripts/download_weights.py"}
+WEIGHT_FILES = (
+    "weights/stable-diffusion-2-base/unet/diffusion_pytorch_model.fp16.safetensors",
+    "weights/lpips/vgg16-features.safetensors",
+    "weights/controlnet/sd-controlnet-canny/config.json",
+)
+NOT_WEIGHTS = (
+    "weights/README.md",
+    "weights/.partial/vgg16-397923af.pth",
+    "weights/stable-diffusion-2-base/.cache/huggingface/download/unet.incomplete",
+    "weights/controlnet/sd-controlnet-canny/.cache/huggingface/x.lock",
+)
+
+
+def dockerignore() -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore's patterns as Docker reads them: (an exception `!`, the path it matches);
+    `**` any number of folders, `*` and `?` within one name."""
+    patterns = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        exception, line = line.startswith("!"), line.removeprefix("!").strip("/")
+        parts = re.split(r"(\*\*/|\*\*|\*|\?)", line)
+        wild = {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+        regex = "".join(wild.get(part, re.escape(part)) for part in parts)
+        patterns.append((exception, re.compile(regex)))
+    return patterns
+
+
+def in_image(path: str, patterns: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Whether `cog build` copies `path`: the last pattern that matches it or a folder above it
+    decides (Docker's rule)."""
+    parents = ["/".join(path.split("/")[: i + 1]) for i in range(path.count("/") + 1)]
+    kept = True
+    for exception, pattern in patterns:
+        if any(pattern.fullmatch(p) for p in parents):
+            kept = exception
+    return kept
+
+
+def runtime_modules() -> set[str]:
+    """The package's modules the predictors and the download command run: what they import, and
+    what those import, function-level imports included."""
+    # (the package's own __init__ is "__init__", and what it imports "__init__.<module>")
+    graph = {m: {s.removeprefix("__init__.") for s, _ in e} for m, e in imports().items()}
+    start = {"cli.download"}
+    for predictor in PREDICTORS:
+        for node in ast.walk(ast.parse((ROOT / f"{predictor}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("syncdiffusion"):
+                start.add(node.module.removeprefix("syncdiffusion").lstrip(".") or "__init__")
+    todo, found = list(start), set()
+    while todo:
+        module = todo.pop()
+        if module in graph and module not in found:
+            found.add(module)
+            todo += graph[module]
+            parts = module.split(".")  # a module's packages run their __init__ first
+            todo += [".".join(parts[:i]) for i in range(1, len(parts))] + ["__init__"]
+    return found
+
+
+def module_file(module: str) -> str:
+    path = PACKAGE / module.replace(".", "/")
+    return (
+        (path / "__init__.py" if path.is_dir() else path.with_suffix(".py"))
+        .relative_to(ROOT)
+        .as_posix()
+    )
+
+
+def test_the_cog_image_holds_what_the_predictors_run_and_nothing_else():
+    """.dockerignore lets through the predictors, the package's modules they or the download
+    command import (at the top or in a function) and the weights; no test, tool, document,
+    front-end, app page, evaluation or requirements file of theirs."""
+    patterns = dockerignore()
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    shipped = {f for f in tracked if in_image(f, patterns)}
+    package = {module_file(m) for m in runtime_modules()}
+    assert (
+        "syncdiffusion/models/weights.py" in package
+        and "syncdiffusion/app/server.py" not in package
+    )
+    expected = IMAGE_FILES | package
+    left_out, extra = sorted(expected - shipped), sorted(shipped - expected)
+    assert shipped == expected, f"left out: {left_out}; shipped besides: {extra}"
+    assert all(in_image(f, patterns) for f in WEIGHT_FILES)
+    assert not any(in_image(f, patterns) for f in NOT_WEIGHTS)
+    assert not in_image("syncdiffusion/core/__pycache__/sync.cpython-311.pyc", patterns)
+    served = re.search(r'^run: "(\w+\.py):Predictor"', (ROOT / "cog.yaml").read_text(), re.M)
+    assert served and served[1] in shipped
+
+
+def test_the_dockerignore_reader_follows_dockers_rules():
+    patterns = [(False, re.compile("[^/]*")), (True, re.compile("a/b\\.py"))]
+    assert not in_image("a/c.py", patterns) and in_image("a/b.py", patterns)
+    assert in_image("x/.cache/y", [(False, re.compile("[^/]*/.cache"))]) is False
+
+
 def test_the_cog_image_holds_every_module_its_predictors_import():
-    """.dockerignore leaves testing/ and replicate/ out of the image: no predictor may need them
-    (each predictor imported alone, in a fresh interpreter, as the image's worker does)."""
-    left_out = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
-    left_out = [f for f in left_out if f.startswith("syncdiffusion/")]
-    assert left_out
-    for predictor in ("predict", "predict_sdxl", "predict_controlnet"):
+    """No predictor needs what .dockerignore leaves out (each predictor imported alone, in a
+    fresh interpreter, as the image's worker does)."""
+    patterns = dockerignore()
+    for predictor in PREDICTORS:
         code = f"import sys, {predictor}; print(*(m for m in sys.modules if 'syncdiffusion' in m))"
         imported = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.split()
-        files = {m.replace(".", "/") for m in imported}
-        needed = [
-            f for f in files for folder in left_out if f == folder or f.startswith(folder + "/")
+        files = [
+            module_file(m.removeprefix("syncdiffusion").lstrip(".") or "__init__")
+            for m in imported
+            if m.split(".")[0] == "syncdiffusion"
         ]
+        needed = [f for f in files if not in_image(f, patterns)]
         assert not needed, f"{predictor}.py imports {needed}, which .dockerignore leaves out"

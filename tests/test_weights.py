@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +25,7 @@ from syncdiffusion.models import lpips_trunk
 from syncdiffusion.models.folders import read_source, sd_variant
 from syncdiffusion.models.lpips_trunk import save_trunk
 from syncdiffusion.models.perceptual import load_vgg16_features
-from syncdiffusion.models.tiny import make_tiny_weights
+from syncdiffusion.models.tiny import make_tiny_controlnet, make_tiny_weights
 from syncdiffusion.models.weights import (
     DOWNLOAD_COMMAND,
     LEGACY_VGG16_RELPATH,
@@ -34,6 +35,7 @@ from syncdiffusion.models.weights import (
     WEIGHTS_ENV,
     check_weights,
     default_weights_dir,
+    download_controlnet,
     download_weights,
     hub_offline,
     missing_parts,
@@ -73,6 +75,28 @@ def test_tiny_model_passes(tiny: Path) -> None:
     assert missing_parts(tiny, verify=True) == []
     assert sd_variant(tiny / SD_DIRNAME) is None
     assert len(load_vgg16_features(tiny / VGG16_RELPATH)) == 26
+
+
+def _modes(folder: Path) -> dict[str, str]:
+    """Each file's and folder's permission bits under `folder`, but huggingface_hub's .cache/."""
+    found = [folder, *(p for p in folder.rglob("*") if ".cache" not in p.parts)]
+    return {p.relative_to(folder).as_posix(): oct(p.stat().st_mode & 0o777) for p in found}
+
+
+def _readable(folder: Path) -> dict[str, str]:
+    """The files and folders under `folder` that another user cannot read (or enter)."""
+    return {
+        rel: mode
+        for rel, mode in _modes(folder).items()
+        if mode != ("0o755" if (folder / rel).is_dir() else "0o644")
+    }
+
+
+def test_tiny_weights_are_readable_by_every_user(tiny: Path) -> None:
+    # A Cog image's worker may run as another user than the one that wrote the weights, and
+    # safetensors' save_file writes 0600.
+    assert {m for r, m in _modes(tiny).items() if r.endswith(".safetensors")} == {"0o644"}
+    assert _readable(tiny) == {}
 
 
 def test_tiny_model_is_deterministic(tiny: Path, tmp_path: Path) -> None:
@@ -157,6 +181,14 @@ def _config(component: str, key: str, value: object) -> Callable[[Path], None]:
     return edit
 
 
+def _scheduler(key: str, value: object) -> Callable[[Path], None]:
+    def edit(w: Path) -> None:
+        path = w / SD_DIRNAME / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+
+    return edit
+
+
 def _trunk(edit: Callable[[dict[str, torch.Tensor]], None], **metadata: str) -> Callable:
     """Rewrite the trunk with `edit` applied to its tensors (and no hash unless given)."""
 
@@ -204,6 +236,20 @@ BROKEN = {  # what breaks the folder: (how, which part is then missing, what the
         SD,
         "scheduler/scheduler_config.json is not valid JSON",
     ),
+    "unet window 0": (
+        _config("unet", "sample_size", 0),
+        SD,
+        "unet/config.json has sample_size 0, expected a whole number of at least 16 (the window",
+    ),
+    "unet window 8": (_config("unet", "sample_size", 8), SD, "has sample_size 8, expected a"),
+    "unet window text": (_config("unet", "sample_size", "64"), SD, "has sample_size '64', exp"),
+    "scheduler steps": (
+        _scheduler("num_train_timesteps", -5),
+        SD,
+        "scheduler/scheduler_config.json has num_train_timesteps -5, expected a whole number of "
+        "at least 1 (the training schedule's steps)",
+    ),
+    "scheduler steps float": (_scheduler("num_train_timesteps", 1e3), SD, "timesteps 1000.0, e"),
     "unet in_channels": (_config("unet", "in_channels", 9), SD, "in_channels 9, expected 4"),
     "unet out_channels": (_config("unet", "out_channels", 8), SD, "out_channels 8"),
     "unet cross dim": (_config("unet", "cross_attention_dim", 768), SD, "cross_attention_dim 768"),
@@ -314,6 +360,43 @@ def test_sd_variant_prefers_full_precision_when_both_present(weights_dir: Path) 
 # --- the old layout -----------------------------------------------------------------------
 
 
+OTHER_TENSORS = {  # a component's weights file replaced by another network's: its header is whole
+    "unet": ("vae", "208 of its 208 tensors are missing, such as conv_in.bias; it holds 184 "),
+    "vae": ("unet", "184 of its 184 tensors are missing, such as decoder.conv_in.bias; it holds"),
+    "text_encoder": ("vae", "36 of its 36 tensors are missing, such as embeddings.position_emb"),
+}
+
+
+@pytest.mark.parametrize("component", OTHER_TENSORS)
+def test_another_networks_tensors_fail_naming_the_file(weights_dir: Path, component: str) -> None:
+    from syncdiffusion import SyncDiffusionPipeline
+
+    other, expected = OTHER_TENSORS[component]
+    sd = weights_dir / SD_DIRNAME
+    target = sd / component / f"{WEIGHT_FILES[component]}.safetensors"
+    shutil.copy(sd / other / f"{WEIGHT_FILES[other]}.safetensors", target)
+    check_weights(weights_dir)  # a whole file: only loading tells whose tensors it holds
+    with pytest.raises(WeightsError) as exc:
+        SyncDiffusionPipeline.from_pretrained(weights_dir, "cpu")
+    message = _assert_actionable(exc, target)
+    assert f"does not hold the network {component}/config.json describes" in message
+    assert expected in message
+
+
+def test_a_tensor_of_another_shape_fails_naming_it(weights_dir: Path) -> None:
+    from syncdiffusion import SyncDiffusionPipeline
+
+    tensors = load_file(weights_dir / UNET)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"][:, :, :1, :1].contiguous()
+    save_file(tensors, weights_dir / UNET)
+    with pytest.raises(WeightsError) as exc:
+        SyncDiffusionPipeline.from_pretrained(weights_dir, "cpu")
+    assert (
+        "1 of its 208 tensors have another shape, such as conv_in.weight: 32x4x1x1 in the file, "
+        "32x4x3x3 by unet/config.json"
+    ) in _assert_actionable(exc, weights_dir / UNET)
+
+
 def _torchvision_file(tiny: Path, path: Path) -> Path:
     """A stand-in for torchvision's vgg16-397923af.pth: the tiny trunk plus a classifier tensor,
     in the legacy (pre-zip) serialization torchvision's 2017 file uses."""
@@ -352,6 +435,12 @@ def test_default_weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 # --- download_weights: the hub faked, torchvision's file served from a file:// URL --------
 
 
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 class FakeHub:
     """Stands in for huggingface_hub's snapshot_download and model_info, serving files from a
     local tree at one revision: `repos[repo_id]`, else `repo` whatever the id.
@@ -362,6 +451,7 @@ class FakeHub:
 
     def __init__(self, repo: Path, revision: str = "0123abc") -> None:
         self.repo, self.revision, self.fail, self.calls = repo, revision, False, []
+        self.flip: str | None = None  # a file the transfer damages
         self.repos: dict[str, Path] = {}
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
@@ -371,8 +461,20 @@ class FakeHub:
         monkeypatch.setattr(huggingface_hub, "model_info", self.model_info)
         return self
 
-    def model_info(self, repo_id: str) -> SimpleNamespace:
-        return SimpleNamespace(id=repo_id, sha=self.revision)
+    def model_info(self, repo_id: str, files_metadata: bool = False) -> SimpleNamespace:
+        """What the hub publishes of the repository: with `files_metadata`, each file's size,
+        git object id, and for weights (kept in LFS on the hub) their sha256."""
+        repo = self.repos.get(repo_id, self.repo)
+        siblings = []
+        for path in sorted(p for p in repo.rglob("*") if p.is_file()):
+            data, rel = path.read_bytes(), path.relative_to(repo).as_posix()
+            lfs = None
+            if rel.endswith((".safetensors", ".bin", ".ckpt")):
+                lfs = BlobLfsInfo(len(data), hashlib.sha256(data).hexdigest(), 134)
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            metadata = {"size": len(data), "blob_id": blob, "lfs": lfs} if files_metadata else {}
+            siblings.append(RepoSibling(rel, **metadata))
+        return SimpleNamespace(id=repo_id, sha=self.revision, siblings=siblings)
 
     def __call__(
         self, repo_id: str, *, revision: str, local_dir: Path, allow_patterns: list[str]
@@ -389,8 +491,11 @@ class FakeHub:
                 raise ConnectionError("Connection reset by peer")
             if not dst.is_file() or dst.read_bytes() != src.read_bytes():
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(src, dst.with_name(dst.name + ".incomplete"))
-                os.replace(dst.with_name(dst.name + ".incomplete"), dst)
+                part = dst.with_name(dst.name + ".incomplete")
+                shutil.copy(src, part)
+                if rel == self.flip:  # damaged on the way: a byte in its middle flipped
+                    _flip_a_byte(part)
+                os.replace(part, dst)
         return str(local_dir)
 
 
@@ -449,6 +554,26 @@ def test_download_fails_cleanly_and_a_rerun_finishes(
     got = {p.name for p in (target / SD_DIRNAME).rglob("*") if p.is_file()}
     assert not any(name.endswith((".bin", ".ckpt")) for name in got)
     assert "diffusion_pytorch_model.safetensors" not in got
+
+
+def test_downloaded_weights_are_readable_by_every_user(
+    tmp_path: Path, network: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # huggingface_hub writes files by the umask; safetensors' save_file (the trunk) writes 0600.
+    network.repos["alice/tiny-controlnet"] = make_tiny_controlnet(
+        network.repo, tmp_path / "controlnet-hub"
+    )
+    for repo in (network.repo, tmp_path / "controlnet-hub"):
+        for path in repo.rglob("*"):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+    old = os.umask(0o077)
+    try:
+        download_weights(tmp_path / "w", progress=False)
+        download_controlnet(tmp_path / "w", "alice/tiny-controlnet", progress=False)
+    finally:
+        os.umask(old)
+    assert _readable(tmp_path / "w") == {}
+    assert _modes(tmp_path / "w")[UNET.replace(".safetensors", ".fp16.safetensors")] == "0o644"
 
 
 def test_download_rejects_a_file_with_the_wrong_sha256(
@@ -528,6 +653,84 @@ def test_a_model_of_the_same_name_from_another_owner_is_refused(
     assert download.main(["--model", "bob/tiny-sd", "--weights", str(target)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds alice/tiny-sd, not bob/tiny-sd" in err
+
+
+FP16_UNET = f"{SD_DIRNAME}/unet/diffusion_pytorch_model.fp16.safetensors"
+
+
+def test_each_file_is_checked_against_what_the_hub_publishes(
+    tmp_path: Path, network: FakeHub
+) -> None:
+    target = tmp_path / "w"
+    network.flip = FP16_UNET.split("/", 1)[1]  # a byte flipped on the way, the size the same
+    with pytest.raises(WeightsError) as exc:
+        download_weights(target, progress=False)
+    message = _assert_actionable(exc, target / FP16_UNET)
+    published = hashlib.sha256((network.repo / network.flip).read_bytes()).hexdigest()
+    assert "its sha256 is " in message and f"where the hub publishes {published}" in message
+    assert not (target / FP16_UNET).exists()  # removed: the rerun fetches it again
+
+    network.flip = None
+    download_weights(target, progress=False)
+    files = read_source(target / SD_DIRNAME)["files"]
+    assert files["unet/diffusion_pytorch_model.fp16.safetensors"]["sha256"] == published
+    assert set(files) >= {"model_index.json", "tokenizer/vocab.json", "vae/config.json"}
+    check_weights(target)
+
+
+def test_bytes_changed_after_the_download_are_found_by_the_download_command(
+    tmp_path: Path, network: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "w"
+    download_weights(target, progress=False)
+    _flip_a_byte(target / FP16_UNET)
+    check_weights(target)  # a load checks the recorded sizes only: a stat a file
+    assert missing_parts(target, verify=True) == [SD_DIRNAME]  # the command re-hashes
+    network.calls.clear()
+    assert download.main(["--weights", str(target)]) == 0
+    assert network.calls == [SD_REPO_ID]
+    assert (target / FP16_UNET).read_bytes() == (network.repo / network_rel(FP16_UNET)).read_bytes()
+    assert missing_parts(target, verify=True) == []
+
+    index = target / SD_DIRNAME / "model_index.json"  # still JSON, one line longer
+    index.write_text(index.read_text() + "\n")
+    with pytest.raises(WeightsError) as exc:
+        check_weights(target)
+    size = index.stat().st_size
+    assert (
+        f"is incomplete: model_index.json is {size:,} bytes, where the download recorded "
+        f"{size - 1:,} bytes checked against the hub"
+    ) in _assert_actionable(exc, target / SD_DIRNAME)
+
+
+def network_rel(rel: str) -> str:
+    return rel.split("/", 1)[1]
+
+
+def test_an_unrecorded_incomplete_folder_is_not_merged_into(
+    weights_dir: Path, network: FakeHub
+) -> None:
+    (weights_dir / UNET).unlink()  # a folder made by hand, or by an older version: no record
+    with pytest.raises(WeightsError) as exc:
+        download_weights(weights_dir, progress=False)
+    message = _assert_actionable(exc, weights_dir / SD_DIRNAME)
+    assert "unet/diffusion_pytorch_model.safetensors is missing" in message
+    assert "no download recorded whose files it holds" in message
+    assert f"remove {weights_dir / SD_DIRNAME}, then run the command again" in message
+    assert network.calls == [] and read_source(weights_dir / SD_DIRNAME) is None
+
+
+def test_a_known_name_whose_folder_holds_another_owners_copy_says_so(
+    tmp_path: Path, network: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "w"
+    download_weights(target, progress=False, model="alice/stable-diffusion-2-base")
+    check_weights(target, "alice/stable-diffusion-2-base")
+    expected = f"holds alice/stable-diffusion-2-base, not {SD_REPO_ID}"
+    with pytest.raises(WeightsError, match=expected):
+        check_weights(target)  # the default, a name the download knows: SD_REPO_ID's
+    assert download.main(["--weights", str(target)]) == 1
+    assert expected in capsys.readouterr().err
 
 
 def test_the_panorama_records_the_revision_of_its_weights(tmp_path: Path, network: FakeHub):

@@ -3,9 +3,13 @@
 Usage: python scripts/download_weights.py [--model NAME] [--controlnet NAME] [--weights DIR]
 
 Only missing or broken parts are fetched, and an interrupted run continues where it stopped
-when run again. DIR defaults to $SYNCDIFFUSION_WEIGHTS, else ./weights. NAME is a hub
-repository id (stabilityai/stable-diffusion-xl-base-1.0, any SD 1.x/2.x or SDXL checkpoint in
-the diffusers layout) or a known folder name; the model goes into DIR/<repository name>/.
+when run again. Each file fetched is checked against what the hub publishes (an LFS file's
+sha256) and its sha256 recorded in the folder; every run re-hashes the recorded files and
+fetches again those whose bytes changed (loading compares only their sizes).
+
+DIR defaults to $SYNCDIFFUSION_WEIGHTS, else ./weights. NAME is a hub repository id
+(stabilityai/stable-diffusion-xl-base-1.0, any SD 1.x/2.x or SDXL checkpoint in the diffusers
+layout) or a known folder name; the model goes into DIR/<repository name>/.
 NAME defaults to $SYNCDIFFUSION_MODEL, else stable-diffusion-2-base.
 
 --controlnet NAME fetches a ControlNet (a hub repository id of a diffusers ControlNetModel, or a

@@ -97,11 +97,29 @@ def family_of(unet_config: dict[str, Any], model_index: dict[str, Any]) -> Famil
     return family
 
 
+# Numbers the networks and the sampling are built from, which diffusers takes unchecked (a
+# `num_train_timesteps` of -5 fails deep in torch, a `sample_size` of 0 in the stride's bounds):
+# (component, key, least, why).
+_WHOLE_NUMBERS = (
+    ("unet", "sample_size", 16, "the window in latent pixels; strides run from 8 to it less 8"),
+    ("scheduler", "num_train_timesteps", 1, "the training schedule's steps"),
+)
+
+
 def architecture_problem(configs: dict[str, Any], family: Family) -> str | None:
     """What in the components' configs (component name -> config.json) does not fit the
     family's architecture, or None."""
     if not all(isinstance(configs[c], dict) for c in family.weight_components):
         return f"a config.json of {', '.join(family.weight_components)} is not a JSON object"
+    if not isinstance(configs.get("scheduler"), dict):
+        return "scheduler/scheduler_config.json is not a JSON object"
+    for component, key, low, why in _WHOLE_NUMBERS:
+        file = f"{component}/config.json"
+        if component == "scheduler":
+            file = "scheduler/scheduler_config.json"
+        found = configs[component].get(key, low)
+        if isinstance(found, bool) or not isinstance(found, int) or found < low:
+            return f"{file} has {key} {found!r}, expected a whole number of at least {low} ({why})"
     for component, key, expected in _SHARED_VALUES:
         found = configs[component].get(key, expected)
         if found != expected:

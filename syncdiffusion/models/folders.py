@@ -9,6 +9,7 @@ safetensors against the file's size, and the configs held to the family's archit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -29,6 +30,21 @@ _FAMILY_FILES = ("unet/config.json", "model_index.json")  # what a folder's fami
 SOURCE_FILE = "syncdiffusion-source.json"
 
 
+def share(path: str | os.PathLike[str], top: str | os.PathLike[str] | None = None) -> None:
+    """Let every user read the weights at `path`: a file (0644), or a folder (0755) and all in
+    it; with `top`, also the folders from `top` down to `path`. safetensors' `save_file` writes
+    0600 and a download follows the umask, while a Cog image's worker may run as another user
+    than the one that fetched the weights. Bits are only added, never taken away."""
+    path = Path(path)
+    chain = [path, *path.parents[: len(path.relative_to(top).parts)]] if top else [path]
+    for folder in chain[1:]:
+        folder.chmod(folder.stat().st_mode | 0o755)
+    found = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in found:
+        if not item.is_symlink():
+            item.chmod(item.stat().st_mode | (0o755 if item.is_dir() else 0o644))
+
+
 def read_source(sd_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """What the download recorded in a model folder: {"repo_id": ..., "revision": ...}; None
     for a folder it did not make (made by hand, by an older version) or an unreadable record."""
@@ -39,10 +55,63 @@ def read_source(sd_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     return source if isinstance(source, dict) and isinstance(source.get("repo_id"), str) else None
 
 
-def write_source(sd_dir: str | os.PathLike[str], repo_id: str, revision: str | None) -> None:
-    """Record in a model folder which hub repository and revision it holds."""
-    record = json.dumps({"repo_id": repo_id, "revision": revision}, indent=2) + "\n"
-    (Path(sd_dir) / SOURCE_FILE).write_text(record, encoding="utf-8")
+def write_source(
+    sd_dir: str | os.PathLike[str],
+    repo_id: str,
+    revision: str | None,
+    files: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Record in a model folder which hub repository and revision it holds, and once fetched
+    and checked against what the hub publishes, each file's size and sha256 (`files`)."""
+    record: dict[str, Any] = {"repo_id": repo_id, "revision": revision}
+    if files is not None:
+        record["files"] = files
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    (Path(sd_dir) / SOURCE_FILE).write_text(text, encoding="utf-8")
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def git_blob_id(path: Path) -> str:
+    """A file's git object id (the sha1 of "blob <size>\\0" and its bytes): what the hub
+    publishes of a file kept in git rather than LFS (configs, tokenizer files)."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def recorded_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """The files the download recorded in `folder` (relative path -> {"size", "sha256"})."""
+    files = (read_source(folder) or {}).get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def size_problem(folder: Path, noun: str) -> str | None:
+    """A file the download recorded that is gone or has another size now, or None: a stat each,
+    cheap enough for every load (the bytes themselves: `changed_files`)."""
+    for rel, record in sorted(recorded_files(folder).items()):
+        path = folder / rel
+        size = path.stat().st_size if path.is_file() else None
+        if size != record.get("size"):
+            now = "is missing" if size is None else f"is {size:,} bytes"
+            return (
+                f"{noun} {folder} is incomplete: {rel} {now}, where the download recorded "
+                f"{record.get('size'):,} bytes checked against the hub"
+            )
+    return None
+
+
+def changed_files(folder: Path) -> list[str]:
+    """The files the download recorded whose bytes no longer hash to the recorded sha256 (each
+    file read whole: the download command's check, not the load's)."""
+    return [
+        rel
+        for rel, record in sorted(recorded_files(folder).items())
+        if not (folder / rel).is_file() or sha256_of(folder / rel) != record.get("sha256")
+    ]
 
 
 def read_family(sd_dir: str | os.PathLike[str]) -> Family:
@@ -77,6 +146,41 @@ def _variant(folder: Path, files: Callable[[str | None], list[str]]) -> str | No
 def weights_file(component: str, variant: str | None) -> str:
     """A component's weights file in the folder, e.g. unet/diffusion_pytorch_model.safetensors."""
     return f"{component}/{_STEMS[component]}{'.' + variant if variant else ''}.safetensors"
+
+
+def tensors_problem(path: Path, expected: dict[str, tuple[int, ...]], config: str) -> str | None:
+    """What the weights file at `path` lacks of the tensors (name -> shape) that the network its
+    `config` (a config.json, as a message names it) describes holds, or has in another shape;
+    None if it has them all. Read from the file's header alone. Tensors the network does not
+    hold are left alone (loaders skip them: an old text encoder's `position_ids`)."""
+    with safe_open(path, framework="pt") as f:
+        found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+
+    def shape(dims: tuple[int, ...]) -> str:
+        return "x".join(map(str, dims)) or "a scalar"
+
+    missing = [name for name in expected if name not in found]
+    reshaped = [name for name in expected if name in found and found[name] != expected[name]]
+    problems = []
+    if missing:
+        others = [name for name in found if name not in expected]
+        held = f"; it holds {len(others)} others, such as {others[0]}" if others else ""
+        problems.append(
+            f"{len(missing)} of its {len(expected)} tensors are missing, such as "
+            f"{missing[0]} ({shape(expected[missing[0]])}){held}"
+        )
+    if reshaped:
+        name = reshaped[0]
+        problems.append(
+            f"{len(reshaped)} of its {len(expected)} tensors have another shape, such as "
+            f"{name}: {shape(found[name])} in the file, {shape(expected[name])} by {config}"
+        )
+    if not problems:
+        return None
+    return (
+        f"Weights file {path} does not hold the network {config} describes (another model's "
+        f"file?): {'; '.join(problems)}"
+    )
 
 
 def hub_patterns(variant: str | None) -> list[str]:
@@ -139,6 +243,8 @@ def folder_problem(sd_dir: Path) -> str | None:
             )
         if found := problem(rel):
             return found
+    if found := size_problem(sd_dir, "Weights folder"):
+        return found
     found = architecture_problem(configs, family)
     return f"Weights folder {sd_dir} is not {family.name}: {found}" if found else None
 
@@ -188,4 +294,4 @@ def controlnet_folder_problem(controlnet_dir: Path) -> str | None:
             f"{noun} {controlnet_dir} is incomplete: {rel} is missing (nor is there "
             f"{controlnet_weights_file('fp16')})"
         )
-    return _file_problem(controlnet_dir, rel, configs, noun)
+    return _file_problem(controlnet_dir, rel, configs, noun) or size_problem(controlnet_dir, noun)

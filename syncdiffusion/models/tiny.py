@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
+from .folders import share
 from .lpips_trunk import save_trunk
 from .weights import CONTROLNET_DIRNAME, SD_DIRNAME, VGG16_RELPATH
 
@@ -345,6 +346,7 @@ def make_tiny_controlnet(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
     controlnet = random_controlnet(unet, seed, CONTROLNET_CONDITIONING_CHANNELS)
     controlnet.save_pretrained(out_dir, safe_serialization=True)
+    share(out_dir)
     return Path(out_dir)
 
 
@@ -364,4 +366,5 @@ def make_tiny_weights(
     vgg_path = out / VGG16_RELPATH
     vgg_path.parent.mkdir(parents=True, exist_ok=True)
     save_trunk(_vgg16_features(), vgg_path)
+    share(out)  # safetensors writes 0600: readable by every user, as the image's weights are
     return out

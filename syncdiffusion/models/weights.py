@@ -3,7 +3,8 @@
 A weights folder holds one folder per model, named after its hub repository (`folders`
 checks one), the LPIPS trunk (`lpips_trunk`), and ControlNets in `controlnet/`, one folder each,
 likewise named. huggingface_hub downloads a model or a ControlNet (resuming; each file verified,
-then moved into place); torch.hub downloads torchvision's VGG16 for the trunk. Whatever is wrong
+then moved into place), each file then held to the hash the hub publishes and recorded
+(`folders.write_source`); torch.hub downloads torchvision's VGG16 for the trunk. Whatever is wrong
 surfaces as WeightsError, whose message names the path and the command that fixes it.
 """
 
@@ -16,18 +17,23 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import WeightsError, one_line
 from . import lpips_trunk
 from .family import controlnet_problem
 from .folders import (
+    changed_files,
     controlnet_folder_problem,
     controlnet_patterns,
     controlnet_variant,
     folder_problem,
+    git_blob_id,
     hub_patterns,
     read_source,
     sd_variant,
+    sha256_of,
+    share,
     write_source,
 )
 from .lpips_trunk import LEGACY_VGG16_RELPATH, VGG16_RELPATH
@@ -122,9 +128,12 @@ def missing_parts(
     weights_dir: str | os.PathLike[str], verify: bool = False, model: str | None = None
 ) -> list[str]:
     """The parts (the model's folder, VGG16_RELPATH) download_weights would fetch or rebuild:
-    absent, broken, or (the trunk) in the old layout. `verify` also checks the trunk's hash."""
+    absent, broken, or (the trunk) in the old layout. `verify` also re-hashes the trunk and
+    every file the download recorded (`folders.changed_files`): bytes changed since."""
     weights_dir, name = Path(weights_dir), model_dirname(model)
-    parts = [name] if folder_problem(weights_dir / name) else []
+    folder = weights_dir / name
+    broken = folder_problem(folder) or (verify and changed_files(folder))
+    parts = [name] if broken else []
     trunk_problem = lpips_trunk.read_trunk(weights_dir / VGG16_RELPATH, verify)[1]
     return parts + ([VGG16_RELPATH] if trunk_problem else [])
 
@@ -136,8 +145,9 @@ def check_weights(weights_dir: str | os.PathLike[str], model: str | None = None)
     weights_dir, fix = Path(weights_dir), fix_command(Path(weights_dir), model)
     if not weights_dir.is_dir():
         raise WeightsError(f"Weights folder {weights_dir} does not exist. {fix}")
-    if "/" in (model := model or default_model()):  # a repository id: the folder holds it
-        _check_source(weights_dir, model, _MODEL)
+    # A repository id, or a name download_weights knows (its repository): the folder holds it.
+    if "/" in (model := model or default_model()) or model in KNOWN_REPOS:
+        _check_source(weights_dir, repo_id(model), _MODEL)
     trunk = weights_dir / VGG16_RELPATH
     old_layout = not trunk.exists() and (weights_dir / LEGACY_VGG16_RELPATH).is_file()
     problems = [folder_problem(weights_dir / model_dirname(model))]
@@ -156,7 +166,7 @@ def download_weights(
     its own switch, HF_HUB_DISABLE_PROGRESS_BARS=1."""
     weights_dir = Path(weights_dir)
     _check_source(weights_dir, repo_id(model), _MODEL)  # an unknown name fails first
-    if folder_problem(weights_dir / model_dirname(model)):
+    if _stale(weights_dir / model_dirname(model), _MODEL):
         fix = fix_command(weights_dir, None if repo_id(model) == SD_REPO_ID else repo_id(model))
         _download(weights_dir, repo_id(model), _MODEL, fix, progress)
     if lpips_trunk.read_trunk(weights_dir / VGG16_RELPATH, verify=True)[1]:
@@ -173,9 +183,9 @@ def check_controlnet(weights_dir: str | os.PathLike[str], name: str) -> Path:
     raise WeightsError naming the folder, what is wrong and the command that fixes it.
 
     Reads the config and the weights file's header only, as check_weights does for models."""
-    weights_dir, fix = Path(weights_dir), _controlnet_fix(Path(weights_dir), name)
-    if "/" in name:  # a repository id: the folder holds it
-        _check_source(weights_dir, name, _CONTROLNET)
+    weights_dir, fix = Path(weights_dir), controlnet_fix_command(Path(weights_dir), name)
+    if "/" in name or name in KNOWN_CONTROLNETS:  # a repository's: the folder holds it
+        _check_source(weights_dir, controlnet_repo_id(name), _CONTROLNET)
     folder = controlnet_dir(weights_dir, name)
     if problem := controlnet_folder_problem(folder):
         raise WeightsError(f"{problem}. {fix}")
@@ -194,8 +204,9 @@ def download_controlnet(
     repo = controlnet_repo_id(name)  # an unknown name fails first
     _check_source(weights_dir, repo, _CONTROLNET)
     folder = controlnet_dir(weights_dir, repo)
-    if controlnet_folder_problem(folder):
-        _download(weights_dir, repo, _CONTROLNET, _controlnet_fix(weights_dir, name), progress)
+    if _stale(folder, _CONTROLNET):
+        fix = controlnet_fix_command(weights_dir, name)
+        _download(weights_dir, repo, _CONTROLNET, fix, progress)
     return folder
 
 
@@ -254,7 +265,7 @@ _CONTROLNET = _Kind(
 
 
 def fix_command(weights_dir: Path | None, model: str | None = None) -> str:
-    """"Run: <the download command>" that fills `weights_dir` with `model` (default: the
+    """ "Run: <the download command>" that fills `weights_dir` with `model` (default: the
     default model); without a folder, the command for the default one."""
     model = model or default_model()
     chosen = "" if model_dirname(model) == SD_DIRNAME else _option(_MODEL, model)
@@ -262,7 +273,8 @@ def fix_command(weights_dir: Path | None, model: str | None = None) -> str:
     return f"Run: {DOWNLOAD_COMMAND}{chosen}{folder}"
 
 
-def _controlnet_fix(weights_dir: Path, name: str) -> str:
+def controlnet_fix_command(weights_dir: Path, name: str) -> str:
+    """ "Run: <the download command>" that puts ControlNet `name` in `weights_dir`."""
     folder = shlex.quote(str(weights_dir))
     return f"Run: {DOWNLOAD_COMMAND}{_option(_CONTROLNET, name)} --weights {folder}"
 
@@ -288,6 +300,40 @@ def _check_source(weights_dir: Path, repo: str, kind: _Kind) -> None:
         )
 
 
+def _stale(folder: Path, kind: _Kind) -> bool:
+    """Whether `folder` needs a download: broken, or holding files whose bytes changed since
+    the download recorded them, which are removed first so that it fetches them again."""
+    changed = changed_files(folder)
+    for rel in changed:
+        (folder / rel).unlink(missing_ok=True)
+    return bool(changed) or kind.problem(folder) is not None
+
+
+def _checked_against_hub(folder: Path, siblings: list[Any], fix: str) -> dict[str, dict]:
+    """Each file of `folder` the hub lists, held to what it publishes (an LFS file's sha256,
+    another's git object id, and the size); the record of their sizes and sha256s. A file that
+    differs is removed, so that a rerun fetches it again, and raises WeightsError."""
+    files: dict[str, dict] = {}
+    for sibling in siblings:
+        path = folder / sibling.rfilename
+        if not path.is_file():
+            continue  # not fetched (the patterns leave it out)
+        sha256 = sha256_of(path)
+        lfs = getattr(sibling, "lfs", None)
+        if lfs is not None:
+            what, published, got = "sha256", lfs.sha256, sha256
+        else:
+            what, published, got = "git object id", sibling.blob_id, git_blob_id(path)
+        if published is not None and got != published:
+            path.unlink()
+            raise WeightsError(
+                f"Downloaded {path}, but its {what} is {got} where the hub publishes "
+                f"{published}: it was removed; a rerun fetches it again. {fix}"
+            )
+        files[sibling.rfilename] = {"size": path.stat().st_size, "sha256": sha256}
+    return files
+
+
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(message, flush=True)
@@ -306,6 +352,10 @@ def _offline_error(what: str, fix: str) -> WeightsError:
     )
 
 
+def _entries(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
 def _download(weights_dir: Path, repo: str, kind: _Kind, fix: str, progress: bool) -> None:
     import huggingface_hub
 
@@ -313,6 +363,13 @@ def _download(weights_dir: Path, repo: str, kind: _Kind, fix: str, progress: boo
     # so a file the loader finds is never half-written; it resumes those it had begun, and
     # re-hashes files it did not record (or that changed since) and fetches those that differ.
     folder = kind.folder(weights_dir, repo)
+    if read_source(folder) is None and any(p.name != ".cache" for p in _entries(folder)):
+        problem = kind.problem(folder)
+        raise WeightsError(
+            f"{problem}, and no download recorded whose files it holds (made by hand or by an "
+            f"older version), so {repo}'s files are not merged into it: remove {folder}, then "
+            f"run the command again. {fix}"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     if hub_offline():
         raise _offline_error(f"{repo} in {folder}", fix)
@@ -326,10 +383,12 @@ def _download(weights_dir: Path, repo: str, kind: _Kind, fix: str, progress: boo
 
     # One revision for both fetches, recorded before the first file lands: the folder says
     # whose files it holds even when a download stops part way.
+    # What the hub publishes of each file (sizes, sha256s) comes with it, for checking them.
     try:
-        revision = huggingface_hub.model_info(repo).sha
+        info = huggingface_hub.model_info(repo, files_metadata=True)
     except Exception as exc:  # network and hub errors come in many types
         raise failed(exc) from exc
+    revision = info.sha
     write_source(folder, repo, revision)
 
     def fetch(variant: str | None) -> None:
@@ -343,6 +402,8 @@ def _download(weights_dir: Path, repo: str, kind: _Kind, fix: str, progress: boo
     fetch("fp16")
     if kind.variant(folder) != "fp16":  # a repository without fp16 files (fine-tunes often)
         fetch(None)
+    share(folder, weights_dir)  # readable by the image's worker, whoever it runs as
+    write_source(folder, repo, revision, _checked_against_hub(folder, info.siblings or [], fix))
     if problem := kind.problem(folder):
         raise WeightsError(f"Downloaded {repo}, but {problem}. {fix}")
     _say(progress, f"{repo} is in {folder}")
@@ -372,5 +433,6 @@ def _make_trunk(weights_dir: Path, progress: bool) -> None:
     lpips_trunk.save_trunk(features, written)
     final.parent.mkdir(exist_ok=True)
     os.replace(written, final)
+    share(final, weights_dir)
     source.unlink()
     _say(progress, f"The LPIPS trunk ({final.stat().st_size:,} bytes) is in {final}")

@@ -2,14 +2,16 @@
 made from a photo. The panorama size an image implies is a size rule: `inputs.panorama_size`.
 
 A condition image is read whole and only when it is a PNG, JPEG or WebP file of 8-bit RGB or
-grayscale pixels and of a size we are willing to decode; anything else is refused with an
-`InputError` that names `control_image`, what was given and what is taken.
+grayscale pixels, of a size and (a JPEG) a number of scans we are willing to decode; anything
+else is refused with an `InputError` that names `control_image`, what was given and what is
+taken.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +51,18 @@ _OTHER_SIGNATURES = (
 _HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}
 # JPEG's frame headers (SOF0..SOF15 but DHT, JPG and DAC): the one that holds the image's size.
 _JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# A progressive JPEG is decoded scan by scan, each over the whole picture, and a scan can be a few
+# bytes: a 2048x2048 file of 57 KB, its last scan repeated 2,000 times, takes seconds to decode
+# on a CPU, an 8192x8192 one minutes. The scans are counted before decoding, the idea of
+# libjpeg-turbo's own scan limit (TJPARAM_SCANLIMIT, djpeg -maxscans). libjpeg's progression
+# writes 10 scans for colour and 6 for grayscale, a baseline JPEG at most 4, an optimiser
+# (mozjpeg) a few more: 100 leaves room ten times over.
+MAX_JPEG_SCANS = 100
+# In a JPEG's coded data a 0xFF byte is followed by 0x00 (stuffed) or a restart marker (RST0-7);
+# anything else is a marker (0xFF fill bytes may come before it).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+_JPEG_STANDALONE = {0x01, 0xD8}  # TEM, SOI: markers without a length (EOI ends the count)
+_READ_BYTES = 1 << 20
 # Errors Pillow raises on a file cut short or damaged (UnidentifiedImageError is an OSError).
 _DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
@@ -60,13 +74,19 @@ def open_control_image(source: ControlImageSource) -> Image.Image:
 
     Taken: PNG, JPEG and WebP files of 8-bit RGB or grayscale pixels (bilevel too), at most
     `MAX_CONTROL_SIDE` pixels on a side and `MAX_CONTROL_PIXELS` in all, judged by the size the
-    file's header declares before anything is decoded. Refused with an `InputError`: anything
-    else, a file cut short or damaged, pixels with alpha, a palette, 16 bits or CMYK (the message
-    says how to convert them), and an animation (APNG, WebP): which of its frames is meant is
-    not ours to guess, so it is refused rather than cut to its first. A JPEG that carries more
-    pictures after the photo (MPO: a phone's depth map, a camera's second eye) gives the photo.
+    file's header declares before anything is decoded, and a JPEG of at most `MAX_JPEG_SCANS`
+    scans, counted before decoding (each scan is decoded over the whole picture). Refused with
+    an `InputError`: anything else, a file cut short or damaged, pixels with alpha, a palette,
+    16 bits or CMYK (the message says how to convert them), and an animation (APNG, WebP): which
+    of its frames is meant is not ours to guess, so it is refused rather than cut to its first.
+    A JPEG that carries more pictures after the photo (MPO: a phone's depth map, a camera's
+    second eye) gives the photo.
     """
     if isinstance(source, Image.Image):
+        if source.format in ("JPEG", "MPO") and hasattr(getattr(source, "fp", None), "seek"):
+            at = source.fp.tell()  # not decoded yet: its file is still open
+            _check_scans(source.fp, "a PIL image: a JPEG")
+            source.fp.seek(at)
         return _checked(source, "a PIL image")
     with _binary(source) as (fp, name):
         head = fp.read(32)
@@ -83,6 +103,8 @@ def open_control_image(source: ControlImageSource) -> Image.Image:
                 "is cut short or damaged"
             )
         _check_size(size, described)
+        if kind == "JPEG":
+            _check_scans(fp, described)
         fp.seek(0)
         try:
             image = Image.open(fp, formats=[kind])
@@ -204,6 +226,44 @@ def _check_size(size: tuple[int, int], described: str) -> None:
             f"control_image must be at most {MAX_CONTROL_SIDE:,} pixels on a side and "
             f"{MAX_CONTROL_PIXELS:,} in all (4 times the largest panorama, {MAX_SIDE}x{MAX_SIDE});"
             f" got {described} of {width}x{height} pixels"
+        )
+
+
+def _jpeg_scans(fp: IO[bytes], limit: int) -> int:
+    """How many scans (SOS markers) a JPEG's first picture holds, counted to its end (EOI), or to
+    `limit` + 1 when it has more. Marker segments are skipped by their length, so the scans of
+    a thumbnail inside EXIF are not counted; what lies after the end (MPO's pictures) is not read.
+    """
+    fp.seek(2)  # past the start-of-image marker
+    data, at, scans = b"", 0, 0  # `at` indexes `data`, a part of the file read into memory
+    while True:
+        marker = _JPEG_MARKER.search(data, at)
+        if marker is None or len(data) < marker.end() + 2:  # its length may be in the next read
+            more = fp.read(_READ_BYTES)
+            if not more:
+                return scans  # cut short: decoding says so
+            keep = marker.start() if marker else max(at, len(data) - 1)  # a 0xFF may end `data`
+            data, at = data[keep:] + more, 0
+            continue
+        code, at = data[marker.end() - 1], marker.end()
+        if code == 0xD9:
+            return scans
+        scans += code == 0xDA
+        if scans > limit:
+            return scans
+        if code not in _JPEG_STANDALONE:
+            at += max(2, struct.unpack(">H", data[at : at + 2])[0])  # the length counts itself
+        if at > len(data):  # a segment longer than what is read: skip the rest unread
+            fp.seek(at - len(data), io.SEEK_CUR)
+            data, at = b"", 0
+
+
+def _check_scans(fp: IO[bytes], described: str) -> None:
+    if _jpeg_scans(fp, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+        raise InputError(
+            f"control_image must be a JPEG of at most {MAX_JPEG_SCANS} scans (a progressive "
+            f"JPEG has about 10, each decoded over the whole picture); got {described} of more "
+            f"than {MAX_JPEG_SCANS} scans: save it again, as any image editor writes it"
         )
 
 
