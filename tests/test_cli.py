@@ -228,3 +228,34 @@ def test_from_png_prints_a_saved_model_without_its_control_characters(
     assert main([*argv, "--output", str(tmp_path / "out.png")]) == 0
     err = capsys.readouterr().err
     assert "\x1b" not in err and "made by another model ('\\x1b[2J\\x1b[31mevil')" in err
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(tiny_weights, tmp_path):
+    """A Latin-1 byte in a UTF-8 shell reaches Python as a lone surrogate: named, no traceback."""
+    out = tmp_path / "pano.png"
+    result = run_cli(
+        "--prompt",
+        b"caf\xe9",
+        "--weights",
+        str(tiny_weights),
+        "--output",
+        str(out),
+        "--width",
+        "512",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert "error: prompt must be valid Unicode text (encodable as UTF-8)" in result.stderr
+    assert "'\\udce9' at position 3" in result.stderr
+    assert not out.exists()
+
+
+def test_from_png_refuses_a_saved_prompt_that_is_not_valid_unicode(tiny_weights, tmp_path, capsys):
+    path = tmp_path / "surrogate.png"
+    _png_with_text(path, '{"prompt": "a \\ud800 cove", "negative_prompt": "\\udfff"}')
+    argv = ["--from-png", str(path), "--weights", str(tiny_weights), "--width", "512"]
+    assert main([*argv, "--output", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --from-png {path}: ")
+    assert "prompt must be valid Unicode text" in err and "'\\ud800' at position 2" in err
+    assert "negative_prompt must be valid Unicode text" in err and "at position 0" in err

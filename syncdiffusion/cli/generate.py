@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         names = [*INPUTS, *(CONTROL_NUMBERS if control else ())]
         inputs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+        pipe.request(**inputs, **control)  # refused before the progress bar starts
         with tqdm(unit="step") as bar:
 
             def progress(state: dict) -> None:
