@@ -4,16 +4,16 @@ batch runs)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..request.inputs import OUTPUT_FORMATS
 from .jobs import (
     GRID_JOBS,
     expand_grid,
+    json_line,
     parse_seeds,
     parse_setting,
     read_jobs,
@@ -69,6 +69,17 @@ def grid_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return expand_grid(read_prompts(args.prompts), seeds, settings)
 
 
+def make_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Make the output folder, or exit naming --out and why it cannot be one."""
+    allowed = "give a folder for the files and index (made if missing)"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        parser.exit(2, f"error: --out {out} is a file, not a folder: {allowed}\n")
+    except OSError as error:
+        parser.exit(2, f"error: --out {out} cannot be made ({one_line(error)}): {allowed}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the batch command; 0 if every job is made, 1 if some failed, 2 on a usage error."""
     parser = build_parser()
@@ -80,13 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is None:
         try:
             lines = grid_jobs(args)
-        except (InputError, OSError) as error:
+        except InputError as error:
             parser.exit(2, f"error: {error}\n")
+        except OSError as error:
+            parser.exit(2, f"error: --prompts {args.prompts}: {one_line(error)}\n")
         if args.print_jobs:
-            sys.stdout.write("".join(json.dumps(job, ensure_ascii=False) + "\n" for job in lines))
+            sys.stdout.write("".join(map(json_line, lines)))
             return 0
     elif args.seeds or args.set or args.print_jobs:
         parser.error("--seeds, --set and --print-jobs belong to the grid form (--prompts)")
+    make_out(parser, args.out)
 
     import torch
     from accelerate import PartialState
@@ -97,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     if args.jobs is None:
-        args.out.mkdir(parents=True, exist_ok=True)
         args.jobs = args.out / GRID_JOBS
         if state.is_main_process:
             write_jobs(lines, args.jobs)
         state.wait_for_everyone()
     try:
         jobs = read_jobs(args.jobs)
+    except OSError as error:
+        print(f"error: JOBS {args.jobs}: {one_line(error)}", file=sys.stderr)
+        return 2
+    try:
         pipe = SyncDiffusionPipeline.from_pretrained(
             args.weights, device=args.device or state.device, model=args.model
         )

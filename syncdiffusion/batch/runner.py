@@ -3,7 +3,6 @@ under its job's key, the index parts merged, and progress across processes. The 
 is `syncdiffusion.batch`'s `__main__`.
 """
 
-
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .jobs import TEMPORARY, Job, resolve, write_whole
+from .jobs import TEMPORARY, Job, json_line, resolve, write_whole
 
 INDEX = "index.jsonl"
 PARTS = ".index"  # one index part per process
@@ -64,7 +63,7 @@ def make(job: Job, pipe: Any, out: Path, output_format: str, quality: int) -> Pa
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """One line of a process's own index part, flushed to disk before the next job starts."""
     with open(path, "a", encoding="utf-8") as part:
-        part.write(json.dumps(record, ensure_ascii=False) + "\n")
+        part.write(json_line(record))
         part.flush()
         os.fsync(part.fileno())
 
@@ -100,7 +99,7 @@ def merge_index(jobs: list[Job], out: Path, output_format: str) -> list[dict[str
         else:
             record["error"] = made.get("error", "not made yet")
         index.append(record)
-    write_whole(out / INDEX, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index))
+    write_whole(out / INDEX, "".join(map(json_line, index)))
     return index
 
 
