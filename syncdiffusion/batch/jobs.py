@@ -8,16 +8,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, one_line
+from ..request.image_file import whole_file
 from ..request.inputs import panorama_inputs
 
-TEMPORARY = ".tmp"  # suffix of files being written; never an image suffix
 GRID_JOBS = "jobs.jsonl"  # where the grid form writes the jobs it expands to
 
 
@@ -168,7 +167,6 @@ def write_jobs(jobs: Iterable[dict[str, Any]], path: Path) -> Path:
 
 def write_whole(path: Path, text: str) -> Path:
     """Write `text` to `path` under a temporary name, then rename it: never a half-written file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    with whole_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
     return path

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .jobs import TEMPORARY, Job, json_line, resolve, write_whole
+from ..request.image_file import TEMPORARY, save_image, whole_file
+from .jobs import Job, json_line, resolve, write_whole
 
 INDEX = "index.jsonl"
 PARTS = ".index"  # one index part per process
@@ -50,13 +51,10 @@ def share(todo: list[Job], rank: int, processes: int) -> list[Job]:
 
 def make(job: Job, pipe: Any, out: Path, output_format: str, quality: int) -> Path:
     """Make one job's panorama and write it under its final name only once it is whole."""
-    from ..request.image_file import save_image
-
     image = pipe(**job.request)
     final = out / output_name(job.key, output_format)
-    temporary = out / f".{final.name}.{os.getpid()}{TEMPORARY}"
-    save_image(image, temporary, image.info["parameters"], output_format, quality)
-    os.replace(temporary, final)
+    with whole_file(final) as temporary:
+        save_image(image, temporary, image.info["parameters"], output_format, quality)
     return final
 
 
