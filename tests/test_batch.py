@@ -245,3 +245,36 @@ def test_out_naming_a_file_is_refused_in_one_line(tmp_path, capsys):
         "(made if missing)\n"
     )
     assert taken.read_text() == "mine"
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_weights, tmp_path):
+    """Two real processes on one --out: the second refuses at once, naming --out and the run
+    that holds it, and touches nothing; the first makes each job once. A lock left by a run
+    that has ended does not stop the next."""
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl", [{"prompt": "a dune", "seed": i, **SMALL} for i in range(2)]
+    )
+    out = tmp_path / "out"
+    args = (str(jobs), "--out", str(out), "--weights", str(tiny_weights))
+    first = batch(*args)
+    lock = out / ".lock"
+    holds = f"pid {first.pid} on "
+    while first.poll() is None and not (lock.is_file() and holds in lock.read_text()):
+        time.sleep(0.02)
+    assert first.poll() is None, "the first run ended without saying it holds the folder"
+    # Stopped while it holds the folder, so the second surely comes while the first runs.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        code, stderr = finish(batch(*args))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert code == 2, stderr
+    assert f"error: --out {out} is in use by another batch run ({holds}" in stderr
+    assert "or give another --out" in stderr and "Traceback" not in stderr
+    code, stderr = finish(first)
+    assert code == 0, stderr
+    assert "2 of 2 jobs made" in stderr and len(images(out)) == 2
+    assert [len(part.read_text().splitlines()) for part in (out / ".index").iterdir()] == [2]
+    assert not list(out.glob(".*.tmp"))
+    code, stderr = finish(batch(*args))  # the lock file still names the first, which has ended
+    assert code == 0 and "2 done already, 0 to make" in stderr, stderr

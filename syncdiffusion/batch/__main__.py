@@ -4,6 +4,7 @@ batch runs)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from .jobs import (
     read_prompts,
     write_jobs,
 )
-from .runner import INDEX, run
+from .runner import INDEX, folder_lock, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,16 +105,37 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from accelerate import PartialState
-
-    from ..errors import WeightsError
-    from ..pipeline import SyncDiffusionPipeline
+    from accelerate.utils import broadcast_object_list
 
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
+    # The main process holds the folder for the whole run, and every process learns whether.
+    lock = folder_lock(args.out) if state.is_main_process else contextlib.nullcontext()
+    with lock as holder:
+        [holder] = broadcast_object_list([holder])
+        if holder is not None:
+            if state.is_main_process:
+                print(
+                    f"error: --out {args.out} is in use by another batch run ({holder}): two "
+                    "runs in one folder would remove each other's temporary files and make every "
+                    "job twice; wait for it to end (the same command then makes only what is "
+                    "missing), or give another --out",
+                    file=sys.stderr,
+                )
+            return 2
+        return make_batch(args, state, lines if args.jobs is None else [])
+
+
+def make_batch(args: argparse.Namespace, state: Any, grid: list[dict[str, Any]]) -> int:
+    """The batch in `args.out`, which this run holds: the grid form's `grid` written as its
+    JOBS first; the exit status, as `main`'s."""
+    from ..errors import WeightsError
+    from ..pipeline import SyncDiffusionPipeline
+
     if args.jobs is None:
         args.jobs = args.out / GRID_JOBS
         if state.is_main_process:
-            write_jobs(lines, args.jobs)
+            write_jobs(grid, args.jobs)
         state.wait_for_everyone()
     try:
         jobs = read_jobs(args.jobs)
