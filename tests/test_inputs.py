@@ -209,6 +209,9 @@ def test_text_that_is_not_valid_unicode_is_refused_naming_the_position(name, tex
     assert f"{shown(text[position])} at position {position}" in message
     assert message.isascii()  # printable on any terminal
     assert not panorama_inputs()[name].accepts(text)
+    with pytest.raises(InputError) as form_refused:  # the app's form, before any job is queued
+        read_form({"prompt": "x", name: text}, Geometry(window=64))
+    assert form_refused.value.fields == {name: message}
 
 
 # --- text as an input's value: Input.parse ---------------------------------------------------
