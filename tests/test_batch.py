@@ -249,7 +249,7 @@ def test_out_naming_a_file_is_refused_in_one_line(tmp_path, capsys):
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_weights, tmp_path):
     """Two real processes on one --out: the second refuses at once, naming --out and the run
-    that holds it, and touches nothing; the first makes each job once. A lock left by a run
+    that holds it, and writes nothing; the first makes each job once. A lock left by a run
     that has ended does not stop the next."""
     jobs = write_lines(
         tmp_path / "jobs.jsonl", [{"prompt": "a dune", "seed": i, **SMALL} for i in range(2)]
@@ -278,3 +278,14 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_
     assert not list(out.glob(".*.tmp"))
     code, stderr = finish(batch(*args))  # the lock file still names the first, which has ended
     assert code == 0 and "2 done already, 0 to make" in stderr, stderr
+
+
+def test_out_that_cannot_be_written_is_refused_in_one_line(tmp_path, capsys):
+    jobs = write_lines(tmp_path / "jobs.jsonl", [{"prompt": "a"}])
+    with pytest.raises(SystemExit) as exit_:
+        main([str(jobs), "--out", "/sys"])  # a folder even root cannot write in
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out /sys cannot be made or written (PermissionError: ")
+    assert err.endswith(": give a folder for the files and index (made if missing)\n")
+    assert err.count("\n") == 1

@@ -21,7 +21,7 @@ from .jobs import (
     read_prompts,
     write_jobs,
 )
-from .runner import INDEX, folder_lock, run
+from .runner import INDEX, LOCK, folder_lock, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,14 +71,16 @@ def grid_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def make_out(parser: argparse.ArgumentParser, out: Path) -> None:
-    """Make the output folder, or exit naming --out and why it cannot be one."""
+    """Make the output folder and its lock file, or exit naming --out and why it cannot be."""
     allowed = "give a folder for the files and index (made if missing)"
     try:
         out.mkdir(parents=True, exist_ok=True)
+        (out / LOCK).touch()
     except FileExistsError:
         parser.exit(2, f"error: --out {out} is a file, not a folder: {allowed}\n")
     except OSError as error:
-        parser.exit(2, f"error: --out {out} cannot be made ({one_line(error)}): {allowed}\n")
+        reason = one_line(error)
+        parser.exit(2, f"error: --out {out} cannot be made or written ({reason}): {allowed}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
