@@ -477,7 +477,7 @@ class SyncDiffusionPipeline:
         with torch.no_grad():
             return to_pil(decode_panorama(self.vae, latents.to(self.device), loop_closure)[0])
 
-    def request(self, **inputs: Any) -> dict[str, Any]:
+    def request(self, /, **inputs: Any) -> dict[str, Any]:
         """Every input of one panorama on this model by name: those given, checked, and the
         model's defaults for the rest (`inputs.panorama_inputs`; with a ControlNet, the control
         inputs too). Raises `InputError`."""
@@ -485,6 +485,7 @@ class SyncDiffusionPipeline:
 
     def __call__(
         self,
+        /,
         *,
         view_batch_size: int | None = None,
         recompute: Literal["auto", "always", "never"] = "auto",

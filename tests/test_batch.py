@@ -174,3 +174,118 @@ def test_a_killed_run_restarted_makes_only_what_is_missing(tiny_weights, tmp_pat
     assert len(after) == 8 and {n: after[n] for n in survivors} == survivors
     assert not list(out.glob(".*.tmp"))  # the killed run's half-written file is gone
     assert all("file" in r for r in index(out))
+
+
+def test_bad_lines_are_each_recorded_and_the_other_jobs_run(tiny_weights, tmp_path):
+    """No line stops the batch: each bad one is recorded with its line number, what is wrong
+    and what is allowed, and the good ones are made."""
+    good = [{"prompt": "a lake", "seed": 1, **SMALL}, {"prompt": "a town", "seed": 2, **SMALL}]
+    small = json.dumps(SMALL)[1:-1]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(
+        b"\n".join(
+            [
+                json.dumps(good[0]).encode(),
+                b'{"self": 1}',  # a name the pipeline's own method takes
+                b'{"prompt": "\\ud800", ' + small.encode() + b"}",  # a lone surrogate
+                b"[" * 100_000,  # deeper than Python's stack
+                b'{"prompt": "caf\xff", ' + small.encode() + b"}",  # a byte that is not UTF-8
+                b"\xff",
+                json.dumps(good[1]).encode(),
+            ]
+        )
+        + b"\n"
+    )
+    out = tmp_path / "out"
+    code, stderr = finish(batch(str(jobs), "--out", str(out), "--weights", str(tiny_weights)))
+    assert code == 1, stderr
+    assert "Traceback" not in stderr and "2 of 7 jobs made" in stderr
+    records = index(out)
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert "file" in records[0] and "file" in records[6]
+    errors = [r.get("error", "") for r in records]
+    assert errors[1].startswith("line 2: unknown input 'self'; the inputs are prompt, ")
+    assert errors[2].startswith("line 3: prompt must be valid Unicode text")
+    assert "'\\ud800' at position 0" in errors[2]
+    assert errors[3].startswith("line 4 is not JSON (nested too deeply)")
+    assert "each line of JOBS must be a JSON object" in errors[3]
+    assert errors[4].startswith("line 5: prompt must be valid Unicode text")
+    assert "'\\udcff' at position 3" in errors[4]
+    assert errors[5].startswith("line 6 is not JSON (")
+    assert len(images(out)) == 2
+
+
+def test_a_prompts_line_that_is_not_utf8_is_that_jobs_error(tiny_weights, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"caf\xe9 terrace\na hill\n")
+    grid = ["--prompts", str(prompts), "--seeds", "3"]
+    grid += [f"--set={name}={value}" for name, value in SMALL.items()]
+    assert main([*grid, "--print-jobs"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [job["prompt"] for job in printed] == ["caf\udce9 terrace", "a hill"]
+    out = tmp_path / "out"
+    code, stderr = finish(batch(*grid, "--out", str(out), "--weights", str(tiny_weights)))
+    assert code == 1, stderr
+    assert "Traceback" not in stderr and "1 of 2 jobs made" in stderr
+    first, second = index(out)
+    assert first["error"].startswith("line 1: prompt must be valid Unicode text")
+    assert "'\\udce9' at position 3" in first["error"] and "file" in second
+
+
+def test_out_naming_a_file_is_refused_in_one_line(tmp_path, capsys):
+    jobs = write_lines(tmp_path / "jobs.jsonl", [{"prompt": "a"}])
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(jobs), "--out", str(taken)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: --out {taken} is a file, not a folder: give a folder for the files and index "
+        "(made if missing)\n"
+    )
+    assert taken.read_text() == "mine"
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_weights, tmp_path):
+    """Two real processes on one --out: the second refuses at once, naming --out and the run
+    that holds it, and writes nothing; the first makes each job once. A lock left by a run
+    that has ended does not stop the next."""
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl", [{"prompt": "a dune", "seed": i, **SMALL} for i in range(2)]
+    )
+    out = tmp_path / "out"
+    args = (str(jobs), "--out", str(out), "--weights", str(tiny_weights))
+    first = batch(*args)
+    lock = out / ".lock"
+    holds = f"pid {first.pid} on "
+    while first.poll() is None and not (lock.is_file() and holds in lock.read_text()):
+        time.sleep(0.02)
+    assert first.poll() is None, "the first run ended without saying it holds the folder"
+    # Stopped while it holds the folder, so the second surely comes while the first runs.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        code, stderr = finish(batch(*args))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert code == 2, stderr
+    assert f"error: --out {out} is in use by another batch run ({holds}" in stderr
+    assert "or give another --out" in stderr and "Traceback" not in stderr
+    code, stderr = finish(first)
+    assert code == 0, stderr
+    assert "2 of 2 jobs made" in stderr and len(images(out)) == 2
+    assert [len(part.read_text().splitlines()) for part in (out / ".index").iterdir()] == [2]
+    assert not list(out.glob(".*.tmp"))
+    code, stderr = finish(batch(*args))  # the lock file still names the first, which has ended
+    assert code == 0 and "2 done already, 0 to make" in stderr, stderr
+
+
+def test_out_that_cannot_be_written_is_refused_in_one_line(tmp_path, capsys):
+    jobs = write_lines(tmp_path / "jobs.jsonl", [{"prompt": "a"}])
+    with pytest.raises(SystemExit) as exit_:
+        main([str(jobs), "--out", "/sys"])  # a folder even root cannot write in
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out /sys cannot be made or written (PermissionError: ")
+    assert err.endswith(": give a folder for the files and index (made if missing)\n")
+    assert err.count("\n") == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
 
-from syncdiffusion.cli.generate import main
+from syncdiffusion.cli.generate import SyncDiffusionPipeline, main
 from syncdiffusion.request.image_file import PARAMETERS_KEY, read_parameters, save_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,3 +251,92 @@ def test_a_recompute_mode_outside_the_three_is_refused_naming_them(capsys):
     error = capsys.readouterr().err
     assert "--recompute: invalid choice: 'sometimes'" in error
     assert "(choose from 'auto', 'always', 'never')" in error
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(tiny_weights, tmp_path):
+    """A Latin-1 byte in a UTF-8 shell reaches Python as a lone surrogate: named, no traceback."""
+    out = tmp_path / "pano.png"
+    result = run_cli(
+        "--prompt",
+        b"caf\xe9",
+        "--weights",
+        str(tiny_weights),
+        "--output",
+        str(out),
+        "--width",
+        "512",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert "error: prompt must be valid Unicode text (encodable as UTF-8)" in result.stderr
+    assert "'\\udce9' at position 3" in result.stderr
+    assert not out.exists()
+
+
+def test_from_png_refuses_a_saved_prompt_that_is_not_valid_unicode(tiny_weights, tmp_path, capsys):
+    path = tmp_path / "surrogate.png"
+    _png_with_text(path, '{"prompt": "a \\ud800 cove", "negative_prompt": "\\udfff"}')
+    argv = ["--from-png", str(path), "--weights", str(tiny_weights), "--width", "512"]
+    assert main([*argv, "--output", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --from-png {path}: ")
+    assert "prompt must be valid Unicode text" in err and "'\\ud800' at position 2" in err
+    assert "negative_prompt must be valid Unicode text" in err and "at position 0" in err
+
+
+# --- --output: refused before any work, and a failed write told in one line ------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (lambda tmp: tmp / "folder.png", "is a folder"),
+        (lambda tmp: tmp / "missing" / "pano.png", "/missing' does not exist"),
+        (lambda tmp: tmp / "a-file" / "pano.png", "/a-file' does not exist"),
+        (lambda tmp: Path("/sys/pano.png"), "cannot write in '/sys' (PermissionError: "),
+    ],
+    ids=["a folder", "a missing folder", "under a file", "unwritable"],
+)
+def test_a_bad_output_is_refused_before_any_work(where, message, tmp_path, capsys, monkeypatch):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "a-file").write_text("")
+    output = where(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(SyncDiffusionPipeline, "from_pretrained", no_work)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--prompt", "a forest", "--output", str(output)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --output {str(output)!r}" in err and message in err
+    assert "give a file name in a folder you can write" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder.png"]
+
+
+def test_a_write_that_fails_at_the_end_is_one_line_and_leaves_nothing(tiny_weights, tmp_path):
+    """The panorama's write fails as on a full disk (here a file-size limit: EFBIG, as ENOSPC
+    would): one line naming --output, no traceback, no half-written or temporary file."""
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "pano.png"
+    args = ["--prompt", "a forest", "--output", str(out), "--weights", str(tiny_weights)]
+    args += ["--width", "512", "--num-inference-steps", "1", "--sync-threshold", "0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "syncdiffusion", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=small_files,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: --output {str(out)!r}: the panorama could not be written (")
+    assert "File too large" in last and "the same command makes it again" in last
+    assert list(tmp_path.iterdir()) == []

@@ -191,6 +191,29 @@ def test_a_refusal_quotes_a_huge_value_short():
     assert len(str(error.value)) < 400
 
 
+@pytest.mark.parametrize(
+    "name, text, position",
+    [
+        ("prompt", "\ud800", 0),
+        ("prompt", "caf\udce9 au lait", 3),
+        ("negative_prompt", "ok\udfff", 2),
+    ],
+)
+def test_text_that_is_not_valid_unicode_is_refused_naming_the_position(name, text, position):
+    """A lone surrogate (a Latin-1 byte that a UTF-8 shell or file gave Python as
+    surrogateescape) cannot be encoded: refused up front, not left to fail in the tokenizer."""
+    with pytest.raises(InputError) as error:
+        panorama_request({**GOOD, name: text})
+    message = str(error.value)
+    assert message.startswith(f"{name} must be valid Unicode text (encodable as UTF-8); got ")
+    assert f"{shown(text[position])} at position {position}" in message
+    assert message.isascii()  # printable on any terminal
+    assert not panorama_inputs()[name].accepts(text)
+    with pytest.raises(InputError) as form_refused:  # the app's form, before any job is queued
+        read_form({"prompt": "x", name: text}, Geometry(window=64))
+    assert form_refused.value.fields == {name: message}
+
+
 # --- text as an input's value: Input.parse ---------------------------------------------------
 
 DESCRIBED = {**panorama_inputs(), **CONTROL_INPUTS, **OUTPUT_INPUTS}

@@ -4,23 +4,24 @@ batch runs)."""
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..request.inputs import OUTPUT_FORMATS
 from .jobs import (
     GRID_JOBS,
     expand_grid,
+    json_line,
     parse_seeds,
     parse_setting,
     read_jobs,
     read_prompts,
     write_jobs,
 )
-from .runner import INDEX, run
+from .runner import INDEX, LOCK, folder_lock, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,19 @@ def grid_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return expand_grid(read_prompts(args.prompts), seeds, settings)
 
 
+def make_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Make the output folder and its lock file, or exit naming --out and why it cannot be."""
+    allowed = "give a folder for the files and index (made if missing)"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / LOCK).touch()
+    except FileExistsError:
+        parser.exit(2, f"error: --out {out} is a file, not a folder: {allowed}\n")
+    except OSError as error:
+        reason = one_line(error)
+        parser.exit(2, f"error: --out {out} cannot be made or written ({reason}): {allowed}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the batch command; 0 if every job is made, 1 if some failed, 2 on a usage error."""
     parser = build_parser()
@@ -80,30 +94,57 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is None:
         try:
             lines = grid_jobs(args)
-        except (InputError, OSError) as error:
+        except InputError as error:
             parser.exit(2, f"error: {error}\n")
+        except OSError as error:
+            parser.exit(2, f"error: --prompts {args.prompts}: {one_line(error)}\n")
         if args.print_jobs:
-            sys.stdout.write("".join(json.dumps(job, ensure_ascii=False) + "\n" for job in lines))
+            sys.stdout.write("".join(map(json_line, lines)))
             return 0
     elif args.seeds or args.set or args.print_jobs:
         parser.error("--seeds, --set and --print-jobs belong to the grid form (--prompts)")
+    make_out(parser, args.out)
 
     import torch
     from accelerate import PartialState
-
-    from ..errors import WeightsError
-    from ..pipeline import SyncDiffusionPipeline
+    from accelerate.utils import broadcast_object_list
 
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
+    # The main process holds the folder for the whole run, and every process learns whether.
+    lock = folder_lock(args.out) if state.is_main_process else contextlib.nullcontext()
+    with lock as holder:
+        [holder] = broadcast_object_list([holder])
+        if holder is not None:
+            if state.is_main_process:
+                print(
+                    f"error: --out {args.out} is in use by another batch run ({holder}): two "
+                    "runs in one folder would remove each other's temporary files and make every "
+                    "job twice; wait for it to end (the same command then makes only what is "
+                    "missing), or give another --out",
+                    file=sys.stderr,
+                )
+            return 2
+        return make_batch(args, state, lines if args.jobs is None else [])
+
+
+def make_batch(args: argparse.Namespace, state: Any, grid: list[dict[str, Any]]) -> int:
+    """The batch in `args.out`, which this run holds: the grid form's `grid` written as its
+    JOBS first; the exit status, as `main`'s."""
+    from ..errors import WeightsError
+    from ..pipeline import SyncDiffusionPipeline
+
     if args.jobs is None:
-        args.out.mkdir(parents=True, exist_ok=True)
         args.jobs = args.out / GRID_JOBS
         if state.is_main_process:
-            write_jobs(lines, args.jobs)
+            write_jobs(grid, args.jobs)
         state.wait_for_everyone()
     try:
         jobs = read_jobs(args.jobs)
+    except OSError as error:
+        print(f"error: JOBS {args.jobs}: {one_line(error)}", file=sys.stderr)
+        return 2
+    try:
         pipe = SyncDiffusionPipeline.from_pretrained(
             args.weights, device=args.device or state.device, model=args.model
         )

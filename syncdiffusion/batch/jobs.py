@@ -3,22 +3,20 @@
 docstring says how a batch runs).
 """
 
-
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, one_line
+from ..request.image_file import whole_file
 from ..request.inputs import panorama_inputs
 
-TEMPORARY = ".tmp"  # suffix of files being written; never an image suffix
 GRID_JOBS = "jobs.jsonl"  # where the grid form writes the jobs it expands to
 
 
@@ -38,16 +36,27 @@ class Job:
 
 def read_jobs(path: Path) -> list[Job]:
     """The jobs of a JSON Lines file; blank lines are skipped, and a line that is not a JSON
-    object becomes a job with its error, so the rest still run."""
+    object becomes a job with its error, so the rest still run.
+
+    A byte that is not UTF-8 is read as a lone surrogate (Python's surrogateescape), so it
+    costs only its own line: inside a prompt the input check refuses it with its position."""
     jobs = []
-    with open(path, encoding="utf-8") as lines:
-        for number, text in enumerate(lines, 1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            text = raw.decode("utf-8", "surrogateescape")
             if not text.strip():
                 continue
+            allowed = "each line of JOBS must be a JSON object of inputs by name"
             try:
                 inputs = json.loads(text)
             except ValueError as error:
-                jobs.append(Job(number, {}, error=f"line {number} is not JSON ({error})"))
+                jobs.append(
+                    Job(number, {}, error=f"line {number} is not JSON ({error}); {allowed}")
+                )
+                continue
+            except RecursionError:
+                error = f"line {number} is not JSON (nested too deeply); {allowed}"
+                jobs.append(Job(number, {}, error=error))
                 continue
             if not isinstance(inputs, dict):
                 kind = type(inputs).__name__
@@ -72,10 +81,11 @@ def resolve(jobs: list[Job], pipe: Any, model: str) -> None:
             continue
         try:
             job.request = pipe.request(**job.inputs)
+            job.key = job_key(job.request, model)
         except InputError as error:
             job.error = f"line {job.line}: {error}"
-            continue
-        job.key = job_key(job.request, model)
+        except Exception as error:  # recorded as the line's; the other jobs still run
+            job.error = f"line {job.line}: {one_line(error)}"
 
 
 # --- the grid form ---------------------------------------------------------------------------
@@ -119,8 +129,9 @@ def parse_setting(text: str) -> tuple[str, list[Any]]:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt a line; blank lines and lines starting with # are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """One prompt a line; blank lines and lines starting with # are skipped. A byte that is not
+    UTF-8 is read as a lone surrogate, which the input check refuses in that prompt's jobs."""
+    lines = Path(path).read_bytes().decode("utf-8", "surrogateescape").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -138,15 +149,24 @@ def expand_grid(
     return jobs
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """`record` as one line of JSON Lines, UTF-8 text as it is; a line with text UTF-8 cannot
+    encode (a lone surrogate) is written with \\u escapes, so it reads back the same."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record)
+    return text + "\n"
+
+
 def write_jobs(jobs: Iterable[dict[str, Any]], path: Path) -> Path:
     """Write `jobs` as JSON Lines, whole or not at all."""
-    text = "".join(json.dumps(job, ensure_ascii=False) + "\n" for job in jobs)
-    return write_whole(Path(path), text)
+    return write_whole(Path(path), "".join(map(json_line, jobs)))
 
 
 def write_whole(path: Path, text: str) -> Path:
     """Write `text` to `path` under a temporary name, then rename it: never a half-written file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    with whole_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
     return path

@@ -3,13 +3,14 @@ under its job's key, the index parts merged, and progress across processes. The 
 is `syncdiffusion.batch`'s `__main__`.
 """
 
-
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -17,11 +18,43 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .jobs import TEMPORARY, Job, resolve, write_whole
+from ..request.image_file import TEMPORARY, save_image, whole_file
+from .jobs import Job, json_line, resolve, write_whole
 
 INDEX = "index.jsonl"
+LOCK = ".lock"  # held by the main process of the run that writes in the folder
 PARTS = ".index"  # one index part per process
 PROGRESS = ".progress"  # one count file per process, read by the main process
+
+
+# --- one run per folder -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path) -> Iterator[str | None]:
+    """Hold `out` for one run: yields None while this process holds DIR/.lock (and has written
+    there who holds it), or, without waiting, who holds it if another process does.
+
+    The lock is the system's `flock` on the file, which ends with the process however it ends,
+    so a killed run leaves no lock behind; the file and its words stay, and the next run takes
+    it over. The file is never removed: a run could otherwise lock a name another had unlinked.
+    """
+    descriptor = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            words = os.read(descriptor, 200).decode("utf-8", "replace").strip()
+            yield words or "a process that has not said which yet"
+            return
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.ftruncate(descriptor, 0)
+        os.write(
+            descriptor, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode()
+        )
+        yield None
+    finally:
+        os.close(descriptor)  # and with it the lock
 
 
 # --- one process's share ---------------------------------------------------------------------
@@ -51,20 +84,17 @@ def share(todo: list[Job], rank: int, processes: int) -> list[Job]:
 
 def make(job: Job, pipe: Any, out: Path, output_format: str, quality: int) -> Path:
     """Make one job's panorama and write it under its final name only once it is whole."""
-    from ..request.image_file import save_image
-
     image = pipe(**job.request)
     final = out / output_name(job.key, output_format)
-    temporary = out / f".{final.name}.{os.getpid()}{TEMPORARY}"
-    save_image(image, temporary, image.info["parameters"], output_format, quality)
-    os.replace(temporary, final)
+    with whole_file(final) as temporary:
+        save_image(image, temporary, image.info["parameters"], output_format, quality)
     return final
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """One line of a process's own index part, flushed to disk before the next job starts."""
     with open(path, "a", encoding="utf-8") as part:
-        part.write(json.dumps(record, ensure_ascii=False) + "\n")
+        part.write(json_line(record))
         part.flush()
         os.fsync(part.fileno())
 
@@ -100,7 +130,7 @@ def merge_index(jobs: list[Job], out: Path, output_format: str) -> list[dict[str
         else:
             record["error"] = made.get("error", "not made yet")
         index.append(record)
-    write_whole(out / INDEX, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index))
+    write_whole(out / INDEX, "".join(map(json_line, index)))
     return index
 
 
@@ -199,7 +229,7 @@ def run(
     todo = pending(jobs, out, output_format)
     if state.is_main_process:
         for stale in itertools.chain(out.glob(f".*{TEMPORARY}"), (out / PROGRESS).iterdir()):
-            stale.unlink(missing_ok=True)  # left by a killed run: nothing writes them yet
+            stale.unlink(missing_ok=True)  # a killed run's: this run holds the folder
         done = len({job.key for job in jobs if job.key is not None}) - len(todo)
         print(
             f"batch: {len(jobs)} jobs, {done} done already, {len(todo)} to make on "

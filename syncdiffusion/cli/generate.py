@@ -5,6 +5,7 @@ or `python -m syncdiffusion --from-png pano.png` to make a saved panorama again;
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +14,16 @@ from tqdm import tqdm
 from ..core.chunks import RECOMPUTE_MODES
 from ..core.control import image_record
 from ..core.windows import Geometry
-from ..errors import InputError, WeightsError
+from ..errors import InputError, WeightsError, one_line
 from ..pipeline import SyncDiffusionPipeline
 from ..request.condition_image import CONTROL_PREPROCESSORS, open_control_image, preprocess
-from ..request.image_file import model_identity, read_parameters, save_image
+from ..request.image_file import (
+    TEMPORARY,
+    model_identity,
+    read_parameters,
+    save_image,
+    whole_file,
+)
 from ..request.inputs import CONTROL_INPUTS, OUTPUT_INPUTS, Input, check_output, panorama_inputs
 
 SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
@@ -174,7 +181,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--controlnet needs --control-image FILE (the layout)")
     if args.output.suffix.lower() not in SUFFIX_FORMATS:
         parser.error(f"--output must end in .png, .webp or .jpg; got {str(args.output)!r}")
+    if problem := output_problem(args.output):
+        parser.error(problem)
     return args
+
+
+def output_problem(path: Path) -> str | None:
+    """Why the panorama could not be written to `path`, or None: asked before any work, by
+    writing a temporary file beside it, as the panorama will be written."""
+    allowed = "give a file name in a folder you can write"
+    if path.is_dir():
+        return f"--output {str(path)!r} is a folder: {allowed}"
+    if path.exists() and not path.is_file():
+        return f"--output {str(path)!r} is not a regular file: {allowed}"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"--output {str(path)!r}: its folder {str(folder)!r} does not exist: {allowed}"
+    probe = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY}")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        return (
+            f"--output {str(path)!r}: cannot write in {str(folder)!r} ({one_line(error)}): "
+            + allowed
+        )
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         names = [*INPUTS, *(CONTROL_NUMBERS if control else ())]
         inputs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+        pipe.request(**inputs, **control)  # refused before the progress bar starts
         with tqdm(unit="step") as bar:
 
             def progress(state: dict) -> None:
@@ -226,7 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     parameters = image.info["parameters"]
     if control:
         parameters = {**parameters, "control_preprocess": args.control_preprocess or "none"}
-    save_image(image, args.output, parameters, output_format, args.output_quality)
+    try:
+        with whole_file(args.output) as temporary:
+            save_image(image, temporary, parameters, output_format, args.output_quality)
+    except OSError as error:  # a full disk, or the folder gone or locked since the check
+        print(
+            f"error: --output {str(args.output)!r}: the panorama could not be written "
+            f"({one_line(error)}); nothing was left there, and the same command makes it again",
+            file=sys.stderr,
+        )
+        return 1
     print(f"wrote {args.output} ({image.width}x{image.height})")
     return 0
 

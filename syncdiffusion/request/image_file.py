@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ _JPEG_SEGMENT_BYTES = 65533
 _TEXT_INPUTS = ("prompt", "negative_prompt")  # the only inputs that can be long
 XMP_PNG_KEY = "XML:com.adobe.xmp"  # the iTXt chunk that carries XMP in a PNG file
 GPANO_NAMESPACE = "http://ns.google.com/photos/1.0/panorama/"
+TEMPORARY = ".tmp"  # suffix of files being written; never an image suffix
 
 
 def model_identity(unet_config: dict[str, Any]) -> str:
@@ -179,6 +182,20 @@ def save_image(
         options["exif"] = _exif(fitted)
     image.save(path, format="WEBP" if output_format == "webp" else "JPEG", **options)
     return path
+
+
+@contextlib.contextmanager
+def whole_file(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` (`.NAME.PID.tmp`) to write to, renamed to `path` when
+    the block ends and removed if it fails: `path` is never a half-written file, and a write
+    that fails (a full disk) leaves nothing behind."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def read_parameters(path: str | Path) -> dict[str, Any]:

@@ -95,6 +95,7 @@ class Input:
                 isinstance(value, str)
                 and (self.choices is None or value in self.choices)
                 and (self.max_length is None or len(value) <= self.max_length)
+                and _unencodable_at(value) is None
             )
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
@@ -114,6 +115,12 @@ class Input:
             return None
         if isinstance(value, str) and self.max_length is not None and len(value) > self.max_length:
             return f"{self.name} must be {self.allowed()}; got {len(value):,} characters"
+        if isinstance(value, str) and (position := _unencodable_at(value)) is not None:
+            return (
+                f"{self.name} must be valid Unicode text (encodable as UTF-8); got a lone "
+                f"surrogate {shown(value[position])} at position {position} of {shown(value)}, "
+                "the mark of a byte that is not UTF-8 (Latin-1 text read by a UTF-8 shell or file)"
+            )
         return f"{self.name} must be {self.allowed()}; got {shown(value)}"
 
     def parse(self, text: str) -> Any:
@@ -161,6 +168,16 @@ class Input:
                     got = f"an integer of {len(digits):,} digits, more than are read ({most:,})"
                     raise InputError(f"{self.name} must be {self.allowed()}; got {got}") from None
         raise InputError(f"{self.name} must be {self.allowed()}; got {shown(text)}")
+
+
+def _unencodable_at(text: str) -> int | None:
+    """The position of the first character of `text` that UTF-8 cannot encode (a lone surrogate,
+    as Python reads a byte that is not UTF-8 from argv or a file), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
 
 
 # SD2-base's inputs: those of the published wrapper, with its defaults. `panorama_inputs` gives
