@@ -977,3 +977,37 @@ def test_cancel_takes_effect_within_a_step(counted_app):
     assert len(counted_app.unet_calls) == 1  # no window after the cancel
     job = json.loads(call(counted_app, "POST", "/api/jobs", body)[1])["job"]
     assert events(counted_app, job)[-1]["state"] == "done"  # the pipeline is still good
+
+
+def test_out_of_file_descriptors_it_waits_rather_than_spins(tiny_weights):
+    """Run with an open-file limit below its connection cap, the app does not spin while
+    connections it cannot accept wait, and serves again once they go."""
+    import resource
+
+    command = [sys.executable, "-m", "syncdiffusion.app", "--weights", str(tiny_weights)]
+    app = subprocess.Popen(
+        [*command, "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)),
+    )
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", app.stdout.readline())[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+        process = psutil.Process(app.pid)
+        time.sleep(0.5)
+        before = sum(process.cpu_times()[:2])
+        time.sleep(2)
+        busy = sum(process.cpu_times()[:2]) - before
+        # Spinning on accept is 2 s of CPU in these 2 s; waiting, a few milliseconds. The
+        # bound is generous for a loaded machine.
+        assert busy < 0.5, f"{busy:.2f} s of CPU in 2 s while out of file descriptors"
+        for sock in idle:
+            sock.close()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/")
+        assert connection.getresponse().status == 200
+    finally:
+        app.terminate()
+        app.wait(30)

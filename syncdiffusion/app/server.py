@@ -13,7 +13,8 @@ page can send is refused:
 
 Each connection has a timeout (a silent client, or a body shorter than its Content-Length,
 lets go of its thread) and there are at most `max_connections` at once; the others are
-answered 503 at once and closed.
+answered 503 at once and closed. Out of file descriptors (an open-file limit below the cap),
+it waits for some to close rather than spinning on the connections it cannot accept.
 """
 
 from __future__ import annotations
