@@ -817,7 +817,9 @@ def test_a_slow_or_idle_connection_lets_go_of_its_thread(tiny_weights, tmp_path)
         server.server_close()
 
 
-def test_a_half_downloaded_model_is_listed_as_incomplete(fake_apps, tiny_weights, tmp_path):
+@pytest.fixture
+def half_downloaded(fake_apps, tiny_weights, tmp_path) -> AppServer:
+    """The app on the tiny model and a folder "half-downloaded": model_index.json alone."""
     weights = tmp_path / "weights"
     weights.mkdir()
     for part in tiny_weights.iterdir():
@@ -825,7 +827,11 @@ def test_a_half_downloaded_model_is_listed_as_incomplete(fake_apps, tiny_weights
     half = weights / "half-downloaded"
     half.mkdir()
     shutil.copy(tiny_weights / MODEL / "model_index.json", half)
-    app = fake_apps(weights, tmp_path / "made")
+    return fake_apps(weights, tmp_path / "made")
+
+
+def test_a_half_downloaded_model_is_listed_as_incomplete(half_downloaded):
+    app = half_downloaded
     status, body = call(app, "GET", "/api/models")
     assert status == 200
     described = json.loads(body)
@@ -834,6 +840,18 @@ def test_a_half_downloaded_model_is_listed_as_incomplete(fake_apps, tiny_weights
     assert incomplete["name"] == "half-downloaded" and "incomplete" in incomplete["problem"]
     status, body = call(app, "POST", "/api/jobs", {"model": "half-downloaded", "inputs": {}})
     assert status == 400 and "half-downloaded" in json.loads(body)["error"]
+
+
+def test_in_a_browser_a_half_downloaded_model_cannot_be_picked(browser, half_downloaded):
+    page = browser.new_page()
+    try:
+        page.goto(half_downloaded.url)
+        page.wait_for_selector("body[data-ready=true]")
+        option = page.locator("#model option", has_text="half-downloaded (incomplete)")
+        assert option.is_disabled() and "incomplete" in option.get_attribute("title")
+        assert page.input_value("#model") == MODEL and page.is_visible("#in-prompt")
+    finally:
+        page.close()
 
 
 def app_server(host: str, tiny_weights: Path, tmp_path: Path, **options) -> AppServer:
