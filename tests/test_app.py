@@ -604,7 +604,8 @@ def test_in_a_browser_a_controlnet_shows_its_inputs_and_takes_an_upload(page, tm
     page.click("#run")
     from playwright.sync_api import expect
 
-    expect(page.locator("#history li")).to_have_count(made + 1)
+    # The history grows when the run is done (the status still reads the last run's "Done").
+    expect(page.locator("#history li")).to_have_count(made + 1, timeout=120_000)
     status(page, r"^Done in ")
     assert page.text_content("#result-text").startswith("640x512, ")
     # "Use these settings" keeps the ControlNet and its numbers, and asks for the image again.
