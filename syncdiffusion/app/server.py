@@ -289,7 +289,8 @@ class Handler(BaseHTTPRequestHandler):
         if len(data) < length:  # silent past the timeout, or gone
             return self._refuse(
                 HTTPStatus.REQUEST_TIMEOUT,
-                f"the body ended after {len(data)} of its {length} bytes (Content-Length)",
+                f"the body did not come whole: Content-Length announced {length} bytes, and "
+                f"the connection closed or went silent ({self.timeout:g} s) before them",
             )
         try:
             body = json.loads(data, parse_int=_int)
