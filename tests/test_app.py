@@ -5,18 +5,25 @@ real browser (headless Chromium driven by Playwright) on the tiny model and a ti
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
+import gc
 import http.client
+import http.server
 import io
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image, ImageDraw, ImageStat
 
@@ -85,20 +92,37 @@ class FakePipe:
             time.sleep(self.step_seconds)
             callback({"step": step, "steps": steps, "sync": step < request["sync_threshold"]})
         image = Image.new("RGB", (request["width"], request["height"]))
-        image.info["parameters"] = {**request, "model": "fake"}
+        # As the pipeline saves it: a condition image by its record, not its pixels.
+        kept = {k: image_record(v) if isinstance(v, Image.Image) else v for k, v in request.items()}
+        image.info["parameters"] = {**kept, "model": "fake"}
         return image
 
 
 @pytest.fixture
-def fake_app(tiny_weights, tmp_path):
+def fake_apps():
+    """`make(weights, output_dir, **queue_options)`: the app on a weights folder with `FakePipe`
+    making the pictures, served until the test ends; `server.pipe` is its `FakePipe`."""
+    servers = []
+
+    def make(weights: Path, output_dir: Path, **options) -> AppServer:
+        pipe = FakePipe()
+        options.setdefault("abandon_after", 0.5)
+        jobs = JobQueue(lambda model, controlnet: pipe, output_dir, **options)
+        server = serve(App(weights, MODEL, jobs))
+        server.pipe = pipe
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def fake_app(fake_apps, tiny_weights, tmp_path):
     """The app on the tiny model's folder, with `FakePipe` making the pictures."""
-    pipe = FakePipe()
-    jobs = JobQueue(lambda model, controlnet: pipe, tmp_path, abandon_after=0.5)
-    server = serve(App(tiny_weights, MODEL, jobs))
-    server.pipe = pipe
-    yield server
-    server.shutdown()
-    server.server_close()
+    return fake_apps(tiny_weights, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -449,8 +473,8 @@ def chromium() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def page(real_app):
-    """A page of the app in headless Chromium."""
+def browser():
+    """Headless Chromium."""
     if BROWSER_ENV in os.environ:  # named (as CI names it): the test must run
         import playwright.sync_api as playwright_api
     else:
@@ -463,12 +487,19 @@ def page(real_app):
             # WebGL for the 360 viewer, drawn by the CPU.
             args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader"],
         )
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.set_default_timeout(120_000)
-        page.goto(real_app.url)
-        page.wait_for_selector("body[data-ready=true]")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, real_app):
+    """A page of the app in headless Chromium."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(120_000)
+    page.goto(real_app.url)
+    page.wait_for_selector("body[data-ready=true]")
+    yield page
+    page.close()
 
 
 def status(page, pattern: str) -> None:
@@ -573,7 +604,8 @@ def test_in_a_browser_a_controlnet_shows_its_inputs_and_takes_an_upload(page, tm
     page.click("#run")
     from playwright.sync_api import expect
 
-    expect(page.locator("#history li")).to_have_count(made + 1)
+    # The history grows when the run is done (the status still reads the last run's "Done").
+    expect(page.locator("#history li")).to_have_count(made + 1, timeout=120_000)
     status(page, r"^Done in ")
     assert page.text_content("#result-text").startswith("640x512, ")
     # "Use these settings" keeps the ControlNet and its numbers, and asks for the image again.
@@ -584,3 +616,417 @@ def test_in_a_browser_a_controlnet_shows_its_inputs_and_takes_an_upload(page, tm
     assert page.input_value("#in-controlnet_conditioning_scale") == "1.5"
     assert "Upload the condition image again" in page.text_content("#note-control_image")
     page.select_option("#controlnet", "")
+
+
+# --- what a hostile page or a careless user sends ------------------------------------------
+
+SMUGGLED = {"model": MODEL, "inputs": {"prompt": "smuggled", "num_inference_steps": "1"}}
+
+
+def raw_request(server: AppServer, body: bytes, content_type: str, host: str = "") -> bytes:
+    """A whole POST /api/jobs request as it goes on the wire."""
+    host = host or f"127.0.0.1:{server.server_address[1]}"
+    head = (
+        f"POST /api/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def exchange(server: AppServer, data: bytes, timeout: float = 10) -> bytes:
+    """Everything the server answers to `data`, sent as it is on one connection, until the
+    server closes it (a connection it keeps open runs into `timeout`)."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_refused_request_s_body_is_never_taken_for_a_request(fake_app):
+    inner = raw_request(fake_app, json.dumps(SMUGGLED).encode(), "application/json")
+    for outer in (
+        raw_request(fake_app, inner, "text/plain"),  # what any page may send anywhere
+        raw_request(fake_app, inner, "application/json", host="rebound.example:80"),
+    ):
+        answer = exchange(fake_app, outer)
+        assert answer.count(b"HTTP/1.1 ") == 1, answer  # one answer: the refusal, then closed
+        assert answer.startswith((b"HTTP/1.1 415 ", b"HTTP/1.1 403 ")), answer
+    assert fake_app.app.jobs.jobs == {}
+    # A GET carries no body the app reads: whatever it declares is not parsed either.
+    get = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{fake_app.server_address[1]}\r\n"
+    answer = exchange(fake_app, f"{get}Content-Length: {len(inner)}\r\n\r\n".encode() + inner)
+    assert answer.count(b"HTTP/1.1 ") == 1 and fake_app.app.jobs.jobs == {}
+
+
+def test_a_cross_site_request_is_refused_naming_its_origin(fake_app):
+    own = f"http://127.0.0.1:{fake_app.server_address[1]}"
+    for headers in (
+        {"Origin": "http://attacker.example"},
+        {"Origin": "null"},
+        {"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-site"},  # another port
+        {"Sec-Fetch-Site": "cross-site"},
+    ):
+        status, body = call(fake_app, "POST", "/api/jobs", SMUGGLED, **headers)
+        assert status == 403, headers
+        message = json.loads(body)["error"]
+        assert "cross-site" in message and "own page" in message, message
+        assert next(iter(headers.values())) in message, message
+    assert fake_app.app.jobs.jobs == {}
+    status, _ = call(
+        fake_app, "POST", "/api/jobs", SMUGGLED, Origin=own, **{"Sec-Fetch-Site": "same-origin"}
+    )
+    assert status == 200  # the app's own page
+
+
+def test_in_a_browser_another_site_cannot_smuggle_a_job(browser, fake_app, tmp_path):
+    """A page on another local origin posts, as text/plain (no preflight), a body that is a
+    whole JSON job request: no job may come of it."""
+    inner = raw_request(fake_app, json.dumps(SMUGGLED).encode(), "application/json")
+    script = f"""<!doctype html><title>waiting</title><script>
+      fetch({json.dumps(fake_app.url + "api/jobs")}, {{method: "POST", mode: "no-cors",
+        headers: {{"Content-Type": "text/plain"}}, body: {json.dumps(inner.decode())}}})
+        .then(() => document.title = "sent", () => document.title = "sent");
+    </script>"""
+    (tmp_path / "attack.html").write_text(script)
+    other = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)),
+    )
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{other.server_address[1]}/attack.html")
+        page.wait_for_function("document.title === 'sent'")
+        # A smuggled job would be in the table within milliseconds of the answer; 3 s is
+        # a generous wait on a loaded machine, not a measure of speed.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not fake_app.app.jobs.jobs:
+            time.sleep(0.1)
+        assert fake_app.app.jobs.jobs == {}
+    finally:
+        page.close()
+        other.shutdown()
+        other.server_close()
+
+
+def black_png(side: int) -> bytes:
+    """A black square as PNG: a few kilobytes that decode to side*side*3 bytes."""
+    return png(Image.new("L", (side, side)))
+
+
+def test_memory_stays_flat_over_twenty_jobs_with_large_condition_images(
+    fake_apps, control_weights, tmp_path
+):
+    app = fake_apps(control_weights, tmp_path, max_kept=5)
+    picture = upload(black_png(4096))  # 48 MiB decoded, as RGB
+    form = {"prompt": "x", "width": "512", "height": "512", "num_inference_steps": "1"}
+    body = {"model": MODEL, "controlnet": CONTROLNET, "inputs": {**form, "control_image": picture}}
+
+    def one_job() -> None:
+        status, answer = call(app, "POST", "/api/jobs", body)
+        assert status == 200, answer
+        assert events(app, json.loads(answer)["job"])[-1]["state"] == "done"
+
+    process = psutil.Process()
+    for _ in range(2):  # the allocators' first growth
+        one_job()
+    gc.collect()
+    before = process.memory_info().rss
+    for _ in range(20):
+        one_job()
+    gc.collect()
+    grown = process.memory_info().rss - before
+    # Kept, twenty decoded images would be 960 MiB; a generous bound for what the
+    # allocator holds on to.
+    assert grown < 250 << 20, f"the app grew by {grown >> 20} MiB over 20 jobs"
+    assert len(app.app.jobs.jobs) <= 5  # the history is bounded
+
+
+def test_a_full_line_is_refused_with_retry_after(fake_apps, tiny_weights, tmp_path):
+    app = fake_apps(tiny_weights, tmp_path, max_waiting=2, abandon_after=60)
+    app.pipe.step_seconds = 0.2
+    body = {"model": MODEL, "inputs": {"prompt": "x", "num_inference_steps": "50"}}
+    ids = []
+    for _ in range(3):  # one running, two waiting
+        status, answer = call(app, "POST", "/api/jobs", body)
+        assert status == 200, answer
+        ids.append(json.loads(answer)["job"])
+        while not app.app.jobs.running:
+            time.sleep(0.02)
+    connection = http.client.HTTPConnection(*app.server_address[:2], timeout=30)
+    connection.request("POST", "/api/jobs", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 429
+    assert int(response.getheader("Retry-After")) > 0
+    assert "2 jobs" in json.loads(response.read())["error"]
+    for job in ids:
+        assert call(app, "POST", f"/api/jobs/{job}/cancel", {})[0] == 200
+
+
+def test_file_names_are_unique_across_restarts_and_apps_on_one_folder(tiny_weights, tmp_path):
+    request = panorama_request({"prompt": "x", "num_inference_steps": 1, "seed": 7})
+    pipe = FakePipe(step_seconds=0)
+
+    def made_by_a_new_app() -> Path:
+        jobs = JobQueue(lambda model, controlnet: pipe, tmp_path)
+        job = jobs.submit(Job(MODEL, dict(request), "png", 80))
+        deadline = time.monotonic() + 30
+        while not job.finished and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.events[-1]["state"] == "done", job.events
+        return tmp_path / job.events[-1]["name"]
+
+    first = made_by_a_new_app()
+    kept = first.read_bytes()
+    again = made_by_a_new_app()  # a restart, or a second app on the same folder
+    assert again != first and first.read_bytes() == kept
+    assert len(list(tmp_path.glob("panorama-*-seed7.png"))) == 2
+
+
+def test_a_slow_or_idle_connection_lets_go_of_its_thread(tiny_weights, tmp_path):
+    jobs = JobQueue(lambda model, controlnet: FakePipe(), tmp_path)
+    server = AppServer(
+        ("127.0.0.1", 0), App(tiny_weights, MODEL, jobs), connection_timeout=0.5, max_connections=4
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # A body shorter than its Content-Length: answered 408, closed (10 s: generous).
+        head = raw_request(server, b"x" * 100, "application/json")
+        answer = exchange(server, head[:-90])
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        # Many idle connections: at most max_connections threads; the others turned away.
+        threads = threading.active_count()
+        idle = [socket.create_connection(server.server_address[:2], timeout=10) for _ in range(12)]
+        time.sleep(0.2)  # each accepted: a thread, or an answer
+        assert threading.active_count() - threads <= 4
+        turned_away = 0
+        for sock in idle:
+            sock.settimeout(0.3)
+            with contextlib.suppress(TimeoutError):
+                turned_away += sock.recv(100).startswith(b"HTTP/1.1 503 ")
+        assert turned_away >= 8
+        for sock in idle:  # the idle ones held are let go after connection_timeout
+            sock.settimeout(10)
+            while sock.recv(65536):
+                pass
+            sock.close()
+        assert call(server, "GET", "/")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def half_downloaded(fake_apps, tiny_weights, tmp_path) -> AppServer:
+    """The app on the tiny model and a folder "half-downloaded": model_index.json alone."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for part in tiny_weights.iterdir():
+        (weights / part.name).symlink_to(part)
+    half = weights / "half-downloaded"
+    half.mkdir()
+    shutil.copy(tiny_weights / MODEL / "model_index.json", half)
+    return fake_apps(weights, tmp_path / "made")
+
+
+def test_a_half_downloaded_model_is_listed_as_incomplete(half_downloaded):
+    app = half_downloaded
+    status, body = call(app, "GET", "/api/models")
+    assert status == 200
+    described = json.loads(body)
+    assert [m["name"] for m in described["models"]] == [MODEL]
+    [incomplete] = described["incomplete"]
+    assert incomplete["name"] == "half-downloaded" and "incomplete" in incomplete["problem"]
+    status, body = call(app, "POST", "/api/jobs", {"model": "half-downloaded", "inputs": {}})
+    assert status == 400 and "half-downloaded" in json.loads(body)["error"]
+
+
+def test_in_a_browser_a_half_downloaded_model_cannot_be_picked(browser, half_downloaded):
+    page = browser.new_page()
+    try:
+        page.goto(half_downloaded.url)
+        page.wait_for_selector("body[data-ready=true]")
+        option = page.locator("#model option", has_text="half-downloaded (incomplete)")
+        assert option.is_disabled() and "incomplete" in option.get_attribute("title")
+        assert page.input_value("#model") == MODEL and page.is_visible("#in-prompt")
+    finally:
+        page.close()
+
+
+def app_server(host: str, tiny_weights: Path, tmp_path: Path, **options) -> AppServer:
+    jobs = JobQueue(lambda model, controlnet: FakePipe(), tmp_path)
+    server = AppServer((host, 0), App(tiny_weights, MODEL, jobs), **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_on_every_address_the_host_check_still_stops_dns_rebinding(tiny_weights, tmp_path):
+    server = app_server("0.0.0.0", tiny_weights, tmp_path, allowed_hosts=["Panorama.lan"])
+    port = server.server_address[1]
+    try:
+        for host in ("attacker.example", "127.0.0.1.attacker.example", "localhost.example"):
+            assert call(server, "GET", "/", Host=f"{host}:{port}")[0] == 403, host
+        for host in (
+            "127.0.0.1",
+            "localhost",
+            "[::1]",
+            "192.168.1.20",
+            socket.gethostname(),
+            "panorama.lan",
+        ):
+            assert call(server, "GET", "/", Host=f"{host}:{port}")[0] == 200, host
+        assert call(server, "GET", "/", Host=f"127.0.0.1:{port + 1}")[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert build_parser().parse_args(
+        ["--allowed-host", "a", "--allowed-host", "b"]
+    ).allowed_host == ["a", "b"]
+    assert "--allowed-host" in build_parser().format_help()
+
+
+def test_it_serves_on_ipv6_loopback(tiny_weights, tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    server = app_server("::1", tiny_weights, tmp_path)
+    try:
+        assert server.url == f"http://[::1]:{server.server_address[1]}/"
+        assert call(server, "GET", "/")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_port_in_use_is_one_line_naming_port(tiny_weights):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "syncdiffusion.app", "--weights", str(tiny_weights)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(
+            [*command, "--port", str(port)], capture_output=True, text=True, env=env, timeout=120
+        )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"port {port}" in done.stderr and "--port" in done.stderr
+
+
+def test_a_width_of_thousands_of_digits_is_a_400_naming_width(fake_app):
+    nines = "9" * 5000
+    for body in (
+        json.dumps({"model": MODEL, "inputs": {"prompt": "x", "width": nines}}),
+        f'{{"model": "{MODEL}", "inputs": {{"prompt": "x", "width": {nines}}}}}',  # a number
+    ):
+        connection = http.client.HTTPConnection(*fake_app.server_address[:2], timeout=30)
+        connection.request("POST", "/api/jobs", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        assert response.status == 400, answer
+        assert answer["fields"]["width"].startswith("width must be a multiple of 8 from 512")
+        assert "ValueError" not in answer["error"] and len(answer["error"]) < 1000
+
+
+def test_a_made_file_deleted_from_disk_is_a_404(fake_app):
+    form = {"prompt": "x", "num_inference_steps": "1"}
+    job = json.loads(call(fake_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})[1])
+    done = events(fake_app, job["job"])[-1]
+    token = done["file"].split("/")[-1]
+    fake_app.app.jobs.made[token].path.unlink()
+    for path in (done["file"], f"/api/parameters/{token}"):
+        status, body = call(fake_app, "GET", path)
+        assert status == 404, path
+        assert "no longer on disk" in json.loads(body)["error"]
+
+
+def test_the_temporary_output_folder_goes_when_the_app_stops(tiny_weights, tmp_path):
+    command = [sys.executable, "-m", "syncdiffusion.app", "--weights", str(tiny_weights)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        app = subprocess.Popen(
+            [*command, "--port", "0"], stdout=subprocess.PIPE, text=True, env=env
+        )
+        try:
+            line = app.stdout.readline()
+            folder = Path(re.search(r"panoramas go to ([^,)\s]+)", line)[1])
+            assert folder.is_dir() and "removed when the app stops" in line, line
+            (folder / "panorama-1-seed1.png").write_bytes(b"made")
+        finally:
+            app.send_signal(stop)
+            assert app.wait(30) == 0
+        assert not folder.exists()
+
+
+@pytest.fixture
+def counted_app(control_weights, tmp_path):
+    """The app on the tiny model, whose UNet counts its calls (`server.unet_calls`) and, at
+    the first, cancels the job it runs: a cancel that comes in the middle of a step."""
+    from syncdiffusion import SyncDiffusionPipeline
+
+    calls = []
+
+    def load(model: str, controlnet: str | None):
+        pipe = SyncDiffusionPipeline.from_pretrained(control_weights, device="cpu", model=model)
+
+        def cancel_now(module, args):
+            calls.append(1)
+            if len(calls) == 1:
+                jobs.cancel(jobs.running)
+
+        pipe.unet.register_forward_pre_hook(cancel_now)
+        return pipe
+
+    jobs = JobQueue(load, tmp_path)
+    server = serve(App(control_weights, MODEL, jobs))
+    server.unet_calls = calls
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_cancel_takes_effect_within_a_step(counted_app):
+    form = {"prompt": "x", "width": "1024", "num_inference_steps": "2", "sync_threshold": "0"}
+    body = {"model": MODEL, "inputs": form}
+    job = json.loads(call(counted_app, "POST", "/api/jobs", body)[1])["job"]
+    seen = events(counted_app, job)
+    assert seen[-1] == {"state": "cancelled"}
+    assert not [e for e in seen if e["state"] == "step"]  # not even the first step's end
+    assert len(counted_app.unet_calls) == 1  # no window after the cancel
+    job = json.loads(call(counted_app, "POST", "/api/jobs", body)[1])["job"]
+    assert events(counted_app, job)[-1]["state"] == "done"  # the pipeline is still good
+
+
+def test_out_of_file_descriptors_it_waits_rather_than_spins(tiny_weights):
+    """Run with an open-file limit below its connection cap, the app does not spin while
+    connections it cannot accept wait, and serves again once they go."""
+    import resource
+
+    command = [sys.executable, "-m", "syncdiffusion.app", "--weights", str(tiny_weights)]
+    app = subprocess.Popen(
+        [*command, "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)),
+    )
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", app.stdout.readline())[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+        process = psutil.Process(app.pid)
+        time.sleep(0.5)
+        before = sum(process.cpu_times()[:2])
+        time.sleep(2)
+        busy = sum(process.cpu_times()[:2]) - before
+        # Spinning on accept is 2 s of CPU in these 2 s; waiting, a few milliseconds. The
+        # bound is generous for a loaded machine.
+        assert busy < 0.5, f"{busy:.2f} s of CPU in 2 s while out of file descriptors"
+        for sock in idle:
+            sock.close()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/")
+        assert connection.getresponse().status == 200
+    finally:
+        app.terminate()
+        app.wait(30)

@@ -1,8 +1,16 @@
 """One GPU job at a time: a line of panorama jobs, one worker making them, and what each job's
 watchers (the browser tabs following it) are told: place in line, steps, result or error.
 
-A job nobody watches any more (its tab closed) is dropped from the line, or stopped at its
-next denoising step, once `abandon_after` seconds have passed without a watcher.
+A job nobody watches any more (its tab closed) is dropped from the line, or stopped, once
+`abandon_after` seconds have passed without a watcher. A cancelled or abandoned job stops
+before the next network call of the running step (each chunk of windows is one UNet call), not
+only at the step's end.
+
+Memory stays bounded: at most `max_waiting` jobs wait (another is refused, `LineFull`), a job
+that has ended keeps only its events (its request, a decoded condition image included, is let
+go), and only the last `max_kept` ended jobs are kept for a late watcher. Each file gets a name
+no other file in the output folder has, reserved by creating it (`open(..., "xb")`), so
+neither a restarted app nor a second app on the same folder overwrites one.
 """
 
 from __future__ import annotations
@@ -25,10 +33,19 @@ logger = logging.getLogger(__name__)
 
 SUFFIXES = {"png": ".png", "webp": ".webp", "jpg": ".jpg"}
 FINAL = ("done", "error", "cancelled")
+MAX_WAITING = 16
+"""Jobs that may wait in line; each may hold a decoded condition image of up to 192 MiB."""
+MAX_KEPT = 100
+"""Ended jobs kept (their events only) for a watcher that comes late."""
 
 
 class Cancelled(Exception):
-    """Raised from the step callback to stop a job that was cancelled or abandoned."""
+    """Raised from the step callback or a network's call to stop a job that was cancelled or
+    abandoned."""
+
+
+class LineFull(Exception):
+    """The line holds as many jobs as it may: try again later."""
 
 
 @dataclass
@@ -73,8 +90,11 @@ class JobQueue:
         load: Callable[[str, str | None], Any],
         output_dir: Path,
         abandon_after: float = 10.0,
+        max_waiting: int = MAX_WAITING,
+        max_kept: int = MAX_KEPT,
     ) -> None:
         self.load, self.output_dir, self.abandon_after = load, output_dir, abandon_after
+        self.max_waiting, self.max_kept = max_waiting, max_kept
         self.jobs: dict[str, Job] = {}
         self.made: dict[str, Made] = {}  # what /files/ serves, by its unguessable token
         self.line: deque[Job] = deque()
@@ -86,16 +106,28 @@ class JobQueue:
 
     # --- what the server asks -------------------------------------------------------------
 
+    def check_room(self) -> None:
+        """Raise `LineFull` where `max_waiting` jobs wait already."""
+        if len(self.line) >= self.max_waiting:
+            raise LineFull(
+                f"{len(self.line)} jobs wait in line already, as many as the app takes "
+                f"({self.max_waiting} jobs); try again when one has run"
+            )
+
     def submit(self, job: Job) -> Job:
-        """Put `job` at the end of the line."""
+        """Put `job` at the end of the line; `LineFull` where there is no room."""
         with self.changed:
+            self.check_room()
+            ended = [key for key, kept in self.jobs.items() if kept.finished]
+            for key in ended[: max(0, len(ended) - self.max_kept + 1)]:
+                del self.jobs[key]
             self.jobs[job.id] = job
             self.line.append(job)
             self._tell(job, {"state": "queued", "ahead": self._ahead(job)})
         return job
 
     def cancel(self, job: Job) -> None:
-        """Stop `job`: out of the line at once, or at its next denoising step if running."""
+        """Stop `job`: out of the line at once, or at its next network call if running."""
         with self.changed:
             job.cancelled = True
             if job in self.line:
@@ -141,6 +173,8 @@ class JobQueue:
     def _tell(self, job: Job, event: dict[str, Any]) -> None:
         with self.changed:
             job.events.append(event)
+            if event["state"] in FINAL:
+                job.request = {}  # what the page needs is in the events
             self.changed.notify_all()
 
     def _next(self) -> Job:
@@ -179,6 +213,20 @@ class JobQueue:
             self._pipe = (key, self.load(*key))
         return self._pipe[1]
 
+    def _reserve(self, seed: int, suffix: str) -> Path:
+        """A new file `panorama-N-seedS.suffix` of the output folder, created empty: the first
+        N from this app's count that no file (of an earlier run, or of another app) has."""
+        number = self._count
+        while True:
+            number += 1
+            path = self.output_dir / f"panorama-{number}-seed{seed}{suffix}"
+            try:
+                path.open("xb").close()
+            except FileExistsError:
+                continue
+            self._count = number
+            return path
+
     def _make(self, job: Job) -> dict[str, Any]:
         request, key = job.request, (job.model, job.controlnet)
         if self._pipe is None or self._pipe[0] != key:
@@ -207,15 +255,30 @@ class JobQueue:
             if job.cancelled or self._abandoned(job):
                 raise Cancelled
 
+        def interrupt(module: Any, args: Any) -> None:
+            if job.cancelled or self._abandoned(job):
+                raise Cancelled
+
         if job.cancelled or self._abandoned(job):
             raise Cancelled
-        image = pipe(**request, callback=progress)
-        self._count += 1
-        name = f"panorama-{self._count}-seed{request['seed']}{SUFFIXES[job.output_format]}"
+        # Checked before each call of the denoising networks too: a step of many windows is
+        # many calls, and may take a minute on a CPU.
+        networks = [getattr(pipe, name, None) for name in ("unet", "controlnet")]
+        hooks = [n.register_forward_pre_hook(interrupt) for n in networks if n is not None]
+        try:
+            image = pipe(**request, callback=progress)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        path = self._reserve(request["seed"], SUFFIXES[job.output_format])
+        name = path.name
         token = secrets.token_urlsafe(16) + SUFFIXES[job.output_format]
-        path = self.output_dir / name
         parameters = image.info["parameters"]
-        save_image(image, path, parameters, job.output_format, job.output_quality)
+        try:
+            save_image(image, path, parameters, job.output_format, job.output_quality)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         with self.changed:
             self.made[token] = Made(path, name)
         return {

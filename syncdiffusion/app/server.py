@@ -1,17 +1,35 @@
 """The app's HTTP server: its own page and static files, a small JSON API, and the files it made.
 
 Nothing else is served: the static files are a list made at start-up and the made files a
-table of unguessable names, so no path in a URL ever reaches the disk. A request whose Host
-is not the address the app listens on is refused (a web page cannot reach it by DNS
-rebinding), and the API takes JSON only (a page on another site cannot post a form to it).
+table of unguessable names, so no path in a URL ever reaches the disk. What another web site's
+page can send is refused:
+
+- a Host that is neither an IP address, localhost, this machine's name nor an allowed name, on
+  the app's port (DNS rebinding gives a page the app under its own site's name);
+- a POST whose `Origin` is not the app's own, or whose `Sec-Fetch-Site` is not `same-origin`
+  (a page may post to any site without asking), and a POST that is not JSON;
+- and after any refusal the connection is closed, its body read and dropped first where it is
+  small: the body of a refused request is never taken for the next request.
+
+Each connection has a timeout (a silent client, or a body shorter than its Content-Length,
+lets go of its thread) and there are at most `max_connections` at once; the others are
+answered 503 at once and closed. Out of file descriptors (an open-file limit below the cap),
+it waits for some to close rather than spinning on the connections it cannot accept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import json
 import logging
 import mimetypes
 import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import WeightsError, one_line
+from ..models.folders import folder_problem
 from ..models.weights import check_controlnet, check_controlnet_fits
 from ..request.image_file import read_parameters
 from .form import (
@@ -32,7 +51,7 @@ from .form import (
     output_form,
     read_form,
 )
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, LineFull, Made
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +59,19 @@ STATIC_DIR = Path(__file__).parent / "static"
 # A form: two prompts of at most 10,000 characters and a few numbers, and a condition image of
 # at most MAX_UPLOAD bytes in base64 (4/3 of its size).
 MAX_BODY = (1 << 20) + (MAX_UPLOAD + 2) // 3 * 4
+# A refused request's body is read and dropped up to this size (its answer then reaches the
+# client before the connection closes); a larger one is not read at all.
+MAX_DRAINED = 1 << 20
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+CONNECTION_TIMEOUT = 30.0
+"""Seconds a connection may stay silent, mid-request or between requests, before it is closed.
+The page's event streams send a heartbeat every second, so they never come near it."""
+MAX_CONNECTIONS = 64
+"""Connections served at once, each on its own thread: a tab holds two or three."""
+RETRY_AFTER = 30
+"""Seconds the Retry-After of a full line or a turned-away connection asks a client to wait."""
+# Python refuses to read an integer of more digits than this from text (sys.int_info).
+_MAX_DIGITS = 4300
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -66,11 +97,19 @@ class App:
         self.static = static_files()
 
     def models(self) -> dict[str, Any]:
-        """The model and ControlNet pickers, each model's form, and the largest upload."""
-        names = model_folders(self.weights_dir)
-        default = self.default_model if self.default_model in names else names[0]
+        """The model and ControlNet pickers, each complete model's form, the incomplete ones
+        (a download under way or broken: their name and problem), and the largest upload."""
+        forms, incomplete = [], []
+        for name in model_folders(self.weights_dir):
+            if problem := self.model_problem(name):
+                incomplete.append({"name": name, "problem": problem})
+            else:
+                forms.append(model_form(self.weights_dir / name))
+        names = [form["name"] for form in forms]
+        default = self.default_model if self.default_model in names else next(iter(names), None)
         return {
-            "models": [model_form(self.weights_dir / name) for name in names],
+            "models": forms,
+            "incomplete": incomplete,
             "default_model": default,
             "controlnets": controlnet_folders(self.weights_dir),
             "output": output_form(),
@@ -82,6 +121,9 @@ class App:
         model = body.get("model")
         if model not in model_folders(self.weights_dir):
             raise FormError(f"model must be a folder in the weights folder; got {model!r}", {})
+        if problem := self.model_problem(model):
+            raise FormError(f"model {model!r} cannot be used: {problem}", {})
+        self.jobs.check_room()  # before the form's condition image is decoded
         controlnet = body.get("controlnet")
         if controlnet is not None:
             self._check_controlnet(model, controlnet)
@@ -94,6 +136,17 @@ class App:
         request, output_format, output_quality = read_form(fields, geometry, controlnet is not None)
         job = Job(model, request, output_format, output_quality, controlnet)
         return self.jobs.submit(job)
+
+    def model_problem(self, name: str) -> str | None:
+        """What keeps model folder `name` from being used (one half downloaded, say), or None."""
+        sd_dir = self.weights_dir / name
+        if problem := folder_problem(sd_dir):
+            return problem
+        try:
+            folder_geometry(sd_dir)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"its UNet's or VAE's config cannot be read ({one_line(error)})"
+        return None
 
     def _check_controlnet(self, model: str, controlnet: Any) -> None:
         """Refuse a ControlNet that is not a folder of controlnet/, is incomplete, or does not
@@ -117,6 +170,10 @@ class Handler(BaseHTTPRequestHandler):
     server: AppServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        self.timeout = self.server.connection_timeout  # the socket's, set by setup()
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
 
@@ -132,12 +189,20 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, value: Any) -> None:
+    def _json(self, status: int, value: Any, **headers: str) -> None:
         body = json.dumps(value).encode()
-        self._send(status, body, "application/json", **{"Cache-Control": "no-store"})
+        self._send(status, body, "application/json", **{"Cache-Control": "no-store", **headers})
 
-    def _refuse(self, status: HTTPStatus, why: str = "") -> None:
-        self._json(status, {"error": why or status.phrase})
+    def _refuse(self, status: HTTPStatus, why: str = "", **headers: str) -> None:
+        """Answer `status` and close the connection, its body (where small) read and dropped:
+        what follows a refused request's headers is never taken for the next request."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) <= MAX_DRAINED:
+            with contextlib.suppress(OSError):  # gone, or silent past the timeout: closed too
+                self.rfile.read(int(length))
+        headers = {"Cache-Control": "no-store", "Connection": "close", **headers}
+        body = json.dumps({"error": why or status.phrase}).encode()
+        self._send(status, body, "application/json", **headers)
 
     def _file(self, path: Path, **headers: str) -> None:
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -145,10 +210,23 @@ class Handler(BaseHTTPRequestHandler):
             kind += "; charset=utf-8"
         self._send(HTTPStatus.OK, path.read_bytes(), kind, **headers)
 
-    def _host_allowed(self) -> bool:
-        host = self.headers.get("Host", "")
-        allowed = self.server.allowed_hosts
-        return allowed is None or host in allowed
+    def _gone(self, made_name: str) -> None:
+        self._json(
+            HTTPStatus.NOT_FOUND,
+            {"error": f"{made_name} is no longer on disk in the app's output folder"},
+        )
+
+    def _cross_site(self) -> str | None:
+        """Why a state-changing request comes from another site's page, or None: a browser
+        names the page's origin (`Origin`) and how it relates to the app's (`Sec-Fetch-Site`);
+        a client that is no browser sends neither."""
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
+            return f"Origin {origin!r}"
+        site = self.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none"):
+            return f"Sec-Fetch-Site {site!r}"
+        return None
 
     # --- routes ---------------------------------------------------------------------------
 
@@ -156,8 +234,10 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
-        if not self._host_allowed():
-            return self._refuse(HTTPStatus.FORBIDDEN, "unknown Host")
+        if not self.server.host_allowed(self.headers.get("Host", "")):
+            return self._refuse(HTTPStatus.FORBIDDEN, self._unknown_host())
+        if "Content-Length" in self.headers or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # a body no GET reads must not be taken for a request
         app, path = self.server.app, urlsplit(self.path).path
         if path in app.static:
             return self._file(app.static[path])
@@ -165,21 +245,37 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.OK, app.models())
         parts = path.split("/")
         if len(parts) == 3 and parts[1] == "files" and parts[2] in app.jobs.made:
-            return self._file(app.jobs.made[parts[2]].path, **{"Cache-Control": "no-store"})
+            made = app.jobs.made[parts[2]]
+            try:
+                return self._file(made.path, **{"Cache-Control": "no-store"})
+            except OSError:
+                return self._gone(made.name)
         if len(parts) == 4 and parts[1:3] == ["api", "parameters"] and parts[3] in app.jobs.made:
-            return self._parameters(app.jobs.made[parts[3]].path)
+            return self._parameters(app.jobs.made[parts[3]])
         if job := self._job(parts, "events"):
             return self._events(job)
         return self._refuse(HTTPStatus.NOT_FOUND)
 
+    def _unknown_host(self) -> str:
+        return (
+            f"Host {self.headers.get('Host', '')!r} is not this app's: a request must name it by "
+            f"an IP address, localhost, this machine's name or an --allowed-host, with port "
+            f"{self.server.server_address[1]}"
+        )
+
     def do_POST(self) -> None:
-        if not self._host_allowed():
-            return self._refuse(HTTPStatus.FORBIDDEN, "unknown Host")
+        if not self.server.host_allowed(self.headers.get("Host", "")):
+            return self._refuse(HTTPStatus.FORBIDDEN, self._unknown_host())
+        if cross_site := self._cross_site():
+            return self._refuse(
+                HTTPStatus.FORBIDDEN,
+                f"a cross-site request is refused ({cross_site}): the API takes requests from "
+                "the app's own page only",
+            )
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
             return self._refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the API takes JSON")
         length = self.headers.get("Content-Length", "")
         if not length.isdigit() or not 0 < int(length) <= MAX_BODY:
-            self.close_connection = True  # its body, unread, must not be taken for a request
             return self._refuse(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"a request must have a length of 1 byte to {MAX_BODY >> 20} MiB (a condition "
@@ -187,7 +283,17 @@ class Handler(BaseHTTPRequestHandler):
             )
         length = int(length)
         try:
-            body = json.loads(self.rfile.read(length))
+            data = self.rfile.read(length)
+        except TimeoutError:
+            data = b""
+        if len(data) < length:  # silent past the timeout, or gone
+            return self._refuse(
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the body did not come whole: Content-Length announced {length} bytes, and "
+                f"the connection closed or went silent ({self.timeout:g} s) before them",
+            )
+        try:
+            body = json.loads(data, parse_int=_int)
         except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             return self._refuse(HTTPStatus.BAD_REQUEST, "the body is not JSON")
         app, path = self.server.app, urlsplit(self.path).path
@@ -198,6 +304,12 @@ class Handler(BaseHTTPRequestHandler):
             except FormError as error:
                 return self._json(
                     HTTPStatus.BAD_REQUEST, {"error": str(error), "fields": error.fields}
+                )
+            except LineFull as error:
+                return self._json(
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    {"error": str(error)},
+                    **{"Retry-After": str(RETRY_AFTER)},
                 )
             except Exception as error:  # the app stays up; the log keeps the traceback
                 logger.exception("a submitted form failed")
@@ -214,10 +326,13 @@ class Handler(BaseHTTPRequestHandler):
             return self.server.app.jobs.jobs.get(parts[3])
         return None
 
-    def _parameters(self, path: Path) -> None:
+    def _parameters(self, made: Made) -> None:
         """A made file's inputs read back as `--from-png` reads them, as the form's fields; its
         ControlNet, and its condition image's record (size and SHA-256), where it had one."""
-        saved = read_parameters(path)
+        try:
+            saved = read_parameters(made.path)
+        except (OSError, ValueError):  # deleted, or another file put in its place
+            return self._gone(made.name)
         self._json(
             HTTPStatus.OK,
             {
@@ -243,22 +358,103 @@ class Handler(BaseHTTPRequestHandler):
                 text = ": still here\n\n" if event is None else f"data: {json.dumps(event)}\n\n"
                 self.wfile.write(text.encode())
                 self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # gone, or not reading past the timeout
             pass
 
 
+def _int(text: str) -> int | str:
+    """A JSON integer; one of more digits than Python reads stays text, so the check of its
+    input names it (width must be ...; got '999...') rather than the body being refused."""
+    return int(text) if len(text) < _MAX_DIGITS else text
+
+
 class AppServer(ThreadingHTTPServer):
-    """The HTTP server of one `App`."""
+    """The HTTP server of one `App`, on `address` (IPv4, or IPv6 where the host has a colon).
+
+    Requests must name it, in their Host, by an IP address, localhost, this machine's name
+    (where it listens beyond loopback) or one of `allowed_hosts`, with its port: a web page
+    reaching it by DNS rebinding names its own site instead.
+    """
 
     daemon_threads = True
+    request_queue_size = 128  # connections waiting to be accepted: each is answered at once
 
-    def __init__(self, address: tuple[str, int], app: App, heartbeat: float = 1.0) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        app: App,
+        heartbeat: float = 1.0,
+        allowed_hosts: Iterable[str] = (),
+        connection_timeout: float = CONNECTION_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.connection_timeout = connection_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, Handler)
         self.app, self.heartbeat = app, heartbeat
-        host, port = address[0], self.server_address[1]
-        self.allowed_hosts: set[str] | None = None  # any, where --host opened it to a network
-        if host in LOCAL_HOSTS:
-            self.allowed_hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+        names = {"localhost", *(name.lower().rstrip(".") for name in allowed_hosts)}
+        if host not in LOCAL_HOSTS:  # others reach it by this machine's name too
+            names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        self.host_names = names
+
+    def host_allowed(self, header: str) -> bool:
+        """Whether a request's Host names this app: an IP address (no name a page's site could
+        rebind), or one of `host_names`, on the port it listens on (80 where none is given)."""
+        if not header or any(c in header for c in "@/?#\\ "):
+            return False
+        try:
+            parts = urlsplit("//" + header)
+            name, port = (parts.hostname or "").rstrip("."), parts.port or 80
+        except ValueError:
+            return False
+        if port != self.server_address[1]:
+            return False
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in self.host_names
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.1)  # out of file descriptors: wait for some to close, not spin
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection while fewer than `max_connections` are served; else a
+        503 answer at once, and closed."""
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps(
+                {"error": "the app serves as many connections as it can; try again shortly"}
+            ).encode()
+            answer = (
+                f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(answer + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def url(self) -> str:

@@ -241,8 +241,17 @@ function remember(result, saved) {
 async function start() {
   described = await (await fetch("/api/models")).json();
   const select = $("model");
+  // A folder still downloading (or broken) is shown, but cannot be picked.
   select.replaceChildren(...described.models.map((m) =>
-    el("option", { value: m.name, textContent: m.name })));
+    el("option", { value: m.name, textContent: m.name })),
+  ...described.incomplete.map((m) =>
+    el("option", { value: "", disabled: true, title: m.problem,
+      textContent: `${m.name} (incomplete)` })));
+  if (!described.models.length) {
+    $("form-error").textContent = "No complete model in the weights folder: "
+      + described.incomplete.map((m) => m.problem).join("; ");
+    return;
+  }
   select.value = described.default_model;
   select.onchange = drawForm;
   $("controlnet").append(...described.controlnets.map((name) =>
