@@ -84,7 +84,10 @@ def test_with_a_controlnet_the_fast_path_is_the_authors_picture_to_rounding(figu
 
 @gpu("repeatable")
 def test_the_same_call_repeats_and_one_window_at_a_time_agrees(figures, bounds):
-    assert figures["auto_chunk"] > 1  # else chunks of 1 are no comparison
+    # Else chunks of 1 are no comparison. On the CPU a synced step keeps one window at a time
+    # (`recompute="auto"`) and only its denoising goes two at a time, which the log leaves out.
+    if figures["device"] == "cuda":
+        assert figures["auto_chunk"] > 1
     assert figures["max_pixel_diff_same_chunks"] <= bounds["same_call_pixels"]
     assert figures["max_pixel_diff_chunks_of_1"] <= bounds["chunks_of_1_pixels"]
 
@@ -101,6 +104,8 @@ def test_the_memory_estimate_is_within_a_factor_of_the_measured_peak(figures, bo
     if figures["device"] == "cuda":  # on the CPU the peak is RSS, not comparable
         factor = bounds["memory_factor"]
         assert all(1 / factor <= ratio <= factor for ratio in ratios.values()), ratios
+        kept = figures["kept"]
+        assert 1 / factor <= kept["measured"] / kept["estimate"] <= factor, kept
 
 
 @gpu("out-of-memory")

@@ -97,20 +97,25 @@ def denoise_views(
     sync: SyncSchedule,
     loss_scale: LossScale,
     view_batch_size: int,
+    plain_batch_size: int | None = None,
     recompute: Recomputation | None = None,
     control: Control | None = None,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int, int]:
     """One DDIM step of every view (n, 4, s, s), after the sync gradient step when it is due.
 
     `t` is the step's timestep on the views' device, for the UNet, and `timestep` the same as a
     Python int, for DDIM's arithmetic on its host tables: neither is copied per chunk. Chunks
     of views are contiguous slices, so a step waits on the device only where the sync step must
     read back whether its gradients are finite.
+    Views go through the sync step's forward and backward `view_batch_size` at a time, and
+    through the denoising, which keeps nothing for a backward, `plain_batch_size` at a time
+    (default the same), synced or not.
     `recompute`: what the sync backward recomputes, and what it falls back to when one window
     does not fit (`recompute.Recomputation`; default: nothing). `control`: the
     ControlNet, which every call of a view runs with the view's condition crop.
-    Returns the denoised views and the chunk size that fitted.
+    Returns the denoised views and the two chunk sizes that fitted.
     """
+    plain_batch_size = plain_batch_size or view_batch_size
     steps = len(scheduler.timesteps)
     recompute = recompute or Recomputation()
 
@@ -128,7 +133,7 @@ def denoise_views(
         def plain(rows: range) -> None:
             denoised[rows.start : rows.stop] = denoise(views[rows.start : rows.stop], rows)
 
-        return denoised, run_in_chunks(plain, range(len(views)), view_batch_size)
+        return denoised, view_batch_size, run_in_chunks(plain, range(len(views)), plain_batch_size)
 
     with torch.no_grad():
         x_anchor = views[anchor : anchor + 1]
@@ -145,19 +150,22 @@ def denoise_views(
     # The other views side by side, so that each chunk is a slice of them.
     others = torch.cat([views[:anchor], views[anchor + 1 :]])
     numbers = [k for k in range(len(views)) if k != anchor]
-    moved = torch.empty_like(others)
+    synced, moved = torch.empty_like(others), torch.empty_like(others)
 
-    def sync_and_denoise(rows: range) -> None:
+    def sync(rows: range) -> None:
         x, ids = others[rows.start : rows.stop], numbers[rows.start : rows.stop]
         grad = sync_gradient(
             x, ids, x0, decode, perceptual, anchor_features, loss_scale, recompute.layers
         )
-        moved[rows.start : rows.stop] = denoise(x - weight * grad.to(x.dtype), ids)
+        synced[rows.start : rows.stop] = x - weight * grad.to(x.dtype)
 
-    batch = run_in_chunks(
-        sync_and_denoise, range(len(others)), view_batch_size, recompute.fall_back
-    )
-    return torch.cat([moved[:anchor], anchor_denoised, moved[anchor:]]), batch
+    def denoise_synced(rows: range) -> None:
+        ids = numbers[rows.start : rows.stop]
+        moved[rows.start : rows.stop] = denoise(synced[rows.start : rows.stop], ids)
+
+    batch = run_in_chunks(sync, range(len(others)), view_batch_size, recompute.fall_back)
+    plain_batch = run_in_chunks(denoise_synced, range(len(others)), plain_batch_size)
+    return torch.cat([moved[:anchor], anchor_denoised, moved[anchor:]]), batch, plain_batch
 
 
 def sample_panorama(
@@ -180,9 +188,10 @@ def sample_panorama(
 
     `eps(views, t, control)` is the guided noise prediction (with `control`'s ControlNet
     where given: `control.Control`) and `decode` the VAE decode to [0, 1];
-    views go through them `view_batch_size` at a time in sync steps and `plain_batch_size`
-    (default the same) in the others, which keep nothing for a backward; a chunk that runs out
-    of memory is halved, and each kind of step goes on from the size that fitted it.
+    views go through the sync step's forward and backward `view_batch_size` at a time and
+    through the denoising, which keeps nothing for a backward, `plain_batch_size` at a time
+    (default the same); a chunk that runs out of memory is halved, and each kind of chunk goes
+    on from the size that fitted it.
     `recompute` says what the sync backward recomputes (default: nothing, every activation
     kept) and what it falls back to. `initial_loss_scale` starts every
     window's loss scale for the sync backward (`precision`): 1 for fp32 networks. `callback`
@@ -199,7 +208,7 @@ def sample_panorama(
     on_device, timesteps = scheduler.timesteps.to(latent.device), scheduler.timesteps.tolist()
     for i, (t, timestep) in enumerate(zip(on_device, timesteps, strict=True)):
         synced = sync.active(i)
-        denoised, batch_sizes[synced] = denoise_views(
+        denoised, batch_sizes[True], batch_sizes[False] = denoise_views(
             gather(latent, windows),
             i,
             t,
@@ -211,7 +220,8 @@ def sample_panorama(
             perceptual=perceptual,
             sync=sync,
             loss_scale=loss_scale,
-            view_batch_size=batch_sizes[synced],
+            view_batch_size=batch_sizes[True],
+            plain_batch_size=batch_sizes[False],
             recompute=recompute,
             control=control,
         )

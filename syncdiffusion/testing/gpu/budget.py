@@ -109,8 +109,8 @@ def section_work(name: str, settings: dict[str, Any], smoke: bool) -> Work:
     if name == "gradient":  # one view's gradient with fp16 networks twice, fp32 ones once
         one = WINDOW_STEP_SECONDS + SYNCED_WINDOW_STEP_SECONDS
         return Work(3, 3, 0, (2 + FP32_SLOWDOWN) * one)
-    if name == "memory":
-        runs = len(settings["chunks"])
+    if name == "memory":  # each chunk recomputed, and one window kept
+        runs = len(settings["chunks"]) + 1
         return sum([panorama_work(settings["memory"], decoded=False)] * runs, Work())
     if name == "out-of-memory":  # the run under the cap and the next prediction (the other fails)
         return sum([panorama_work(settings["memory"], decoded=False)] * 2, Work())

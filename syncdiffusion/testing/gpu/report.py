@@ -33,7 +33,9 @@ class Report:
         except (KeyError, TypeError, ValueError) as error:  # the figures are kept all the same
             lines = [f"(figures not described: {type(error).__name__}: {error})"]
         wall = f"Wall time {seconds:.1f} s (estimated {estimated:.0f} s on an H100-class GPU)."
-        self.add(name, figures, [*lines, "", wall])
+        # What `recompute="auto"` chose for the sync backward, and why (`chunks.plan_sync_chunks`).
+        chosen = [f"Sync backward: {reason}." for reason in figures.get("sync_backward", [])]
+        self.add(name, figures, [*lines, "", *chosen, wall])
 
     def _write(self, new_lines: list[str]) -> None:
         print("\n".join(new_lines), flush=True)
@@ -86,14 +88,14 @@ def gradient(f: dict) -> list[str]:
 
 
 def memory(f: dict) -> list[str]:
-    inputs, estimate = f["inputs"], f["window_bytes"]
+    inputs, estimate, kept = f["inputs"], f["window_bytes"], f["kept"]
     rows = [
         f"| {k} | {c['estimate'] / GIB:.2f} GiB | {c['measured'] / GIB:.2f} GiB | "
         f"{c['measured'] / c['estimate']:.2f} | {c['loss_scale_back_offs']} |"
         for k, c in f["chunks"].items()
     ]
     return [
-        f"{inputs['width']}x{inputs['height']}, one synced step. Estimate: one window "
+        f"{inputs['width']}x{inputs['height']}, one synced step, recomputed. Estimate: one window "
         f"{estimate / GIB:.3f} GiB (saved-tensor count on a probe, scaled); measured: peak "
         "allocated over what was allocated before the call"
         + (" (on the CPU: peak RSS, not comparable)" if f["device"] == "cpu" else "")
@@ -102,6 +104,9 @@ def memory(f: dict) -> list[str]:
         "| chunk | estimate | measured | measured / estimate | loss-scale back-offs |",
         "| --- | --- | --- | --- | --- |",
         *rows,
+        "",
+        f"One window kept whole (`recompute=\"never\"`): estimate {kept['estimate'] / GIB:.2f} "
+        f"GiB, measured {kept['measured'] / GIB:.2f} GiB.",
     ]
 
 

@@ -155,17 +155,22 @@ def pixel_diff(a, b) -> int:
 
 class StepLog:
     """A pipeline callback that keeps what each step reports: whether the latent was finite, the
-    chunk size that fitted, and the windows' loss-scale back-offs so far."""
+    chunk size that fitted, the windows' loss-scale back-offs so far, and what the synced steps
+    did with the sync backward's activations and why (each different reason once, in order)."""
 
     def __init__(self) -> None:
         self.finite: list[bool] = []
         self.chunks: list[int] = []
         self.back_offs = 0
+        self.sync_backward: list[str] = []
 
     def __call__(self, state: dict[str, Any]) -> None:
         self.finite.append(bool(state["latent"].isfinite().all()))
         self.chunks.append(state["view_batch_size"])
         self.back_offs = state["loss_scale_back_offs"]
+        reason = state["recompute_reason"]
+        if state["sync"] and reason not in self.sync_backward:
+            self.sync_backward.append(reason)
 
 
 def logged(pipe: SyncDiffusionPipeline, **inputs):
@@ -202,6 +207,7 @@ def against_oracle(fast, run_oracle, run_fast, inputs, device) -> dict:
         "oracle_latent_finite": bool(o_latent.isfinite().all()),
         "fast_latents_finite": all(f_log.finite),
         "fast_loss_scale_back_offs": f_log.back_offs,
+        "sync_backward": f_log.sync_backward,
     }
 
 
@@ -325,7 +331,12 @@ def memory(fast, inputs, chunks, device) -> dict:
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         (_, log), _, peak = timed(
             lambda k=k: logged(
-                fast, prompt=PROMPT, **inputs, output_type="latent", view_batch_size=k
+                fast,
+                prompt=PROMPT,
+                **inputs,
+                output_type="latent",
+                view_batch_size=k,
+                recompute="always",
             ),
             device,
         )
@@ -335,6 +346,19 @@ def memory(fast, inputs, chunks, device) -> dict:
             "loss_scale_back_offs": log.back_offs,
         }
     figures["window_bytes"] = estimate
+    # One window kept whole, against its own count: what `recompute="auto"` plans with.
+    kept = fast.window_bytes(partial(eps, guidance_scale=7.5), scheduler, recompute=False)
+    release_memory()
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    (_, log), _, peak = timed(
+        lambda: logged(
+            fast, prompt=PROMPT, **inputs, output_type="latent", view_batch_size=1,
+            recompute="never",
+        ),
+        device,
+    )  # fmt: skip
+    figures["kept"] = {"estimate": kept, "measured": peak - base}
+    figures["sync_backward"] = log.sync_backward
     return figures
 
 
@@ -347,7 +371,12 @@ def out_of_memory(fast, inputs, largest, device, memory) -> dict:
     cap = largest - 0.5
     with memory_cap(fast, cap, window_bytes, fixed_bytes) as capped:
         _, capped_log = logged(
-            capped, prompt=PROMPT, **inputs, output_type="latent", view_batch_size=largest
+            capped,
+            prompt=PROMPT,
+            **inputs,
+            output_type="latent",
+            view_batch_size=largest,
+            recompute="always",  # the cap is sized in recomputed windows
         )
     halved = [largest, *capped_log.chunks]  # the chunk asked for, then the one that fitted
     with memory_cap(fast, 0.3, window_bytes) as capped:
@@ -369,6 +398,7 @@ def out_of_memory(fast, inputs, largest, device, memory) -> dict:
         "free_gib_before": free_before / 2**30,
         "free_gib_after": free_after / 2**30,
         "loss_scale_back_offs": {"under_cap": capped_log.back_offs, "next": next_log.back_offs},
+        "sync_backward": next_log.sync_backward,
     }
 
 
@@ -396,6 +426,7 @@ def huge(fast, inputs, device) -> dict:
         "memory_error": failure,
         "latents_finite": finite,
         "loss_scale_back_offs": log.back_offs,
+        "sync_backward": log.sync_backward,
     }
 
 
@@ -419,4 +450,5 @@ def sdxl(tiny: bool, inputs, device) -> dict:
         "peak_gib": peak / 2**30,
         "latents_finite": all(log.finite),
         "loss_scale_back_offs": log.back_offs,
+        "sync_backward": log.sync_backward,
     }
