@@ -5,9 +5,9 @@
 SD2-base's real architecture with random weights (`measure.sd2_pipeline`), fp32, 640x512 (the
 anchor and one synced window), one step: the peak RSS of that step synced and not synced, each
 in a fresh process (glibc does not hand the heap back), their difference, and the synced
-step's seconds; with `--no-recompute` the synced run keeps every activation instead of
-recomputing (`recompute`), for the figure before. Prints the figures and appends them, with
-the machine, date and settings, to BENCHMARKS.md.
+step's seconds, the synced step recomputing its activations (`recompute="always"`) and
+keeping them (`"never"`, which `"auto"` chooses where they fit). Prints the figures and appends
+them, with the machine, date and settings, to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -32,12 +32,17 @@ def one(kind: str) -> None:
     """One run in this process: print its peak RSS and seconds as JSON."""
     device = torch.device("cpu")
     pipe = sd2_pipeline(device, torch.float32)
-    if kind == "keep":
-        pipe.recompute = []
     sync_threshold = 0 if kind == "plain" else 1
+    recompute = "never" if kind == "keep" else "always"
     with PeakMemory(device) as memory:
         start = time.perf_counter()
-        pipe(**SETTINGS, num_inference_steps=1, sync_threshold=sync_threshold, output_type="latent")
+        pipe(
+            **SETTINGS,
+            num_inference_steps=1,
+            sync_threshold=sync_threshold,
+            recompute=recompute,
+            output_type="latent",
+        )
         seconds = time.perf_counter() - start
     print(json.dumps({"peak": memory.peak, "seconds": seconds}))
 
@@ -52,13 +57,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-record", action="store_true")
-    parser.add_argument("--no-recompute", action="store_true", help="also the run without it")
     parser.add_argument("--one", choices=("plain", "synced", "keep"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         one(args.one)
         return
-    kinds = ("plain", "synced", *(("keep",) if args.no_recompute else ()))
+    kinds = ("plain", "synced", "keep")
     figures = {kind: run(kind) for kind in kinds}
     gib = 2**30
     plain = figures["plain"]
@@ -68,11 +72,7 @@ def main() -> None:
         for label, f in (
             ("not synced", plain),
             ("synced, recomputing", figures["synced"]),
-            *(
-                (("synced, keeping every activation", figures["keep"]),)
-                if "keep" in figures
-                else ()
-            ),
+            ("synced, keeping every activation", figures["keep"]),
         )
     ]
     report = "\n".join(
@@ -82,9 +82,7 @@ def main() -> None:
             f"- Machine: {machine(torch.device('cpu'))}",
             "- Settings: SD2-base architecture, random weights, fp32; 640x512 (the anchor and "
             "one synced window), stride 16, one step; each run a fresh process",
-            "- Command: `python scripts/sync_memory.py"
-            + (" --no-recompute" if args.no_recompute else "")
-            + "`",
+            "- Command: `python scripts/sync_memory.py`",
             "",
             "| run | peak RSS | over not synced | seconds (step, prompt included) |",
             "| --- | --- | --- | --- |",

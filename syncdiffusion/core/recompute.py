@@ -9,7 +9,9 @@ in the same order, so the gradient is the same to the bit, for about one more fo
 The layers are the networks' repeated blocks (residual blocks, transformer blocks, attention,
 up- and downsamplers, LPIPS's VGG slices): small enough that one block's recomputed
 activations are a fraction of the whole, large enough that their inputs are too. Only the sync
-backward uses this; plain denoising runs under `no_grad`, which keeps nothing anyway.
+backward uses this; plain denoising runs under `no_grad`, which keeps nothing anyway. A call
+recomputes only where memory needs it (`chunks.plan_sync_chunks`, `Recomputation`): where a
+window kept whole fits, keeping is faster.
 """
 
 from __future__ import annotations
