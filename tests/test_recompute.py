@@ -151,14 +151,27 @@ def test_kept_and_recomputed_give_the_same_panorama_to_the_bit(pipe):
     assert torch.equal(kept, again)
 
 
-def test_auto_on_the_cpu_keeps_one_window_at_a_time_and_says_why(pipe, recomputed):
+@pytest.fixture
+def plain_chunks_of_one(monkeypatch):
+    """The plain (unsynced) predictions one window at a time, as `recomputed` makes them: the
+    size auto picks follows the free memory, and the UNet's float rounding its batch."""
+    import syncdiffusion.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "auto_view_batch_size", lambda *args: 1)
+
+
+def test_auto_on_the_cpu_keeps_one_window_at_a_time_and_says_why(
+    pipe, recomputed, plain_chunks_of_one
+):
     latent, (recomputes, chunk, reason) = _steps(pipe)
     assert (recomputes, chunk) == (False, 1)
     assert reason.startswith("kept: predicted 1.00 a window kept in chunks of 1 against 1.33")
     assert torch.equal(latent, recomputed)
 
 
-def test_a_kept_window_out_of_memory_falls_back_to_recomputation(pipe, recomputed, monkeypatch):
+def test_a_kept_window_out_of_memory_falls_back_to_recomputation(
+    pipe, recomputed, plain_chunks_of_one, monkeypatch
+):
     real = sampling.sync_gradient
     tries = []
 
