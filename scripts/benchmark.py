@@ -4,6 +4,7 @@
     python scripts/benchmark.py --arch sd2           # SD2-base's real architecture, random weights
     python scripts/benchmark.py --arch sdxl          # SDXL base's architecture, random weights
     python scripts/benchmark.py --controlnet         # with a ControlNet and a condition image
+    python scripts/benchmark.py --schedulers         # DDIM 50 steps against DPM++ 2M Karras 25
 
 Runs the oracle and the fast path (with each `recompute` mode: auto, always, never) on the same
 inputs and seed in one process, alternating, counts one synced step's tensor peak of each, then
@@ -13,6 +14,9 @@ with the machine, date and settings, to BENCHMARKS.md. On a GPU the oracle runs 
 algorithm, literally: for SDXL only the fast path runs (4096x1024, stride 32 by default).
 With `--controlnet` both run with a ControlNet (the tiny one, or random weights of the
 architecture's own shape) and a random edge map, the oracle being the authors' SyncControlNet.
+With `--schedulers` the fast path alone runs with DDIM at 50 steps and DPM++ 2M Karras at 25
+(`--steps` and `--sync-threshold` left out: 3 synced), and the table gives each one's seconds
+and the windows its UNet predicted for.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import torch
 
 from syncdiffusion import __version__
 from syncdiffusion.testing.bench import (
+    SCHEDULER_ROWS,
     against_oracle,
     edge_map,
     fast_dtype,
     pipelines,
+    schedulers,
     sweep,
     table,
 )
@@ -73,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--controlnet", action="store_true", help="with a ControlNet and a condition image"
     )
+    parser.add_argument(
+        "--schedulers",
+        action="store_true",
+        help="the fast path with DDIM at 50 steps (or --steps) against KarrasDPM at half as many "
+        "(sync threshold 3)",
+    )
     parser.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-record", action="store_true")
     return parser
@@ -87,6 +99,8 @@ def main() -> None:
         default if value is None else value
         for value, default in zip(given, (width, height, steps, threshold, stride), strict=True)
     )
+    if args.schedulers:
+        threshold = 3 if args.sync_threshold is None else args.sync_threshold
     inputs = dict(
         prompt="a photo of a mountain range at twilight",
         width=width,
@@ -97,6 +111,8 @@ def main() -> None:
         stride=stride,
         seed=args.seed,
     )
+    if args.schedulers:
+        return compare_schedulers(args, device, inputs)
     pipes = pipelines(args.arch, device, args.controlnet)
     if args.controlnet:
         inputs["control_image"] = edge_map(width, height, args.seed)
@@ -135,6 +151,36 @@ def main() -> None:
             "time per window should stay flat.",
             "",
             *table("| path | size | windows | seconds | seconds per window | peak memory |", swept),
+            "",
+        ]
+    )
+    publish(report, None if args.no_record else args.record)
+
+
+def compare_schedulers(args: argparse.Namespace, device: torch.device, inputs: dict) -> None:
+    """The fast path with each of `SCHEDULER_ROWS` (or `--steps` for DDIM and half as many for
+    DPM++), recorded as its own entry."""
+    pipes = pipelines(args.arch, device)
+    # --steps gives DDIM's steps, and DPM++ half of them.
+    runs = [(name, args.steps // (50 // n)) for name, n in SCHEDULER_ROWS] if args.steps else None
+    rows = schedulers(pipes.fast, inputs, device, runs or SCHEDULER_ROWS, args.repeats)
+    size = f"{inputs['width']}x{inputs['height']}"
+    report = "\n".join(
+        [
+            f"### {datetime.date.today().isoformat()} · {args.arch} · {device.type} · schedulers",
+            "",
+            f"- Machine: {machine(device)}",
+            f"- Settings: arch {args.arch}, {device.type} "
+            f"fp{torch.finfo(fast_dtype(device)).bits}, {size}, stride {inputs['stride']}, "
+            f"sync_threshold {inputs['sync_threshold']}, sync_weight {args.sync_weight:g}, "
+            f"seed {args.seed}, best of {args.repeats}; syncdiffusion {__version__}",
+            "- Command: `python scripts/benchmark.py " + " ".join(sys.argv[1:]) + "`",
+            "",
+            *table(
+                "| scheduler | steps | synced | window evaluations | seconds | speed-up "
+                "| peak memory |",
+                rows,
+            ),
             "",
         ]
     )

@@ -3,7 +3,8 @@
 `pipelines` loads the fast pipeline and the oracle's for an architecture (the oracle runs the
 published algorithm, or the authors' SyncControlNet with a ControlNet); `against_oracle` runs
 both on the same inputs, alternating; `sweep` times the fast path alone at several widths;
-`table` writes the rows as BENCHMARKS.md keeps them.
+`schedulers` times it with DDIM against DPM++ 2M Karras at half the steps; `table` writes the
+rows as BENCHMARKS.md keeps them.
 """
 
 from __future__ import annotations
@@ -188,6 +189,56 @@ def sweep(
         rows.append(
             f"| fast | {width}x{inputs['height']} | {n} | {seconds:.2f} | {seconds / n:.3f} | "
             f"{gib(peak)} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+# DDIM at the published 50 steps against DPM++ 2M Karras at half of them: `schedulers`.
+SCHEDULER_ROWS = (("DDIM", 50), ("KarrasDPM", 25))
+
+
+class WindowEvaluations:
+    """Counts the windows the UNet predicts for while held (`with`): each guided call is a batch
+    of two halves (negative, prompt) of the same windows, so a call counts half its batch."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet, self.count = unet, 0
+
+    def __enter__(self) -> WindowEvaluations:
+        def count(_module: torch.nn.Module, args: tuple) -> None:
+            self.count += args[0].shape[0] // 2
+
+        self.hook = self.unet.register_forward_pre_hook(count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hook.remove()
+
+
+def schedulers(
+    fast: SyncDiffusionPipeline,
+    inputs: dict[str, Any],
+    device: torch.device,
+    runs: Sequence[tuple[str, int]] = SCHEDULER_ROWS,
+    repeats: int = 1,
+) -> list[str]:
+    """Rows for the fast path with each (scheduler, steps) of `runs`, the same sync threshold:
+    seconds (best of `repeats`), the windows the UNet predicted for (the sync step's forwards
+    included) and each against the first row."""
+    rows, first = [], None
+    for name, steps in runs:
+        request = {**inputs, "scheduler": name, "num_inference_steps": steps}
+        times = []
+        for _ in range(repeats):
+            with WindowEvaluations(fast.unet) as evaluations:
+                _, seconds, peak = timed(lambda r=request: fast(**r, output_type="latent"), device)
+            times.append(seconds)
+        seconds = min(times)
+        first = first or (seconds, evaluations.count)
+        rows.append(
+            f"| {name} | {steps} | {request['sync_threshold']} | {evaluations.count} "
+            f"| {seconds:.2f} | {first[0] / seconds:.2f}x | {gib(peak)} |"
         )
         print(rows[-1], flush=True)
     return rows
