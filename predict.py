@@ -43,6 +43,7 @@ from syncdiffusion.request.inputs import check_output
 # From syncdiffusion/request/inputs.py: edit that, then run the command above.
 # The descriptions too long for their line inside Input(...):
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
+SCHEDULER_HELP = "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras."
 # --- end of input descriptions ---
 
 try:
@@ -148,7 +149,7 @@ class Predictor(BaseRunner):
             le=50,
         ),
         num_inference_steps: int = Input(
-            description="Number of DDIM denoising steps.", default=50, ge=1, le=200
+            description="Number of denoising steps.", default=50, ge=1, le=200
         ),
         stride: int = Input(description=STRIDE_HELP, default=16, ge=8, le=56),
         seed: int = Input(
@@ -157,6 +158,19 @@ class Predictor(BaseRunner):
         loop_closure: bool = Input(
             description="Make a 360-degree panorama: the right edge continues into the left edge.",
             default=False,
+        ),
+        scheduler: str = Input(
+            description=SCHEDULER_HELP,
+            default="DDIM",
+            choices=[
+                "DDIM",
+                "DPMSolverMultistep",
+                "HeunDiscrete",
+                "KarrasDPM",
+                "K_EULER_ANCESTRAL",
+                "K_EULER",
+                "PNDM",
+            ],
         ),
         output_format: str = Input(
             description="File format of the panorama. Every input is saved in the file.",

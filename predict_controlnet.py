@@ -24,6 +24,7 @@ GUIDANCE_END_HELP = "Fraction of the denoising steps after which the ControlNet 
 WIDTH_HELP = "Width in pixels, a multiple of 8, or 0 for the control image's. Wider than high: a horizontal panorama."  # noqa: E501
 HEIGHT_HELP = "Height in pixels, a multiple of 8, or 0 for the control image's. Higher than wide: a vertical panorama."  # noqa: E501
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
+SCHEDULER_HELP = "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras."
 # --- end of input descriptions ---
 
 
@@ -82,7 +83,7 @@ class Predictor(predict.Predictor):
             le=50,
         ),
         num_inference_steps: int = Input(
-            description="Number of DDIM denoising steps.", default=50, ge=1, le=200
+            description="Number of denoising steps.", default=50, ge=1, le=200
         ),
         stride: int = Input(description=STRIDE_HELP, default=16, ge=8, le=56),
         seed: int = Input(
@@ -91,6 +92,19 @@ class Predictor(predict.Predictor):
         loop_closure: bool = Input(
             description="Make a 360-degree panorama: the right edge continues into the left edge.",
             default=False,
+        ),
+        scheduler: str = Input(
+            description=SCHEDULER_HELP,
+            default="DDIM",
+            choices=[
+                "DDIM",
+                "DPMSolverMultistep",
+                "HeunDiscrete",
+                "KarrasDPM",
+                "K_EULER_ANCESTRAL",
+                "K_EULER",
+                "PNDM",
+            ],
         ),
         output_format: str = Input(
             description="File format of the panorama. Every input is saved in the file.",

@@ -41,6 +41,7 @@ from .core.decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .core.precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .core.recompute import Recomputation, recompute_layers
 from .core.sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
+from .core.schedulers import Scheduler, make_scheduler, per_view
 from .core.sync import lpips_features, sync_loss
 from .core.sync_schedule import sync_schedule
 from .core.windows import Geometry
@@ -68,6 +69,7 @@ from .models.weights import (
 )
 from .request.image_file import model_identity
 from .request.inputs import panorama_request
+from .request.presets import model_defaults
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -171,7 +173,7 @@ class SyncDiffusionPipeline:
         vae: AutoencoderKL,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
-        scheduler: DDIMScheduler,
+        scheduler: Scheduler,
         perceptual: lpips.LPIPS,
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
@@ -207,6 +209,8 @@ class SyncDiffusionPipeline:
         # The ControlNet's folder name and hub revision, where it was loaded from one.
         self.controlnet_name: str | None = None
         self.controlnet_revision: str | None = None
+        # The model's own defaults beside the published ones (a few-step model's: `presets`).
+        self.defaults: dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -273,6 +277,7 @@ class SyncDiffusionPipeline:
                 ),
             )
         pipe.model_revision = (read_source(sd) or {}).get("revision")
+        pipe.defaults = model_defaults(sd)
         if control_dir is not None:
             pipe.controlnet_name = control_dir.name
             pipe.controlnet_revision = (read_source(control_dir) or {}).get("revision")
@@ -301,6 +306,7 @@ class SyncDiffusionPipeline:
             controlnet=controlnet,
         )
         pipe.model_revision, pipe.controlnet_name = self.model_revision, name
+        pipe.defaults = self.defaults
         return pipe.to(self.device)
 
     def _networks(self) -> list[torch.nn.Module]:
@@ -352,7 +358,7 @@ class SyncDiffusionPipeline:
         return Geometry(self.window, self.vae_scale_factor)
 
     def window_bytes(
-        self, eps: Callable, scheduler: DDIMScheduler, sync: bool = True, recompute: bool = True
+        self, eps: Callable, scheduler: Scheduler, sync: bool = True, recompute: bool = True
     ) -> int:
         """One window's memory in a chunk, counted once per device and dtype on a 16x16-latent
         probe; `eps` and `scheduler` are a call's own. In a sync step
@@ -402,7 +408,7 @@ class SyncDiffusionPipeline:
     def sync_chunks(
         self,
         eps: Callable,
-        scheduler: DDIMScheduler,
+        scheduler: Scheduler,
         n_windows: int,
         recompute: str = "auto",
         view_batch_size: int | None = None,
@@ -414,9 +420,10 @@ class SyncDiffusionPipeline:
             recompute, n_windows, kept, recomputed, self.device, view_batch_size
         )
 
-    def new_scheduler(self) -> DDIMScheduler:
-        """A fresh DDIM scheduler, so no call sees another's state."""
-        return DDIMScheduler.from_config(self.scheduler_config)
+    def new_scheduler(self, name: str = "DDIM") -> Scheduler:
+        """A fresh scheduler `name` (`schedulers.SCHEDULERS`, default DDIM, the published one)
+        from the model's scheduler config, so no call sees another's state."""
+        return make_scheduler(name, self.scheduler_config)
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> torch.Tensor:
         """Text embeddings `[negative, prompt]`, (2, 77, D); over-long text is cut to 77 tokens."""
@@ -481,7 +488,9 @@ class SyncDiffusionPipeline:
         """Every input of one panorama on this model by name: those given, checked, and the
         model's defaults for the rest (`inputs.panorama_inputs`; with a ControlNet, the control
         inputs too). Raises `InputError`."""
-        return panorama_request(inputs, self.geometry, control=self.controlnet is not None)
+        return panorama_request(
+            inputs, self.geometry, control=self.controlnet is not None, defaults=self.defaults
+        )
 
     def __call__(
         self,
@@ -554,8 +563,18 @@ class SyncDiffusionPipeline:
                 request["control_guidance_start"],
                 request["control_guidance_end"],
             )
-        scheduler = self.new_scheduler()
+        scheduler = self.new_scheduler(request["scheduler"])
         scheduler.set_timesteps(request["num_inference_steps"])
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # from the first timestep, without looking it up
+        # A k-diffusion scheduler starts from noise of its largest sigma (DDIM's factor is 1).
+        latent = latent * scheduler.init_noise_sigma
+        # What a window needs in memory is the networks' (a step's own arithmetic is a few
+        # elementwise operations): counted on a DDIM step, which keeps no state to disturb.
+        memory_probe = scheduler
+        if not per_view(scheduler):
+            memory_probe = self.new_scheduler()
+            memory_probe.set_timesteps(request["num_inference_steps"])
         eps = partial(
             guided_eps,
             self.unet,
@@ -569,10 +588,10 @@ class SyncDiffusionPipeline:
         out_of_memory = None
         try:
             with torch.no_grad():
-                plan = self.sync_chunks(eps, scheduler, len(windows), recompute, view_batch_size)
+                plan = self.sync_chunks(eps, memory_probe, len(windows), recompute, view_batch_size)
                 logger.info("sync backward: %s", plan.reason)
                 plain_batch_size = view_batch_size or auto_view_batch_size(
-                    len(windows), self.window_bytes(eps, scheduler, sync=False), self.device
+                    len(windows), self.window_bytes(eps, memory_probe, sync=False), self.device
                 )
                 fallback = self.recompute if recompute == "auto" else ()
                 recomputation = (
@@ -593,6 +612,7 @@ class SyncDiffusionPipeline:
                     recompute=recomputation,
                     initial_loss_scale=initial_loss_scale(self.dtype),
                     control=control,
+                    generator=generator,
                     callback=callback,
                 )
                 if output_type == "latent":

@@ -18,7 +18,6 @@ from syncdiffusion.core.chunks import (
     run_in_chunks,
 )
 from syncdiffusion.core.sampling import guided_eps
-from syncdiffusion.core.sync_schedule import SyncSchedule
 
 
 def test_run_in_chunks_halves_a_chunk_that_does_not_fit_and_keeps_the_smaller_size():
@@ -289,11 +288,11 @@ def test_a_denoising_step_issues_no_blocking_copy(pipe):
     views = torch.randn(5, 4, 64, 64, generator=torch.Generator().manual_seed(2))
     t, timestep = scheduler.timesteps[0], int(scheduler.timesteps[0])
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        sampling.denoise_views(
-            views, 0, t, timestep=timestep, anchor=2, eps=eps, scheduler=scheduler, decode=None,
-            perceptual=None,
-            sync=SyncSchedule(0, 0.99, 1, 0), loss_scale=None, view_batch_size=2,
+        moved, outputs, _, _ = sampling.denoise_views(
+            views, anchor=2, model_output=lambda x, ids: eps(x, t, None), x0=None, decode=None,
+            perceptual=None, weight=None, loss_scale=None, view_batch_size=2,
         )  # fmt: skip
+        scheduler.step(outputs, timestep, moved)  # as the loop steps DDIM's views
     ops = {event.key for event in profiler.key_averages()}
     assert "aten::convolution" in ops  # the UNet ran, in three chunks
     assert not ops & _BLOCKING

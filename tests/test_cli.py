@@ -340,3 +340,22 @@ def test_a_write_that_fails_at_the_end_is_one_line_and_leaves_nothing(tiny_weigh
     assert last.startswith(f"error: --output {str(out)!r}: the panorama could not be written (")
     assert "File too large" in last and "the same command makes it again" in last
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scheduler_is_an_option_saved_in_the_file_and_remade_from_it(tiny_weights, tmp_path):
+    common = ["--weights", str(tiny_weights)]
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    made = ["--prompt", "a cove", "--width", "576", "--num-inference-steps", "2"]
+    made += ["--sync-threshold", "0", "--scheduler", "KarrasDPM", "--output", str(first)]
+    assert main([*made, *common]) == 0
+    assert read_parameters(first)["scheduler"] == "KarrasDPM"
+    assert main(["--from-png", str(first), "--output", str(again), *common]) == 0
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
+
+
+def test_a_scheduler_outside_the_list_is_refused_naming_it(tiny_weights, capsys):
+    argv = ["--prompt", "a cove", "--scheduler", "Euler", "--weights", str(tiny_weights)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "scheduler must be one of DDIM, DPMSolverMultistep" in error and "got 'Euler'" in error

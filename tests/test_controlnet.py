@@ -126,6 +126,13 @@ def test_a_360_panorama_with_a_layout(cpipe, layout):
     assert image.size == (640, 512)
 
 
+def test_a_controlnet_steers_under_another_scheduler(cpipe, layout):
+    inputs = {**SMALL, "scheduler": "KarrasDPM", "output_type": "latent"}
+    steered = cpipe(control_image=layout, **inputs)
+    unsteered = cpipe(control_image=layout, controlnet_conditioning_scale=0.0, **inputs)
+    assert steered.isfinite().all() and not torch.equal(steered, unsteered)
+
+
 def test_the_control_inputs_are_checked_by_name(cpipe, layout):
     with pytest.raises(InputError, match="control_image is required"):
         cpipe.request(prompt="x")

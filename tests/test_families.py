@@ -61,6 +61,16 @@ def test_panorama_is_deterministic_and_synced(pipes, shape):
     assert pipe.decode(synced).size == (pipe.window * f + 64, pipe.window * f)
 
 
+@pytest.mark.parametrize("shape, scheduler", [("sdxl", "KarrasDPM"), ("sd2-v", "K_EULER")])
+def test_other_schedulers_sync_sdxl_and_v_prediction_models(pipes, shape, scheduler):
+    # SDXL's added conditions, and a v-prediction model's x0 under a sigma-scaled scheduler.
+    pipe = pipes[shape]
+    synced = pipe(**_small(pipe, scheduler=scheduler))
+    plain = pipe(**_small(pipe, scheduler=scheduler, sync_weight=0.0))
+    assert synced.isfinite().all() and not torch.equal(synced, plain)
+    assert not torch.equal(synced, pipe(**_small(pipe)))  # DDIM's
+
+
 @pytest.mark.parametrize("shape", MODELS)
 def test_windows_and_limits_are_the_model_s(pipes, shape):
     pipe = pipes[shape]

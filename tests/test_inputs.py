@@ -36,6 +36,7 @@ GOOD = dict(
     stride=16,
     seed=2,
     loop_closure=False,
+    scheduler="DDIM",
 )
 
 ACCEPTED = [
@@ -69,6 +70,9 @@ ACCEPTED = [
     # Work is counted at its cost: without a sync step, a window-step is cheap.
     {"width": 4096, "height": 4096, "stride": 8, "num_inference_steps": 200, "sync_weight": 0},
     {"prompt": "x" * 10_000, "negative_prompt": "y" * 10_000},
+    # The same as the HeunDiscrete request refused below, with one network evaluation a step.
+    {"width": 4096, "height": 4096, "stride": 8, "num_inference_steps": 150},
+    {"scheduler": "KarrasDPM", "num_inference_steps": 25},
 ]
 
 REFUSED = [
@@ -100,6 +104,12 @@ REFUSED = [
     ({"sync_freq": -(10**400)}, "sync_freq must be an integer >= 1; got -1000"),
     ({"loop_closure": list(range(10**5))}, "got [0, 1, 2, 3"),
     ({"loop_closure": "yes"}, "loop_closure must be true or false; got 'yes'"),
+    (
+        {"scheduler": "Euler"},
+        "scheduler must be one of DDIM, DPMSolverMultistep, HeunDiscrete, KarrasDPM, "
+        "K_EULER_ANCESTRAL, K_EULER, PNDM; got 'Euler'",
+    ),
+    ({"scheduler": "ddim"}, "scheduler must be one of DDIM, "),
     ({"prompt": "x" * 10_001}, "prompt must be a string of at most 10,000 characters; got 10,001"),
     ({"negative_prompt": "x" * 20_000}, "negative_prompt must be a string of at most 10,000"),
     (
@@ -112,6 +122,17 @@ REFUSED = [
         },
         "a 4096x4096 panorama at stride 8 is 3249 windows of 512 px; 200 steps with 50 synced "
         "cost 1,989,822 SD2-base window-steps, and the limit is 1,029,315",
+    ),
+    (
+        {
+            "width": 4096,
+            "height": 4096,
+            "stride": 8,
+            "num_inference_steps": 150,
+            "scheduler": "HeunDiscrete",
+        },
+        "a 4096x4096 panorama at stride 8 is 3249 windows of 512 px; 150 steps (299 network "
+        "evaluations with HeunDiscrete) with 5 synced cost",
     ),
 ]
 

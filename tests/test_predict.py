@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
     # name: (type, default, ge, le) as the published wrapper has them (docs/ALGORITHM.md),
     # but for the sides, which go up to 4096 (any multiple of 8), the seed's top bound (the
-    # library's, not published) and the two output inputs at the end.
+    # library's, not published), the scheduler (DDIM, the published one, by default) and the
+    # two output inputs at the end.
     "prompt": ("str", None, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),
@@ -39,6 +40,7 @@ PUBLISHED = {
     "stride": ("int", 16, 8, 56),
     "seed": ("int", 2, 0, None),
     "loop_closure": ("bool", False, None, None),
+    "scheduler": ("str", "DDIM", None, None),
     "output_format": ("str", "png", None, None),
     "output_quality": ("int", 80, 1, 100),
 }

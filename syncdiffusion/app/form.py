@@ -25,6 +25,7 @@ from ..request.inputs import (
     panorama_inputs,
     panorama_request,
 )
+from ..request.presets import model_defaults
 
 MAX_UPLOAD = 32 << 20
 """The largest condition image file the app takes, in bytes: an edge map or a QR code is a few
@@ -84,12 +85,12 @@ def describe(spec: Input) -> dict[str, Any]:
 def model_form(sd_dir: Path) -> dict[str, Any]:
     """The form of one model: its panorama inputs (their defaults and bounds follow its window),
     and those with a ControlNet (the control inputs; sides default to the condition image's)."""
-    geometry = folder_geometry(sd_dir)
+    geometry, defaults = folder_geometry(sd_dir), model_defaults(sd_dir)
     return {
         "name": sd_dir.name,
-        "inputs": [describe(spec) for spec in panorama_inputs(geometry).values()],
+        "inputs": [describe(spec) for spec in panorama_inputs(geometry, False, defaults).values()],
         "control_inputs": [
-            describe(spec) for spec in panorama_inputs(geometry, control=True).values()
+            describe(spec) for spec in panorama_inputs(geometry, True, defaults).values()
         ],
     }
 
@@ -141,14 +142,18 @@ def read_upload(upload: Any) -> Image.Image:
 
 
 def read_form(
-    fields: dict[str, Any], geometry: Geometry, control: bool = False
+    fields: dict[str, Any],
+    geometry: Geometry,
+    control: bool = False,
+    defaults: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str, int]:
     """The request, file format and quality of a submitted form, checked by the library; with
-    `control` (a ControlNet picked), its inputs too, the condition image an upload (`read_upload`).
+    `control` (a ControlNet picked), its inputs too, the condition image an upload (`read_upload`);
+    `defaults`, the model's own (`presets.model_defaults`).
 
     Raises `FormError`: the library's message, and each bad field's own part of it.
     """
-    described = panorama_inputs(geometry, control)
+    described = panorama_inputs(geometry, control, defaults)
     # Unknown names go on to the library, which names them and lists the inputs.
     inputs = {
         name: field_value(described[name], value) if name in described else value
@@ -179,7 +184,7 @@ def read_form(
         messages.append("; ".join(problems[name] for name in problems if name in described))
     else:
         try:
-            request = panorama_request(inputs, geometry, control)
+            request = panorama_request(inputs, geometry, control, defaults)
         except InputError as error:
             messages.append(str(error))
     try:

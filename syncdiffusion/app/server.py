@@ -40,6 +40,7 @@ from ..errors import WeightsError, one_line
 from ..models.folders import folder_problem
 from ..models.weights import check_controlnet, check_controlnet_fits
 from ..request.image_file import read_parameters
+from ..request.presets import model_defaults
 from .form import (
     MAX_UPLOAD,
     FormError,
@@ -132,8 +133,10 @@ class App:
             raise FormError("inputs must be an object of the form's fields", {})
         if body.get("random_seed"):
             fields = {**fields, "seed": secrets.randbelow(2**32)}
-        geometry = folder_geometry(self.weights_dir / model)
-        request, output_format, output_quality = read_form(fields, geometry, controlnet is not None)
+        sd_dir = self.weights_dir / model
+        request, output_format, output_quality = read_form(
+            fields, folder_geometry(sd_dir), controlnet is not None, model_defaults(sd_dir)
+        )
         job = Job(model, request, output_format, output_quality, controlnet)
         return self.jobs.submit(job)
 

@@ -18,8 +18,10 @@ The policy, in one place:
   inf, which zeroes that position's features. One NaN in the anchor's features would reach
   every view's gradient and then the panorama. The published wrapper ran under autocast,
   where these reductions are fp32 too. The decoded images are cast to fp32 on the way in.
-- **The latent panorama, the DDIM arithmetic and the sync gradient's update** stay fp32 (the
-  latent is drawn in fp32 and networks' outputs are promoted when combined with it).
+- **The latent panorama, the scheduler's arithmetic and the sync gradient's update** stay
+  fp32 (the latent is drawn in fp32 and networks' outputs are promoted when combined with it;
+  a scheduler other than DDIM steps on the windows' mean output, taken in fp32, so its history
+  is fp32 and Euler's step, which casts its result to the output's dtype, returns fp32).
 - **The sync backward is loss-scaled** in fp16. LPIPS averages over every pixel of a 512x512
   window, so the gradient reaching each fp16 pixel is of order 1e-6 or less: subnormal or
   zero in fp16 (smallest normal 6.1e-5) before it has gone back through the VAE decoder and

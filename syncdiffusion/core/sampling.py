@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lpips
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from .chunks import run_in_chunks
 from .control import Control, WindowControl
 from .precision import LossScale
 from .recompute import Recomputation
+from .schedulers import X0, Scheduler, clean_latent, evaluations, per_view
 from .sync import PredictX0, lpips_features, sync_gradient
 from .sync_schedule import SyncSchedule
-from .windows import Window, anchor_index, gather, scatter_add
+from .windows import Window, anchor_index, blend, gather
 
 Callback = Callable[[dict[str, Any]], None]
 # The guided noise prediction of views at a timestep, with the ControlNet's part in the call.
@@ -64,108 +66,108 @@ def window_time_ids(window_pixels: int, n_prompts: int = 2) -> torch.Tensor:
     return torch.tensor([ids] * n_prompts, dtype=torch.float32)
 
 
-def predict_x0(
-    scheduler: DDIMScheduler,
+def x0_predictor(
+    scheduler: Scheduler,
     eps: Eps,
     t: torch.Tensor,
-    x: torch.Tensor,
     control: WindowControl | None = None,
-) -> torch.Tensor:
-    """The clean latent that DDIM predicts from views `x` at timestep `t`."""
-    return scheduler.step(eps(x, t, control), t, x).pred_original_sample
-
-
-def x0_predictor(
-    scheduler: DDIMScheduler, eps: Eps, t: torch.Tensor, control: WindowControl | None = None
+    k: int = 0,
 ) -> PredictX0:
-    """`predict_x0` at `t` as the sync step calls it (views, their window numbers), with one
-    `control` whatever the windows: for measuring a window, not for sampling a panorama."""
-    return lambda x, _windows: predict_x0(scheduler, eps, t, x, control)
+    """The clean latent `scheduler` predicts from views at its evaluation `k` (timestep `t`), as
+    the sync step calls it (views, their window numbers), with one `control` whatever the
+    windows: for measuring a window, not for sampling a panorama."""
+    x0 = clean_latent(scheduler, k)
+    return lambda x, _windows: x0(x, eps(scheduler.scale_model_input(x, t), t, control))
+
+
+# The model's output for views (n, 4, s, s) of the windows numbered by the second argument.
+ModelOutput = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+
+
+class _Rows:
+    """A tensor filled chunk by chunk, made in the first chunk's dtype (the network's output)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.tensor = n, None
+
+    def put(self, rows: range, value: torch.Tensor) -> None:
+        if self.tensor is None:
+            self.tensor = value.new_empty((self.n, *value.shape[1:]))
+        self.tensor[rows.start : rows.stop] = value
 
 
 def denoise_views(
     views: torch.Tensor,
-    step: int,
-    t: torch.Tensor,
     *,
-    timestep: int,
     anchor: int,
-    eps: Eps,
-    scheduler: DDIMScheduler,
-    decode: Callable[[torch.Tensor], torch.Tensor],
-    perceptual: lpips.LPIPS,
-    sync: SyncSchedule,
-    loss_scale: LossScale,
+    model_output: ModelOutput,
+    x0: X0 | None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
+    perceptual: lpips.LPIPS | None,
+    weight: float | None,
+    loss_scale: LossScale | None,
     view_batch_size: int,
     plain_batch_size: int | None = None,
     recompute: Recomputation | None = None,
-    control: Control | None = None,
-) -> tuple[torch.Tensor, int, int]:
-    """One DDIM step of every view (n, 4, s, s), after the sync gradient step when it is due.
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The model's output for every view (n, 4, s, s), after the sync gradient step moved them
+    towards the anchor with `weight` (None: no sync step at this evaluation).
 
-    `t` is the step's timestep on the views' device, for the UNet, and `timestep` the same as a
-    Python int, for DDIM's arithmetic on its host tables: neither is copied per chunk. Chunks
-    of views are contiguous slices, so a step waits on the device only where the sync step must
-    read back whether its gradients are finite.
-    Views go through the sync step's forward and backward `view_batch_size` at a time, and
-    through the denoising, which keeps nothing for a backward, `plain_batch_size` at a time
-    (default the same), synced or not.
+    `model_output(x, ids)` is the guided prediction for views of the windows numbered `ids`
+    (the ControlNet's crops follow them), `x0(x, output)` the scheduler's clean latent.
+    Chunks of views are contiguous slices, so an evaluation waits on the device only where the
+    sync step must read back whether its gradients are finite. Views go through the sync step's
+    forward and backward `view_batch_size` at a time, and through the plain prediction, which
+    keeps nothing for a backward, `plain_batch_size` at a time (default the same).
     `recompute`: what the sync backward recomputes, and what it falls back to when one window
-    does not fit (`recompute.Recomputation`; default: nothing). `control`: the
-    ControlNet, which every call of a view runs with the view's condition crop.
-    Returns the denoised views and the two chunk sizes that fitted.
+    does not fit (`recompute.Recomputation`; default: nothing).
+    Returns the views as the sync step left them, the model's outputs and the two chunk sizes
+    that fitted.
     """
     plain_batch_size = plain_batch_size or view_batch_size
-    steps = len(scheduler.timesteps)
     recompute = recompute or Recomputation()
 
-    def control_of(ids: Sequence[int]) -> WindowControl | None:
-        return None if control is None else control.at(step, steps, ids)
-
-    def denoise(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
-        with torch.no_grad():
-            noise = eps(x, t, control_of(ids))
-            return scheduler.step(noise, timestep, x).prev_sample.to(views.dtype)
-
-    if not sync.active(step):
-        denoised = torch.empty_like(views)
+    def predict(x: torch.Tensor, numbers: Sequence[int]) -> tuple[int, torch.Tensor]:
+        outputs = _Rows(len(x))
 
         def plain(rows: range) -> None:
-            denoised[rows.start : rows.stop] = denoise(views[rows.start : rows.stop], rows)
+            with torch.no_grad():
+                ids = numbers[rows.start : rows.stop]
+                outputs.put(rows, model_output(x[rows.start : rows.stop], ids))
 
-        return denoised, view_batch_size, run_in_chunks(plain, range(len(views)), plain_batch_size)
+        return run_in_chunks(plain, range(len(x)), plain_batch_size), outputs.tensor
+
+    if weight is None:
+        plain_batch, outputs = predict(views, range(len(views)))
+        return views, outputs, view_batch_size, plain_batch
 
     with torch.no_grad():
         x_anchor = views[anchor : anchor + 1]
-        anchor_step = scheduler.step(eps(x_anchor, t, control_of([anchor])), timestep, x_anchor)
-        # The anchor is never moved, so this eps is also the one of its denoising step.
-        anchor_denoised = anchor_step.prev_sample.to(views.dtype)
-        anchor_image = decode(anchor_step.pred_original_sample)
+        # The anchor is never moved, so this output is also the one of its denoising.
+        anchor_output = model_output(x_anchor, [anchor])
+        anchor_image = decode(x0(x_anchor, anchor_output))
         anchor_features = lpips_features(perceptual, anchor_image * 2 - 1)
-    weight = sync.weight_at(step)
 
-    def x0(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
-        return scheduler.step(eps(x, t, control_of(ids)), timestep, x).pred_original_sample
+    def predict_x0(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+        return x0(x, model_output(x, ids))
 
     # The other views side by side, so that each chunk is a slice of them.
     others = torch.cat([views[:anchor], views[anchor + 1 :]])
     numbers = [k for k in range(len(views)) if k != anchor]
-    synced, moved = torch.empty_like(others), torch.empty_like(others)
+    synced = torch.empty_like(others)
 
     def sync(rows: range) -> None:
         x, ids = others[rows.start : rows.stop], numbers[rows.start : rows.stop]
         grad = sync_gradient(
-            x, ids, x0, decode, perceptual, anchor_features, loss_scale, recompute.layers
+            x, ids, predict_x0, decode, perceptual, anchor_features, loss_scale, recompute.layers
         )
         synced[rows.start : rows.stop] = x - weight * grad.to(x.dtype)
 
-    def denoise_synced(rows: range) -> None:
-        ids = numbers[rows.start : rows.stop]
-        moved[rows.start : rows.stop] = denoise(synced[rows.start : rows.stop], ids)
-
     batch = run_in_chunks(sync, range(len(others)), view_batch_size, recompute.fall_back)
-    plain_batch = run_in_chunks(denoise_synced, range(len(others)), plain_batch_size)
-    return torch.cat([moved[:anchor], anchor_denoised, moved[anchor:]]), batch, plain_batch
+    plain_batch, outputs = predict(synced, numbers)
+    moved = torch.cat([synced[:anchor], x_anchor, synced[anchor:]])
+    outputs = torch.cat([outputs[:anchor], anchor_output.to(outputs.dtype), outputs[anchor:]])
+    return moved, outputs, batch, plain_batch
 
 
 def sample_panorama(
@@ -173,7 +175,7 @@ def sample_panorama(
     windows: list[Window],
     *,
     eps: Eps,
-    scheduler: DDIMScheduler,
+    scheduler: Scheduler,
     decode: Callable[[torch.Tensor], torch.Tensor],
     perceptual: lpips.LPIPS,
     sync: SyncSchedule,
@@ -182,65 +184,102 @@ def sample_panorama(
     recompute: Recomputation | None = None,
     initial_loss_scale: float = 1.0,
     control: Control | None = None,
+    generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Denoise a panorama latent (1, 4, H', W') over `scheduler.timesteps` (SyncDiffusion, Alg. 1).
 
-    `eps(views, t, control)` is the guided noise prediction (with `control`'s ControlNet
-    where given: `control.Control`) and `decode` the VAE decode to [0, 1];
-    views go through the sync step's forward and backward `view_batch_size` at a time and
-    through the denoising, which keeps nothing for a backward, `plain_batch_size` at a time
-    (default the same); a chunk that runs out of memory is halved, and each kind of chunk goes
-    on from the size that fitted it.
+    `eps(views, t, control)` is the guided model output (with `control`'s ControlNet where
+    given: `control.Control`) and `decode` the VAE decode to [0, 1]. At each network evaluation
+    every view is predicted; at the first evaluation of a synced step the views are first
+    moved by the sync gradient step. DDIM then steps each view and the panorama is their mean
+    (the published algorithm); any other scheduler steps once on the whole latent, from the
+    views' mean output and, after a sync step, their mean moved sample, so its state (a
+    multistep solver's history, Heun's half-step) is the panorama's (`schedulers`); ancestral
+    noise comes from `generator`, once per step for the whole panorama.
+    Views go through the sync step's forward and backward `view_batch_size` at a time and
+    through the plain prediction `plain_batch_size` at a time (default the same); a chunk that
+    runs out of memory is halved, and each kind of chunk goes on from the size that fitted it.
     `recompute` says what the sync backward recomputes (default: nothing, every activation
-    kept) and what it falls back to. `initial_loss_scale` starts every
-    window's loss scale for the sync backward (`precision`): 1 for fp32 networks. `callback`
-    gets each step's state, with the chunk size that fitted (`view_batch_size`), which
-    measurements of memory read, whether a synced step recomputed and why, and the windows'
-    loss-scale back-offs so far.
+    kept) and what it falls back to. `initial_loss_scale` starts every window's loss scale for
+    the sync backward (`precision`): 1 for fp32 networks. `callback` gets each completed step's
+    state, with the chunk size that fitted (`view_batch_size`), which measurements of memory
+    read, whether a synced step recomputed and why, and the windows' loss-scale back-offs so far.
     """
     recompute = recompute or Recomputation()
     anchor = anchor_index(windows)
     loss_scale = LossScale(len(windows), initial_loss_scale)
-    steps = len(scheduler.timesteps)
+    plan = evaluations(scheduler)
+    steps = plan[-1].step + 1
     batch_sizes = {True: view_batch_size, False: plain_batch_size or view_batch_size}
+    step_kwargs = {"generator": generator} if _takes_generator(scheduler) else {}
     # Every timestep goes to the device, and to Python ints, once for the whole loop.
     on_device, timesteps = scheduler.timesteps.to(latent.device), scheduler.timesteps.tolist()
-    for i, (t, timestep) in enumerate(zip(on_device, timesteps, strict=True)):
-        synced = sync.active(i)
-        denoised, batch_sizes[True], batch_sizes[False] = denoise_views(
+    for k, (t, evaluation) in enumerate(zip(on_device, plan, strict=True)):
+        step = evaluation.step
+        synced = evaluation.first and sync.active(step)
+
+        moved, outputs, batch_sizes[True], batch_sizes[False] = denoise_views(
             gather(latent, windows),
-            i,
-            t,
-            timestep=timestep,
             anchor=anchor,
-            eps=eps,
-            scheduler=scheduler,
+            model_output=_model_output(eps, scheduler, control, k, t, step, steps),
+            x0=clean_latent(scheduler, k) if synced else None,
             decode=decode,
             perceptual=perceptual,
-            sync=sync,
+            weight=sync.weight_at(step) if synced else None,
             loss_scale=loss_scale,
             view_batch_size=batch_sizes[True],
             plain_batch_size=batch_sizes[False],
             recompute=recompute,
-            control=control,
         )
-        value = torch.zeros_like(latent)
-        count = torch.zeros_like(latent)
-        scatter_add(value, count, windows, denoised)
-        latent = torch.where(count > 0, value / count, value)
-        if callback is not None:
+        if per_view(scheduler):
+            denoised = scheduler.step(outputs, timesteps[k], moved).prev_sample
+            latent = blend(latent, windows, denoised.to(latent.dtype))
+        else:
+            # The views' mean in fp32, so the scheduler's state and the latent stay fp32.
+            sample = blend(latent, windows, moved) if synced else latent
+            output = blend(latent, windows, outputs.to(latent.dtype))
+            latent = scheduler.step(output, scheduler.timesteps[k], sample, **step_kwargs)
+            latent = latent.prev_sample.to(sample.dtype)
+        if callback is not None and evaluation.last:
             callback(
                 {
-                    "step": i,
+                    "step": step,
                     "steps": steps,
                     "t": t,
-                    "sync": synced,
+                    "sync": sync.active(step),
                     "latent": latent,
-                    "view_batch_size": batch_sizes[synced],
-                    "recompute": synced and recompute.active,
-                    "recompute_reason": recompute.reason if synced else "",
+                    "view_batch_size": batch_sizes[sync.active(step)],
+                    "recompute": sync.active(step) and recompute.active,
+                    "recompute_reason": recompute.reason if sync.active(step) else "",
                     "loss_scale_back_offs": loss_scale.back_offs,
                 }
             )
     return latent
+
+
+def _model_output(
+    eps: Eps,
+    scheduler: Scheduler,
+    control: Control | None,
+    k: int,
+    t: torch.Tensor,
+    step: int,
+    steps: int,
+) -> ModelOutput:
+    """The guided model output at evaluation `k` (timestep `t` on the views' device) of step
+    `step` of `steps`: the views scaled as the scheduler's model expects them
+    (`scale_model_input`: Euler's sqrt(sigma**2 + 1), nothing for DDIM), the ControlNet's crops
+    of the windows numbered `ids` where it steers at that step."""
+    timestep = scheduler.timesteps[k]
+
+    def output(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+        window_control = None if control is None else control.at(step, steps, ids)
+        return eps(scheduler.scale_model_input(x, timestep), t, window_control)
+
+    return output
+
+
+def _takes_generator(scheduler: Scheduler) -> bool:
+    """Whether `scheduler.step` draws noise from a `generator` (the ancestral ones)."""
+    return "generator" in inspect.signature(scheduler.step).parameters

@@ -141,3 +141,11 @@ def scatter_add(
         else:
             value[:, :, w.h0 : w.h1, w.w0 : w.w1] += view
             count[:, :, w.h0 : w.h1, w.w0 : w.w1] += 1
+
+
+def blend(like: torch.Tensor, windows: list[Window], views: torch.Tensor) -> torch.Tensor:
+    """The panorama (shaped and typed as `like`, (1, C, H', W')) whose every pixel is the mean of
+    `views` (n, C, side, side) over it: MultiDiffusion's joint step; 0 where no window lies."""
+    value, count = torch.zeros_like(like), torch.zeros_like(like)
+    scatter_add(value, count, windows, views)
+    return torch.where(count > 0, value / count, value)

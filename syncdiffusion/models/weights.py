@@ -56,6 +56,9 @@ KNOWN_REPOS = {
         "stabilityai/stable-diffusion-2-1",
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "stabilityai/stable-diffusion-xl-base-1.0",
+        # Few-step models: their defaults are request/presets.py's.
+        "stabilityai/sd-turbo",
+        "stabilityai/sdxl-turbo",
     )
 }
 CONTROLNET_DIRNAME = "controlnet"  # ControlNets sit in <weights>/controlnet/<repository name>/

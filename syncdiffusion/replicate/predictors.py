@@ -166,9 +166,11 @@ def _constant(name: str, value: str, taken: dict[str, str]) -> str:
 
 def _parameter(name: str, spec: Input, indent: str, constants: dict[str, str]) -> list[str]:
     """The parameter's lines, laid out as ruff format lays them out: on one line where it
-    fits, else its keywords on one line inside the call, else one keyword a line. A
-    description too long for its own line inside the call becomes a module constant."""
-    values = {key: literal(value) for key, value in keywords(spec).items()}
+    fits, else its keywords on one line inside the call, else one keyword a line (and a list
+    too long for that, one item a line). A description too long for its own line inside the
+    call becomes a module constant."""
+    raw = keywords(spec)
+    values = {key: literal(value) for key, value in raw.items()}
     inner = indent + INDENT
     if len(f"{inner}description={values['description']},") > LINE_LENGTH:
         constant = _constant(name, values["description"], constants)
@@ -180,7 +182,14 @@ def _parameter(name: str, spec: Input, indent: str, constants: dict[str, str]) -
         return [one_line]
     if len(hugged := f"{inner}{', '.join(arguments)}") <= LINE_LENGTH:
         return [head, hugged, f"{indent}),"]
-    return [head, *(f"{inner}{argument}," for argument in arguments), f"{indent}),"]
+    lines = [head]
+    for key, value in values.items():
+        if len(line := f"{inner}{key}={value},") <= LINE_LENGTH or not isinstance(raw[key], list):
+            lines.append(line)
+        else:  # a list too long for its line: one item a line
+            items = [f"{inner}{INDENT}{literal(item)}," for item in raw[key]]
+            lines += [f"{inner}{key}=[", *items, f"{inner}],"]
+    return [*lines, f"{indent}),"]
 
 
 def regions(predictor: Predictor, indent: str) -> dict[Region, list[str]]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..core.schedulers import network_calls
 from ..core.sync_schedule import synced_steps
 from ..core.windows import SD2_BASE, Geometry
 
@@ -21,7 +22,8 @@ class Work:
     """The work of one or more panoramas, each kind in SD2-base window shares."""
 
     # Guided UNet passes (a batch of 2, classifier-free guidance) of a window: every window at
-    # every step; the published wrapper also runs the anchor's again at each synced step.
+    # every network evaluation of the scheduler (one a step but for Heun and PNDM); the
+    # published wrapper also runs the anchor's again at each synced step.
     window_steps: float = 0.0
     # Sync gradients of a window, beyond its UNet pass: LPIPS, the VAE decoder and the UNet
     # backward, for every window but the anchor (the published wrapper: the anchor's too).
@@ -70,7 +72,9 @@ def work(
     n_windows = len(geometry.windows(request))
     synced = synced_steps(request)
     share = (geometry.window_pixels / 512) ** 2
-    window_steps = n_windows * request["num_inference_steps"] + (synced if published else 0)
+    # Heun evaluates the network twice in most steps, PNDM twice in its first.
+    calls = network_calls(request.get("scheduler", "DDIM"), request["num_inference_steps"])
+    window_steps = n_windows * calls + (synced if published else 0)
     synced_window_steps = synced * (n_windows if published else n_windows - 1)
     panorama = request["width"] * request["height"] / 512**2 if decoded else 0.0
     return Work(

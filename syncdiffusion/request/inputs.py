@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..core.schedulers import SCHEDULERS, network_calls
 from ..core.sync_schedule import synced_steps
 from ..core.windows import SD2_BASE, Geometry
 from ..errors import InputError, shown
@@ -248,7 +249,7 @@ _PANORAMA_INPUTS = (
         ge=0,
         le=50,
     ),
-    Input("num_inference_steps", int, "Number of DDIM denoising steps.", default=50, ge=1, le=200),
+    Input("num_inference_steps", int, "Number of denoising steps.", default=50, ge=1, le=200),
     Input(
         "stride",
         int,
@@ -272,6 +273,13 @@ _PANORAMA_INPUTS = (
         bool,
         "Make a 360-degree panorama: the right edge continues into the left edge.",
         default=False,
+    ),
+    Input(
+        "scheduler",
+        str,
+        "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras.",
+        default="DDIM",
+        choices=SCHEDULERS,
     ),
 )
 
@@ -339,10 +347,13 @@ CONTROL_INPUTS = {
 _WINDOW_INPUTS = ("width", "height", "stride")
 
 
-def panorama_inputs(geometry: Geometry = SD2_BASE, control: bool = False) -> dict[str, Input]:
+def panorama_inputs(
+    geometry: Geometry = SD2_BASE, control: bool = False, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Input]:
     """The panorama inputs of a model with `geometry`, by name, in the published order; with
     `control`, those of its ControlNet (`CONTROL_INPUTS`) after the prompts, and sides that
-    default to the condition image's.
+    default to the condition image's; `defaults` are the model's own where it has any (a
+    few-step model's: `presets.model_defaults`).
 
     Sides are at least one window; the default is four windows by one (SD2-base: 2048x512).
     The stride is below the window; its default a quarter of it (SD2-base: 16).
@@ -364,6 +375,8 @@ def panorama_inputs(geometry: Geometry = SD2_BASE, control: bool = False) -> dic
                 note=spec.note.format(**fields),
                 **window_inputs[spec.name],
             )
+        if spec.name in (defaults or {}):
+            spec = dataclasses.replace(spec, default=defaults[spec.name])
         described[spec.name] = spec
     if not control:
         return described
@@ -388,16 +401,20 @@ def _refuse(problems: list[str | None]) -> None:
 
 
 def panorama_request(
-    inputs: Mapping[str, Any], geometry: Geometry = SD2_BASE, control: bool = False
+    inputs: Mapping[str, Any],
+    geometry: Geometry = SD2_BASE,
+    control: bool = False,
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every input of one panorama by name, in the published order: those given, checked, and
     the model's defaults for the rest. Raises `InputError` naming every input that breaks a rule
     (an unknown or missing one too), its value and the rule.
 
     With `control` (a model with a ControlNet) the control inputs join them, and a side not
-    given is the condition image's, rounded to the rules (the logs say how).
+    given is the condition image's, rounded to the rules (the logs say how). `defaults`: the
+    model's own (`panorama_inputs`).
     """
-    described = panorama_inputs(geometry, control)
+    described = panorama_inputs(geometry, control, defaults)
     unknown = [name for name in inputs if name not in described]
     if unknown:
         raise InputError(
@@ -413,10 +430,15 @@ def panorama_request(
         _size_from_condition(request, geometry)
     if (cost := request_cost(request, geometry, control)) > MAX_COST:
         n_windows = len(geometry.windows(request))
+        steps = request["num_inference_steps"]
+        calls = network_calls(request["scheduler"], steps)
+        calls = (
+            "" if calls == steps else f" ({calls} network evaluations with {request['scheduler']})"
+        )
         raise InputError(
             f"a {request['width']}x{request['height']} panorama at stride {request['stride']} is "
-            f"{n_windows} windows of {geometry.window_pixels} px; {request['num_inference_steps']} "
-            f"steps with {synced_steps(request)} synced cost {cost:,.0f} SD2-base window-steps, "
+            f"{n_windows} windows of {geometry.window_pixels} px; {steps} steps{calls} with "
+            f"{synced_steps(request)} synced cost {cost:,.0f} SD2-base window-steps, "
             f"and the limit is {MAX_COST:,.0f}: use a larger stride, fewer steps, fewer synced "
             "steps or a smaller size"
         )
