@@ -6,12 +6,14 @@
 Before anything runs it prints each selected section's estimated seconds on an H100-class GPU,
 from the work its settings ask for; where the total is over `--budget` (8 minutes, so that the
 whole check fits a 10-minute slot on a borrowed GPU) the heaviest sections run fewer unsynced
-steps, and where that is not enough the check refuses to start (exit 2). Then it measures the
-sections (syncdiffusion/testing/gpu/sections.py says what each measures: the published
-algorithm and the authors' SyncControlNet against the fast path, repeatability, the fp16 sync
-gradient, the memory estimate, out-of-memory, a huge panorama under a 24 GiB cap, SDXL), each
-once, each even where an earlier one failed (its error goes into the report); `--only SECTION`
-reruns one. Then `pytest -m gpu` (tests/test_gpu.py) tests the claims on those figures, in
+steps, and where that is not enough the check refuses to start (exit 2). Optional sections
+(`budget.DROPPABLE`: schedulers) are left out first where the whole does not fit; `--only` runs
+them all the same. Then it measures the sections (syncdiffusion/testing/gpu/sections.py says
+what each measures: the published algorithm and the authors' SyncControlNet against the fast
+path, repeatability, the fp16 sync gradient, the memory estimate, out-of-memory, a huge
+panorama under a 24 GiB cap, DDIM at 50 steps against KarrasDPM at 25, SDXL), each once, each
+even where an earlier one failed (its error goes into the report); `--only SECTION` reruns
+one. Then `pytest -m gpu` (tests/test_gpu.py) tests the claims on those figures, in
 this process, without measuring again.
 
 Writes DIR/gpu-check.md (the report that goes into BENCHMARKS.md) and DIR/gpu-check.json (its
@@ -83,8 +85,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--budget",
         type=float,
         default=budget.BUDGET_SECONDS,
-        help="seconds the sections may take by the estimate for an H100-class GPU; the heaviest "
-        f"run fewer unsynced steps to fit (default {budget.BUDGET_SECONDS:.0f})",
+        help="seconds the sections may take by the estimate for an H100-class GPU; optional "
+        "sections not asked for with --only are left out, then the heaviest run fewer unsynced "
+        f"steps to fit (default {budget.BUDGET_SECONDS:.0f})",
     )
     return parser.parse_args(argv)
 
@@ -93,13 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     wanted = sections.selected(args.only or sections.SECTIONS)
     mode = "smoke" if args.smoke else "gpu"
-    plan = budget.plan(sections.SETTINGS[mode], wanted, args.smoke, args.budget)
+    # Sections asked for by name are not left out to fit.
+    droppable = () if args.only else budget.DROPPABLE
+    plan = budget.plan(sections.SETTINGS[mode], wanted, args.smoke, args.budget, droppable)
     total = budget.total_seconds(plan.works)
+    dropped = ", ".join(plan.dropped) + (" (run with --only)" if plan.dropped else "")
     print(
         "Estimated seconds on an H100-class GPU"
         + (" (at --smoke's sizes; this run is on the CPU)" if args.smoke else "")
         + ":",
         *budget.estimate_table(plan.works, args.budget),
+        *(["Left out to fit the budget: " + dropped] if dropped else []),
         *(["Shrunk to fit the budget: " + "; ".join(plan.shrinks)] if plan.shrinks else []),
         sep="\n",
         flush=True,
@@ -130,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             f"syncdiffusion {__version__}",
             "- Command: `python scripts/gpu_check.py " + " ".join(argv or sys.argv[1:]) + "`",
             f"- Estimate: {total:.0f} s on an H100-class GPU, budget {args.budget:.0f} s"
-            + "".join(f"; {shrink}" for shrink in plan.shrinks),
+            + "".join(f"; {shrink}" for shrink in plan.shrinks)
+            + (f"; left out: {dropped}" if dropped else ""),
             "",
         ],
     )
     tiny = args.tiny_weights if args.smoke else None
     figures = {}
-    for name, measured, seconds in sections.measure(plan.settings, wanted, device, tiny):
+    for name, measured, seconds in sections.measure(plan.settings, plan.wanted, device, tiny):
         figures[name] = measured
         out.section(name, measured, seconds, plan.works[name].seconds)
     outcomes = run_tests(figures)

@@ -36,6 +36,7 @@ FIGURE = {
     "memory": "window_bytes",
     "out-of-memory": "chunks_under_cap",
     "huge": "latents_finite",
+    "schedulers": "evaluations_ratio",
     "sdxl": "latents_finite",
 }
 
@@ -190,13 +191,39 @@ def test_the_estimate_is_printed_before_any_section_runs_and_only_narrows_it(
     assert f"| total | | | | {sdxl:.0f} of 480 |" in estimate
 
 
+# The sections that always run by default: the others are left out where they do not fit.
+CORE = [name for name in SECTIONS if name not in budget.DROPPABLE]
+
+
 def test_the_gpu_run_is_estimated_within_8_minutes_and_each_section_from_its_work():
     settings = SETTINGS["gpu"]
-    works = budget.estimate(settings, SECTIONS, smoke=False)
-    assert list(works) == ["loading", *SECTIONS]
+    works = budget.estimate(settings, CORE, smoke=False)
+    assert list(works) == ["loading", *CORE]
     assert budget.BUDGET_SECONDS == 480
     assert budget.total_seconds(works) <= 480
-    assert budget.fit(settings, SECTIONS, False, 480) == (settings, {})
+    assert budget.fit(settings, CORE, False, 480) == (settings, {})
+    # The schedulers section does not fit beside them: left out, and nothing else shrinks.
+    plan = budget.plan(settings, SECTIONS, False, 480)
+    assert (plan.dropped, plan.shrinks, plan.wanted) == (["schedulers"], [], set(CORE))
+    assert plan.settings == settings and plan.works == works
+    everything = budget.estimate(settings, SECTIONS, smoke=False)
+    assert list(everything) == ["loading", *SECTIONS]
+    roomy = budget.plan(settings, SECTIONS, False, budget.total_seconds(everything))
+    assert (roomy.dropped, roomy.shrinks, roomy.wanted) == ([], [], set(SECTIONS))
+    # Asked for by name (no droppable sections), it runs alone within the budget.
+    alone = budget.plan(settings, ["schedulers"], False, 480, droppable=())
+    assert list(alone.works) == ["loading", "schedulers"] and alone.dropped == []
+    assert budget.total_seconds(alone.works) <= 480
+    # Its runs at 2048x512, stride 16: 13 windows, DDIM's 50 network calls a window against
+    # KarrasDPM's 25 (`cost.work` reads the request's scheduler), 3 synced steps each.
+    ddim, karras = (
+        budget.panorama_work({**settings["schedulers"], "scheduler": s, "num_inference_steps": n})
+        for s, n in settings["scheduler_runs"]
+    )
+    assert settings["scheduler_runs"] == (("DDIM", 50), ("KarrasDPM", 25))
+    assert (ddim.window_steps, karras.window_steps) == (13 * 50, 13 * 25)
+    assert ddim.synced_window_steps == karras.synced_window_steps == 12 * 3
+    assert everything["schedulers"].window_steps == 13 * 75 + 2 * 2  # and a 2-window warm-up each
     # published at 2048x512: 13 windows, 50 steps, 5 synced; the oracle takes the anchor's
     # gradient too and runs its UNet twice, both paths decode the anchor per synced step.
     one = settings["published"]
@@ -223,8 +250,8 @@ def test_over_budget_the_dearest_sections_lose_unsynced_steps_or_the_check_refus
     gpu_check, tmp_path, monkeypatch, capsys
 ):
     settings = SETTINGS["gpu"]
-    fitted, shrunk = budget.fit(settings, SECTIONS, False, 450)
-    assert budget.total_seconds(budget.estimate(fitted, SECTIONS, False)) <= 450
+    fitted, shrunk = budget.fit(settings, CORE, False, 450)
+    assert budget.total_seconds(budget.estimate(fitted, CORE, False)) <= 450
     assert shrunk == {"sdxl": 50}  # the dearest section, and only as far as needed
     assert fitted["sdxl"]["num_inference_steps"] < 50
     assert fitted["sdxl"]["sync_threshold"] == settings["sdxl"]["sync_threshold"]
@@ -232,8 +259,26 @@ def test_over_budget_the_dearest_sections_lose_unsynced_steps_or_the_check_refus
     plan = budget.plan(settings, SECTIONS, False, 450)
     assert plan.settings == fitted
     assert plan.shrinks == [f"sdxl: {fitted['sdxl']['num_inference_steps']} steps rather than 50"]
+    assert plan.dropped == ["schedulers"]  # left out before anything shrinks
 
     ran = _record_sections(gpu_check, monkeypatch)
+    # Just short of room for the schedulers section: it is left out, unless asked for by name.
+    smoke = SETTINGS["smoke"]
+    core = budget.total_seconds(budget.estimate(smoke, CORE, smoke=True))
+    everything = budget.total_seconds(budget.estimate(smoke, SECTIONS, smoke=True))
+    between = f"{(core + everything) / 2:.3f}"
+    assert core < float(between) < everything
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget", between]) == 0
+    assert ran == CORE
+    assert "Left out to fit the budget: schedulers (run with --only)" in capsys.readouterr().out
+    assert "left out: schedulers" in (tmp_path / "gpu-check.md").read_text()
+    ran.clear()
+    argv = ["--smoke", "--out", str(tmp_path), "--budget", between, "--only", "schedulers"]
+    assert gpu_check.main(argv) == 0 and ran == ["schedulers"]
+    assert "Left out" not in capsys.readouterr().out
+
+    ran.clear()
+    tmp_path = tmp_path / "refused"
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget", "5"]) == 2
     output = capsys.readouterr()
     assert ran == [] and not (tmp_path / "gpu-check.json").exists()

@@ -1,6 +1,7 @@
 """The GPU check's budget planner: each section's work (window-steps, synced window-steps,
-decodes) from its settings, its estimated seconds on an H100-class GPU, and the settings cut to
-fit a budget: the heaviest sections lose unsynced steps until the estimate fits, or none can.
+decodes) from its settings, its estimated seconds on an H100-class GPU, and the sections and
+settings cut to fit a budget: the optional sections are left out, then the heaviest sections
+lose unsynced steps, until the estimate fits, or nothing more can go.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from ...models.tiny import TINY_MODELS
 from ...request.cost import CPU_SECONDS, Rates, work
 from ...request.inputs import panorama_request
 from ..measure import SDXL_CONFIGS
-from .sections import PROMPT, SECTIONS
+from .sections import PROMPT, SECTIONS, scheduler_requests
 
 # The sections whose unsynced steps may be cut to fit the budget: the sync steps, where the
 # fast path and the published algorithm differ most and the memory peaks, all stay.
 SHRINKABLE = ("published", "repeatable", "sdxl")
+# The sections left out, last first, where the whole check is over the budget before any
+# shrinking (`plan`), unless asked for by name (--only): what they measure would be spoiled by
+# fewer steps, and the others come first. The schedulers section (DDIM 50 against KarrasDPM 25,
+# about 50 s by the estimate) does not fit beside the rest in 8 minutes.
+DROPPABLE = ("schedulers",)
 
 # What each unit of work takes on an H100-class GPU in fp16. ESTIMATES, not measurements:
 # nothing here has run on a GPU yet. The report puts each section's measured wall time beside
@@ -120,6 +126,10 @@ def section_work(name: str, settings: dict[str, Any], smoke: bool) -> Work:
         inputs = settings["controlnet"]
         both = panorama_work(inputs, published=True) + panorama_work(inputs)
         return both._replace(seconds=both.seconds * CONTROLNET_SLOWDOWN)
+    if name == "schedulers":  # an untimed small call of each scheduler, then each run; latents
+        # only. `cost.work` counts each scheduler's network evaluations a step.
+        warm_ups, runs = scheduler_requests(settings["schedulers"], settings["scheduler_runs"])
+        return sum((panorama_work(r, decoded=False) for r in (*warm_ups, *runs)), Work())
     if name == "sdxl":
         sdxl = panorama_work(settings["sdxl"], sdxl_geometry(smoke), vae_slowdown=FP32_VAE_SLOWDOWN)
         return sdxl + Work(seconds=LOAD_SECONDS["sdxl"])
@@ -184,18 +194,33 @@ def estimate_table(works: dict[str, Work], budget: float) -> list[str]:
 
 
 class Plan(NamedTuple):
-    """The settings fitted to a budget, their estimate per section, and what was cut to fit."""
+    """The settings fitted to a budget, their estimate per section, what was cut to fit (a
+    phrase for each shrunk section), the sections left out to fit and the sections to run."""
 
     settings: dict[str, Any]
     works: dict[str, Work]
     shrinks: list[str]
+    dropped: list[str]
+    wanted: set[str]
 
 
-def plan(settings: dict[str, Any], wanted: Iterable[str], smoke: bool, budget: float) -> Plan:
-    """`fit`, with the estimate of the fitted settings and a phrase for each shrunk section."""
+def plan(
+    settings: dict[str, Any],
+    wanted: Iterable[str],
+    smoke: bool,
+    budget: float,
+    droppable: Iterable[str] = DROPPABLE,
+) -> Plan:
+    """The `droppable` sections of `wanted` left out, last first, while the estimate is over
+    `budget`; then `fit`, with the estimate of the fitted settings."""
+    wanted, dropped = set(wanted), []
+    for name in reversed(tuple(droppable)):
+        if name in wanted and total_seconds(estimate(settings, wanted, smoke)) > budget:
+            wanted.discard(name)
+            dropped.append(name)
     fitted, shrunk = fit(settings, wanted, smoke, budget)
     shrinks = [
         f"{name}: {fitted[name]['num_inference_steps']} steps rather than {steps}"
         for name, steps in shrunk.items()
     ]
-    return Plan(fitted, estimate(fitted, wanted, smoke), shrinks)
+    return Plan(fitted, estimate(fitted, wanted, smoke), shrinks, dropped, wanted)

@@ -105,7 +105,7 @@ def memory(f: dict) -> list[str]:
         "| --- | --- | --- | --- | --- |",
         *rows,
         "",
-        f"One window kept whole (`recompute=\"never\"`): estimate {kept['estimate'] / GIB:.2f} "
+        f'One window kept whole (`recompute="never"`): estimate {kept["estimate"] / GIB:.2f} '
         f"GiB, measured {kept['measured'] / GIB:.2f} GiB.",
     ]
 
@@ -139,6 +139,28 @@ def huge(f: dict) -> list[str]:
     ]
 
 
+def schedulers(f: dict) -> list[str]:
+    """scripts/benchmark.py --schedulers' table (`bench.schedulers`), with each run's finite
+    latents and loss-scale back-offs."""
+    inputs = f["inputs"]
+    rows = [
+        f"| {r['scheduler']} | {r['steps']} | {inputs['sync_threshold']} | "
+        f"{r['window_evaluations']} | {r['seconds']:.2f} | {r['speed_up']:.2f}x | "
+        f"{r['peak_gib']:.2f} GiB | {r['latents_finite']} | {r['loss_scale_back_offs']} |"
+        for r in f["runs"]
+    ]
+    return [
+        f"{inputs['width']}x{inputs['height']}, stride {inputs['stride']}, {f['windows']} "
+        f"windows, the fast path, latents only: the last run makes {f['evaluations_ratio']:.2f} "
+        f"of the first's window evaluations, at {f['speed_up']:.2f}x its speed.",
+        "",
+        "| scheduler | steps | synced | window evaluations | seconds | speed-up | peak memory "
+        "| latents finite | loss-scale back-offs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+
+
 def sdxl(f: dict) -> list[str]:
     inputs = f["inputs"]
     return [
@@ -159,6 +181,7 @@ DESCRIBE = {
     "memory": memory,
     "out-of-memory": out_of_memory,
     "huge": huge,
+    "schedulers": schedulers,
     "sdxl": sdxl,
 }
 

@@ -15,12 +15,17 @@ pipelines they run on) to their figures, and `measure`, which runs the chosen on
    under which 1 does not (a clear MemoryError), then a normal prediction and the free memory.
 7. huge: 4096x4096 at stride 56, 2 steps, on CUDA under a cap of 24 GiB in all (a 24 GB
    card's memory): whether it fits, seconds, peak memory.
-8. sdxl: SDXL base's architecture (random weights, fp16, its VAE upcast), 4096x1024, 50
+8. schedulers: scripts/benchmark.py --schedulers' row: the fast path with DDIM at 50 steps
+   against KarrasDPM (DPM++ 2M Karras) at 25, 2048x512, stride 16, sync_threshold 3 for both,
+   latents only: seconds, the windows the UNet predicted for, the speed-up, peak memory. Left
+   out where it does not fit the budget (`budget.DROPPABLE`), unless asked for with --only.
+9. sdxl: SDXL base's architecture (random weights, fp16, its VAE upcast), 4096x1024, 50
    steps, sync_threshold 5, stride 32: seconds and peak memory.
 
 Every section's figures say the device they ran on and the windows' loss-scale back-offs (sync
-backward passes redone at a lower fp16 loss scale) of each run. `SETTINGS["smoke"]` runs the
-same sections on the CPU with the tiny model at sizes that take minutes on two cores.
+backward passes redone at a lower fp16 loss scale) of each run, and those of a panorama what
+its sync backward chose and why. `SETTINGS["smoke"]` runs the same sections on the CPU with the
+tiny model at sizes that take minutes on two cores.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ...core.sampling import guided_eps, x0_predictor
 from ...core.sync import lpips_features, sync_gradient
 from ...models.tiny import TINY_MODELS, make_tiny_weights, random_controlnet
 from ...pipeline import SyncDiffusionPipeline
+from ..bench import SCHEDULER_ROWS, WindowEvaluations
 from ..measure import memory_cap, sd2_pipeline, sdxl_pipeline, timed, window_cost
 from ..oracle import oracle_panorama
 from ..oracle_controlnet import oracle_sync_controlnet
@@ -59,6 +65,7 @@ SECTIONS = (
     "memory",
     "out-of-memory",
     "huge",
+    "schedulers",
     "sdxl",
 )
 # Sizes and steps per mode: the GPU check's own, and the CPU smoke run's (same code, minutes).
@@ -71,6 +78,8 @@ SETTINGS = {
         "huge": dict(width=4096, height=4096, stride=56, num_inference_steps=2),
         "sdxl": dict(width=4096, height=1024, stride=32, num_inference_steps=50, sync_threshold=5),
         "controlnet": dict(width=1024, height=512, num_inference_steps=6, sync_threshold=3),
+        "schedulers": dict(width=2048, height=512, stride=16, sync_threshold=3),
+        "scheduler_runs": SCHEDULER_ROWS,  # (scheduler, steps): DDIM 50, KarrasDPM 25
     },
     "smoke": {
         "published": dict(width=640, height=512, num_inference_steps=2, sync_threshold=1),
@@ -80,6 +89,8 @@ SETTINGS = {
         "huge": dict(width=1024, height=1024, stride=56, num_inference_steps=1, sync_threshold=0),
         "sdxl": dict(width=768, height=256, stride=16, num_inference_steps=2, sync_threshold=1),
         "controlnet": dict(width=640, height=512, num_inference_steps=2, sync_threshold=1),
+        "schedulers": dict(width=640, height=512, stride=16, sync_threshold=1),
+        "scheduler_runs": (("DDIM", 8), ("KarrasDPM", 4)),
     },
 }
 
@@ -143,6 +154,9 @@ def measure(
                     yield run("out-of-memory", out_of_memory, *args)
         if "huge" in wanted:
             yield run("huge", huge, fast, settings["huge"], device)
+        if "schedulers" in wanted:
+            args = fast, settings["schedulers"], settings["scheduler_runs"], device
+            yield run("schedulers", schedulers, *args)
         del fast
         release_memory()
     if "sdxl" in wanted:
@@ -427,6 +441,62 @@ def huge(fast, inputs, device) -> dict:
         "latents_finite": finite,
         "loss_scale_back_offs": log.back_offs,
         "sync_backward": log.sync_backward,
+    }
+
+
+# The schedulers section's untimed first call of each scheduler: two windows, one synced step.
+SCHEDULER_WARM_UP = dict(width=640, num_inference_steps=1, sync_threshold=1)
+
+
+def scheduler_requests(inputs, runs) -> tuple[list[dict], list[dict]]:
+    """The schedulers section's calls for each (scheduler, steps) of `runs` at `inputs`: the
+    untimed warm-ups, then the timed ones."""
+    warm_ups = [{**inputs, **SCHEDULER_WARM_UP, "scheduler": name} for name, _ in runs]
+    return warm_ups, [
+        {**inputs, "scheduler": name, "num_inference_steps": steps} for name, steps in runs
+    ]
+
+
+def schedulers(fast, inputs, runs, device) -> dict:
+    """The fast path with each (scheduler, steps) of `runs` at `inputs`, latents only, as
+    scripts/benchmark.py --schedulers times it (`bench.schedulers`): seconds, peak memory, the
+    windows the UNet predicted for (`WindowEvaluations`: the sync step's forwards too), each
+    against the first run; after an untimed small call of each (CUDA's start-up, the memory
+    probe)."""
+    warm_ups, requests = scheduler_requests(inputs, runs)
+    for request in warm_ups:
+        fast(prompt=PROMPT, **request, output_type="latent")
+    measured = []
+    for request in requests:
+        release_memory()
+        with WindowEvaluations(fast.unet) as evaluations:
+            (_, log), seconds, peak = timed(
+                lambda r=request: logged(fast, prompt=PROMPT, **r, output_type="latent"), device
+            )
+        measured.append(
+            {
+                "scheduler": request["scheduler"],
+                "steps": request["num_inference_steps"],
+                "window_evaluations": evaluations.count,
+                "seconds": seconds,
+                "peak_gib": peak / 2**30,
+                "latents_finite": all(log.finite),
+                "loss_scale_back_offs": log.back_offs,
+                "sync_backward": log.sync_backward,
+            }
+        )
+    first, last = measured[0], measured[-1]
+    for run in measured:
+        run["speed_up"] = first["seconds"] / run["seconds"]
+        run["evaluations_ratio"] = run["window_evaluations"] / first["window_evaluations"]
+    return {
+        "inputs": inputs,
+        "windows": len(fast.geometry.windows(fast.request(prompt=PROMPT, **inputs))),
+        "runs": measured,
+        "speed_up": last["speed_up"],
+        "evaluations_ratio": last["evaluations_ratio"],
+        # Every run's reasons, each once, in order (the runs' own are in `runs`).
+        "sync_backward": list(dict.fromkeys(r for run in measured for r in run["sync_backward"])),
     }
 
 
