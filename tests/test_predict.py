@@ -19,15 +19,22 @@ from syncdiffusion.replicate.schema import (
     write_openapi_schema,
 )
 from syncdiffusion.request.image_file import read_parameters
-from syncdiffusion.request.inputs import OUTPUT_INPUTS, REQUIRED, Input, panorama_inputs
+from syncdiffusion.request.inputs import (
+    IMAGE_INPUTS,
+    OUTPUT_INPUTS,
+    REQUIRED,
+    Input,
+    panorama_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
     # name: (type, default, ge, le) as the published wrapper has them (docs/ALGORITHM.md),
     # but for the sides, which go up to 4096 (any multiple of 8), the seed's top bound (the
     # library's, not published), the scheduler (DDIM, the published one, by default) and the
-    # two output inputs at the end.
-    "prompt": ("str", None, None, None),
+    # inputs of a panorama from an image (optional, so a request without them is published as
+    # before) and the two output inputs at the end.
+    "prompt": ("str", REQUIRED, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),
     "height": ("int", 512, 512, 4096),
@@ -41,6 +48,9 @@ PUBLISHED = {
     "seed": ("int", 2, 0, None),
     "loop_closure": ("bool", False, None, None),
     "scheduler": ("str", "DDIM", None, None),
+    "image": ("Image", None, None, None),
+    "mask": ("Image", None, None, None),
+    "prompt_strength": ("float", 0.8, 0, 1),
     "output_format": ("str", "png", None, None),
     "output_quality": ("int", 80, 1, 100),
 }
@@ -83,7 +93,8 @@ def test_every_predictor_input_is_the_library_description(predictor, model):
     for name, spec in described.items():
         fields = dict(published[name])
         kind = spec.type.__name__
-        assert fields.pop("type") == COG_TYPES.get(kind, kind), name
+        optional = " | None" if spec.default is None else ""  # an upload that may be left out
+        assert fields.pop("type") == COG_TYPES.get(kind, kind) + optional, name
         assert fields.pop("description") == spec.help, name
         assert fields.pop("default", REQUIRED) == spec.default, name
         ge = 0 if spec.zero else spec.ge
@@ -169,7 +180,7 @@ def test_the_library_describes_the_published_inputs():
     for name, (kind, default, ge, le) in PUBLISHED.items():
         spec = described[name]
         assert spec.type.__name__ == kind, name
-        assert spec.default == (REQUIRED if default is None else default), name
+        assert spec.default == default, name
         assert (spec.ge, _published(spec.le)) == (ge, le), name
 
 
@@ -189,7 +200,9 @@ def monkeypatch_module():
         yield mp
 
 
-DEFAULTS = {name: default for name, (_, default, _, _) in PUBLISHED.items()}
+DEFAULTS = {
+    name: None if default is REQUIRED else default for name, (_, default, _, _) in PUBLISHED.items()
+}
 
 
 def run(predictor, **inputs):
@@ -215,7 +228,8 @@ def test_predict_returns_a_png_of_the_asked_size(predictor, capsys):
     assert "step 2/2  elapsed" in logs
     assert "LPIPS" not in logs
     assert read_parameters(out) | {"model": None} == {
-        **{k: v for k, v in DEFAULTS.items() if k not in ("output_format", "output_quality")},
+        # Without an image, none of the image's inputs: a file records what it recorded before.
+        **{k: v for k, v in DEFAULTS.items() if k not in (*OUTPUT_INPUTS, *IMAGE_INPUTS)},
         "prompt": "a mountain lake",
         "width": 768,
         "sync_threshold": 1,
