@@ -10,9 +10,12 @@ from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffu
 from PIL import Image
 
 from syncdiffusion import InputError
+from syncdiffusion.cli.generate import main
+from syncdiffusion.core.control import image_record
 from syncdiffusion.core.init_image import KeptRegion, encode, image_pixels, mask_latent, outpaint
 from syncdiffusion.core.windows import panorama_windows
 from syncdiffusion.request.condition_image import open_image
+from syncdiffusion.request.image_file import read_parameters
 
 ONE_WINDOW = dict(width=512, height=512, sync_weight=0, guidance_scale=7.5, seed=4)
 
@@ -190,3 +193,31 @@ def test_an_image_file_is_checked_as_the_condition_image_naming_its_input(name):
         open_image(b"GIF89a" + bytes(26), name)
     with pytest.raises(InputError, match=rf"^{name} must be 8-bit RGB or grayscale"):
         open_image(Image.new("RGBA", (8, 8)), name)
+
+
+def test_from_png_asks_for_the_same_image_and_mask(tiny_weights, tmp_path, capsys):
+    photo, mask, other = tmp_path / "photo.png", tmp_path / "mask.png", tmp_path / "other.png"
+    picture(seed=3).save(photo)
+    left_half_kept().save(mask)
+    picture(seed=4).save(other)
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    common = ["--weights", str(tiny_weights), "--output"]
+    made = ["--prompt", "a quay", "--width", "512", "--num-inference-steps", "1"]
+    made += ["--sync-threshold", "0", "--image", str(photo), "--mask", str(mask)]
+    assert main([*made, "--prompt-strength", "1", *common, str(first)]) == 0
+    saved = read_parameters(first)
+    assert saved["prompt_strength"] == 1
+    assert saved["image"] == image_record(Image.open(photo))
+    assert saved["mask"] == image_record(Image.open(mask))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--from-png", str(first), *common, str(again)])
+    error = capsys.readouterr().err
+    assert "was made from an image of 512x512 pixels (sha256" in error
+    assert "give it with --image FILE" in error
+    argv = ["--from-png", str(first), "--mask", str(mask), *common, str(again)]
+    assert main([*argv, "--image", str(other)]) == 2
+    assert f"--image {other} is not the image {first} was made with" in capsys.readouterr().err
+    assert main([*argv, "--image", str(photo)]) == 0
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
