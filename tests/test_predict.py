@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from syncdiffusion import InputError, __version__
+from syncdiffusion.core.control import image_record
 from syncdiffusion.core.windows import Geometry
 from syncdiffusion.replicate import predictors
 from syncdiffusion.replicate.schema import (
@@ -276,6 +277,28 @@ def test_predict_refuses_a_bad_input_by_name(predictor):
         run(predictor, prompt="x", width=700)
     with pytest.raises(InputError, match=r"output_format must be one of png, webp, jpg; got 'gif'"):
         run(predictor, prompt="x", output_format="gif")
+
+
+def test_predict_takes_an_image_and_a_mask_as_uploads(predictor, tmp_path):
+    photo, mask = tmp_path / "photo.png", tmp_path / "mask.jpg"
+    Image.effect_noise((256, 128), 40).convert("RGB").save(photo)
+    Image.linear_gradient("L").resize((256, 128)).save(mask)
+    out = run(
+        predictor,
+        prompt="a quay",
+        width=1024,
+        num_inference_steps=1,
+        prompt_strength=1.0,
+        sync_threshold=0,
+        image=Path(photo),
+        mask=Path(mask),
+    )
+    saved = read_parameters(out)
+    assert saved["image"] == image_record(Image.open(photo))
+    assert saved["mask"] == image_record(Image.open(mask).convert("L"))
+    Image.new("RGBA", (64, 64)).save(tmp_path / "alpha.png")
+    with pytest.raises(InputError, match=r"^mask must be 8-bit RGB or grayscale .* mode RGBA"):
+        run(predictor, prompt="x", image=Path(photo), mask=tmp_path / "alpha.png")
 
 
 def test_cog_yaml_runs_the_predictor_on_the_sdk_the_tests_use():
