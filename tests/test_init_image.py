@@ -56,7 +56,7 @@ def diffusers_pipeline(cls, pipe):
 
 def test_img2img_on_one_window_is_diffusers_img2img(pipe):
     theirs_pipe = diffusers_pipeline(StableDiffusionImg2ImgPipeline, pipe)
-    image, steps, strength = picture(), 5, 0.6
+    image, steps, strength = picture(), 4, 0.6
     reported = []
     ours = pipe(
         prompt="a harbour",
@@ -75,9 +75,8 @@ def test_img2img_on_one_window_is_diffusers_img2img(pipe):
         generator=torch.Generator("cpu").manual_seed(4),
     ).images[0]
     assert max_difference(ours, theirs) <= 2
-    # int(5 * 0.6) = 3 steps run, counted from 0.
-    assert [state["step"] for state in reported] == [0, 1, 2]
-    assert {state["steps"] for state in reported} == {3}
+    # int(4 * 0.6) = 2 steps run, counted from 0.
+    assert [(state["step"], state["steps"]) for state in reported] == [(0, 2), (1, 2)]
     assert ours.info["parameters"]["prompt_strength"] == strength
 
 
@@ -135,6 +134,23 @@ def test_outpainting_places_the_image_in_the_middle_and_keeps_it(pipe):
     # The photo's latent columns 32..64 are kept exactly; the rest is made anew.
     assert torch.equal(latent[..., 32:64], encoded[..., 32:64])
     assert not torch.equal(latent[..., :32], encoded[..., :32])
+
+
+def test_the_sync_schedule_counts_the_steps_that_run_from_the_image(pipe):
+    reported = []
+    pipe(
+        prompt="a pier",
+        image=picture(576, 512, seed=5),
+        mask=left_half_kept(576, 512),
+        width=576,
+        num_inference_steps=2,
+        prompt_strength=0.5,  # the last step of 2, synced as the first that runs
+        sync_threshold=1,
+        seed=1,
+        output_type="latent",
+        callback=reported.append,
+    )
+    assert [(state["step"], state["steps"], state["sync"]) for state in reported] == [(0, 1, True)]
 
 
 def test_the_anchor_is_the_window_most_covered_by_what_is_kept():
