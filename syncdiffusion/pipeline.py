@@ -524,9 +524,11 @@ class SyncDiffusionPipeline:
         gets a dict after every denoising step (step, steps, t, sync, latent, view_batch_size:
         the windows per network call that fitted in that step, recompute and recompute_reason:
         whether a synced step recomputed and why, and loss_scale_back_offs: the windows' sync
-        backward passes redone at a lower fp16 loss scale so far). The image's
-        `info["parameters"]` holds every input, the model's identity (and hub revision, where
-        its folder records one) and the version.
+        backward passes redone at a lower fp16 loss scale so far; from an `image`, the steps
+        that run are counted). With `image` (and `mask`, `prompt_strength`) the panorama starts
+        from a picture: restyled, repainted where the mask is white, or extended around it
+        (`init_image`). The image's `info["parameters"]` holds every input, the model's
+        identity (and hub revision, where its folder records one) and the version.
         """
         # 1. Check every input.
         request = self.request(**inputs)

@@ -1,10 +1,11 @@
-"""The ControlNet condition image: opened from what a user gives and checked, and an edge map
-made from a photo. The panorama size an image implies is a size rule: `inputs.panorama_size`.
+"""The images a request brings (the ControlNet condition image, an image to start from and its
+mask): opened from what a user gives and checked, and an edge map made from a photo. The
+panorama size an image implies is a size rule: `inputs.panorama_size`.
 
-A condition image is read whole and only when it is a PNG, JPEG or WebP file of 8-bit RGB or
-grayscale pixels, of a size and (a JPEG) a number of scans we are willing to decode; anything
-else is refused with an `InputError` that names `control_image`, what was given and what is
-taken.
+An image is read whole and only when it is a PNG, JPEG or WebP file of 8-bit RGB or grayscale
+pixels, of a size and (a JPEG) a number of scans we are willing to decode; anything else is
+refused with an `InputError` that names the input (`control_image`, `image` or `mask`), what was
+given and what is taken.
 """
 
 from __future__ import annotations
