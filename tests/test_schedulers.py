@@ -254,3 +254,9 @@ def test_the_latent_stays_fp32_when_the_network_answers_in_fp16(name):
     assert latent.dtype == torch.float32 and latent.isfinite().all()
     history = [t for t in getattr(scheduler, "model_outputs", []) if t is not None]
     assert all(t.dtype == torch.float32 for t in history)
+
+
+@pytest.mark.parametrize("name", ["DDIM", "KarrasDPM"])
+def test_a_panorama_of_one_window_syncs_nothing_and_runs(pipe, name):
+    one = pipe(**{**SYNCED, "width": 512}, scheduler=name)
+    assert torch.equal(one, pipe(**{**SYNCED, "width": 512, "sync_weight": 0}, scheduler=name))

@@ -149,6 +149,9 @@ def denoise_views(
         anchor_image = decode(x0(x_anchor, anchor_output))
         anchor_features = lpips_features(perceptual, anchor_image * 2 - 1)
 
+    if len(views) == 1:  # the anchor alone: nothing to pull towards it
+        return views, anchor_output, view_batch_size, plain_batch_size
+
     def predict_x0(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
         return x0(x, model_output(x, ids))
 
