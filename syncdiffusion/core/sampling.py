@@ -169,8 +169,6 @@ def denoise_views(
 
     batch = run_in_chunks(sync, range(len(others)), view_batch_size, recompute.fall_back)
     plain_batch, outputs = predict(synced, numbers)
-    if outputs is None:  # one window, the anchor alone: nothing else was predicted
-        outputs = anchor_output[:0]
     moved = torch.cat([synced[:anchor], x_anchor, synced[anchor:]])
     outputs = torch.cat([outputs[:anchor], anchor_output.to(outputs.dtype), outputs[anchor:]])
     return moved, outputs, batch, plain_batch
