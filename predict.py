@@ -35,7 +35,7 @@ from syncdiffusion.models.weights import (
     hub_offline,
     missing_parts,
 )
-from syncdiffusion.request.condition_image import open_control_image
+from syncdiffusion.request.condition_image import open_image
 from syncdiffusion.request.image_file import save_image
 from syncdiffusion.request.inputs import check_output
 
@@ -44,6 +44,9 @@ from syncdiffusion.request.inputs import check_output
 # The descriptions too long for their line inside Input(...):
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
 SCHEDULER_HELP = "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras."
+IMAGE_HELP = "A picture to start from: restyled, upscaled, or extended if its proportions differ."
+MASK_HELP = "Which part of image to make anew (white) and which to keep (black); needs image."
+STRENGTH_HELP = "How much of image is made anew: 1 makes it all from noise, lower keeps more of it."
 # --- end of input descriptions ---
 
 try:
@@ -172,6 +175,9 @@ class Predictor(BaseRunner):
                 "PNDM",
             ],
         ),
+        image: Path | None = Input(description=IMAGE_HELP, default=None),
+        mask: Path | None = Input(description=MASK_HELP, default=None),
+        prompt_strength: float = Input(description=STRENGTH_HELP, default=0.8, ge=0, le=1),
         output_format: str = Input(
             description="File format of the panorama. Every input is saved in the file.",
             default="png",
@@ -192,9 +198,10 @@ class Predictor(BaseRunner):
     def make_panorama(self, output_format: str, output_quality: int, **inputs) -> Path:
         """The panorama of the pipeline `inputs`, written as a file; `run` minus the schema."""
         check_output(output_format, output_quality)
-        if "control_image" in inputs:
-            # Read in full and checked here, so a bad upload fails with its name, not a trace.
-            inputs["control_image"] = open_control_image(inputs["control_image"])
+        # Read in full and checked here, so a bad upload fails with its name, not a trace.
+        for name in ("control_image", "image", "mask"):
+            if inputs.get(name) is not None:
+                inputs[name] = open_image(inputs[name], name)
         seed = inputs["seed"]
         print(f"Using seed: {seed}")
         started = time.monotonic()

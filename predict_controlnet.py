@@ -25,6 +25,9 @@ WIDTH_HELP = "Width in pixels, a multiple of 8, or 0 for the control image's. Wi
 HEIGHT_HELP = "Height in pixels, a multiple of 8, or 0 for the control image's. Higher than wide: a vertical panorama."  # noqa: E501
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
 SCHEDULER_HELP = "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras."
+IMAGE_HELP = "A picture to start from: restyled, upscaled, or extended if its proportions differ."
+MASK_HELP = "Which part of image to make anew (white) and which to keep (black); needs image."
+STRENGTH_HELP = "How much of image is made anew: 1 makes it all from noise, lower keeps more of it."
 # --- end of input descriptions ---
 
 
@@ -106,6 +109,9 @@ class Predictor(predict.Predictor):
                 "PNDM",
             ],
         ),
+        image: Path | None = Input(description=IMAGE_HELP, default=None),
+        mask: Path | None = Input(description=MASK_HELP, default=None),
+        prompt_strength: float = Input(description=STRENGTH_HELP, default=0.8, ge=0, le=1),
         output_format: str = Input(
             description="File format of the panorama. Every input is saved in the file.",
             default="png",

@@ -38,12 +38,22 @@ from .core.chunks import (
 )
 from .core.control import Control, WindowControl, condition_tensor, image_record
 from .core.decoding import decode, decode_panorama, to_pil, vae_scale_factor
+from .core.init_image import (
+    KeptRegion,
+    encode,
+    image_pixels,
+    mask_latent,
+    outpaint,
+    same_proportions,
+    start_at,
+    start_latent,
+)
 from .core.precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .core.recompute import Recomputation, recompute_layers
 from .core.sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
 from .core.schedulers import Scheduler, make_scheduler, per_view
 from .core.sync import lpips_features, sync_loss
-from .core.sync_schedule import sync_schedule
+from .core.sync_schedule import steps_run, sync_schedule
 from .core.windows import Geometry
 from .errors import InputError, WeightsError
 from .models.family import SDXL, controlnet_problem, unet_family
@@ -68,7 +78,7 @@ from .models.weights import (
     model_dirname,
 )
 from .request.image_file import model_identity
-from .request.inputs import panorama_request
+from .request.inputs import IMAGE_INPUTS, panorama_request
 from .request.presets import model_defaults
 from .version import __version__
 
@@ -514,9 +524,11 @@ class SyncDiffusionPipeline:
         gets a dict after every denoising step (step, steps, t, sync, latent, view_batch_size:
         the windows per network call that fitted in that step, recompute and recompute_reason:
         whether a synced step recomputed and why, and loss_scale_back_offs: the windows' sync
-        backward passes redone at a lower fp16 loss scale so far). The image's
-        `info["parameters"]` holds every input, the model's identity (and hub revision, where
-        its folder records one) and the version.
+        backward passes redone at a lower fp16 loss scale so far; from an `image`, the steps
+        that run are counted). With `image` (and `mask`, `prompt_strength`) the panorama starts
+        from a picture: restyled, repainted where the mask is white, or extended around it
+        (`init_image`). The image's `info["parameters"]` holds every input, the model's
+        identity (and hub revision, where its folder records one) and the version.
         """
         # 1. Check every input.
         request = self.request(**inputs)
@@ -539,10 +551,17 @@ class SyncDiffusionPipeline:
             request["prompt"], request["negative_prompt"]
         )
 
-        # 3. The initial noise: drawn on the CPU in fp32 as published, from a private generator.
+        # 3. The initial noise: drawn on the CPU in fp32 as published, from a private generator;
+        # with an image, after its latent's sample, as diffusers' img2img draws them.
         generator = torch.Generator("cpu").manual_seed(request["seed"])
         f = self.vae_scale_factor
-        latent_size = (request["height"] // f, request["width"] // f)
+        width, height = request["width"], request["height"]
+        image, mask = self._image_and_mask(request)
+        if image is not None:
+            with torch.no_grad():
+                pixels = image_pixels(image, width, height).to(self.device)
+                image_latent = encode(self.vae, pixels, generator)
+        latent_size = (height // f, width // f)
         latent = torch.randn(
             (1, self.unet.config.in_channels, *latent_size), generator=generator
         ).to(self.device)
@@ -565,10 +584,18 @@ class SyncDiffusionPipeline:
             )
         scheduler = self.new_scheduler(request["scheduler"])
         scheduler.set_timesteps(request["num_inference_steps"])
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)  # from the first timestep, without looking it up
-        # A k-diffusion scheduler starts from noise of its largest sigma (DDIM's factor is 1).
-        latent = latent * scheduler.init_noise_sigma
+        # From the first timestep, or the one the image's strength leaves, without looking it up.
+        start, kept = start_at(scheduler, steps_run(request)), None
+        if image is None:
+            # A k-diffusion scheduler starts from noise of its largest sigma (DDIM's factor is 1).
+            latent = latent * scheduler.init_noise_sigma
+        else:
+            from_noise = mask is not None and request["prompt_strength"] == 1
+            noise = latent
+            latent = start_latent(scheduler, image_latent, noise, start, from_noise)
+            if mask is not None:
+                held = mask_latent(mask, width, height, f).to(self.device)
+                kept = KeptRegion(image_latent, held, noise)
         # What a window needs in memory is the networks' (a step's own arithmetic is a few
         # elementwise operations): counted on a DDIM step, which keeps no state to disturb.
         memory_probe = scheduler
@@ -614,6 +641,8 @@ class SyncDiffusionPipeline:
                     control=control,
                     generator=generator,
                     callback=callback,
+                    start=start,
+                    kept=kept,
                 )
                 if output_type == "latent":
                     image = None
@@ -639,13 +668,50 @@ class SyncDiffusionPipeline:
 
         # 6. Keep what made the picture with it.
         image.info["parameters"] = {
-            **request,
+            **self._recorded_inputs(request),
             "model": model_identity(self.unet.config),
             **({"model_revision": self.model_revision} if self.model_revision else {}),
             **self._controlnet_record(request),
             "syncdiffusion": __version__,
         }
         return image
+
+    @staticmethod
+    def _image_and_mask(
+        request: dict[str, Any],
+    ) -> tuple[Image.Image | None, Image.Image | None]:
+        """The picture the panorama starts from and its mask (white: made anew), at any size:
+        the request's image where it has the panorama's proportions, else the image placed in
+        the middle of the panorama with the rest made anew (`init_image.outpaint`)."""
+        image, mask = request["image"], request["mask"]
+        if image is None:
+            return None, None
+        width, height = request["width"], request["height"]
+        if same_proportions(image, width, height):
+            return image, mask
+        logger.info(
+            "image is %dx%d, not the %dx%d panorama's proportions: it is placed in the middle "
+            "and the rest is made anew",
+            image.width,
+            image.height,
+            width,
+            height,
+        )
+        return outpaint(image, mask, width, height)
+
+    @staticmethod
+    def _recorded_inputs(request: dict[str, Any]) -> dict[str, Any]:
+        """The inputs a file saves: the image and mask by their pixels' hash and size (as the
+        condition image), and none of `IMAGE_INPUTS` without an image, which they would not have
+        changed (a panorama from noise saves what it saved before they were inputs)."""
+        if request["image"] is None:
+            return {name: value for name, value in request.items() if name not in IMAGE_INPUTS}
+        mask = request["mask"]
+        return {
+            **request,
+            "image": image_record(request["image"]),
+            "mask": None if mask is None else image_record(mask),
+        }
 
     def _controlnet_record(self, request: dict[str, Any]) -> dict[str, Any]:
         """What a file saves of the ControlNet and the condition image (by its pixels' hash and

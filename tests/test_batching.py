@@ -308,3 +308,11 @@ def test_free_memory_under_a_per_process_cap_is_what_the_cap_leaves(monkeypatch)
     assert batching.free_memory(gpu) == 72 * gib  # 70 free on the GPU, 2 cached and unused
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.3)
     assert batching.free_memory(gpu) == 16 * gib  # a 24 GiB cap: 14 more reserved, 2 unused
+
+
+def test_one_window_synced_has_nothing_to_pull_and_runs(pipe):
+    # The anchor alone: the sync step moves no window, and the step goes on without one.
+    assert pipe(prompt="a cove", width=512, num_inference_steps=1, sync_threshold=1).size == (
+        512,
+        512,
+    )

@@ -95,6 +95,9 @@ def test_the_schema_file_is_what_coglet_validates_against(tmp_path):
     components = schema["components"]["schemas"]
     inputs = components["Input"]
     assert inputs["required"] == ["prompt"]
+    # An optional upload (`Path | None`) may be left out or null: the published inputs stand.
+    image = inputs["properties"]["image"]
+    assert image["nullable"] is True and image["format"] == "uri" and "default" not in image
     assert list(inputs["properties"])[:3] == ["prompt", "negative_prompt", "width"]
     width = inputs["properties"]["width"]
     assert width == {

@@ -37,6 +37,9 @@ GOOD = dict(
     seed=2,
     loop_closure=False,
     scheduler="DDIM",
+    image=None,
+    mask=None,
+    prompt_strength=0.8,
 )
 
 ACCEPTED = [

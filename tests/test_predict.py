@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from syncdiffusion import InputError, __version__
+from syncdiffusion.core.control import image_record
 from syncdiffusion.core.windows import Geometry
 from syncdiffusion.replicate import predictors
 from syncdiffusion.replicate.schema import (
@@ -19,15 +20,22 @@ from syncdiffusion.replicate.schema import (
     write_openapi_schema,
 )
 from syncdiffusion.request.image_file import read_parameters
-from syncdiffusion.request.inputs import OUTPUT_INPUTS, REQUIRED, Input, panorama_inputs
+from syncdiffusion.request.inputs import (
+    IMAGE_INPUTS,
+    OUTPUT_INPUTS,
+    REQUIRED,
+    Input,
+    panorama_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
     # name: (type, default, ge, le) as the published wrapper has them (docs/ALGORITHM.md),
     # but for the sides, which go up to 4096 (any multiple of 8), the seed's top bound (the
     # library's, not published), the scheduler (DDIM, the published one, by default) and the
-    # two output inputs at the end.
-    "prompt": ("str", None, None, None),
+    # inputs of a panorama from an image (optional, so a request without them is published as
+    # before) and the two output inputs at the end.
+    "prompt": ("str", REQUIRED, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),
     "height": ("int", 512, 512, 4096),
@@ -41,6 +49,9 @@ PUBLISHED = {
     "seed": ("int", 2, 0, None),
     "loop_closure": ("bool", False, None, None),
     "scheduler": ("str", "DDIM", None, None),
+    "image": ("Image", None, None, None),
+    "mask": ("Image", None, None, None),
+    "prompt_strength": ("float", 0.8, 0, 1),
     "output_format": ("str", "png", None, None),
     "output_quality": ("int", 80, 1, 100),
 }
@@ -83,7 +94,8 @@ def test_every_predictor_input_is_the_library_description(predictor, model):
     for name, spec in described.items():
         fields = dict(published[name])
         kind = spec.type.__name__
-        assert fields.pop("type") == COG_TYPES.get(kind, kind), name
+        optional = " | None" if spec.default is None else ""  # an upload that may be left out
+        assert fields.pop("type") == COG_TYPES.get(kind, kind) + optional, name
         assert fields.pop("description") == spec.help, name
         assert fields.pop("default", REQUIRED) == spec.default, name
         ge = 0 if spec.zero else spec.ge
@@ -169,7 +181,7 @@ def test_the_library_describes_the_published_inputs():
     for name, (kind, default, ge, le) in PUBLISHED.items():
         spec = described[name]
         assert spec.type.__name__ == kind, name
-        assert spec.default == (REQUIRED if default is None else default), name
+        assert spec.default == default, name
         assert (spec.ge, _published(spec.le)) == (ge, le), name
 
 
@@ -189,7 +201,9 @@ def monkeypatch_module():
         yield mp
 
 
-DEFAULTS = {name: default for name, (_, default, _, _) in PUBLISHED.items()}
+DEFAULTS = {
+    name: None if default is REQUIRED else default for name, (_, default, _, _) in PUBLISHED.items()
+}
 
 
 def run(predictor, **inputs):
@@ -215,7 +229,8 @@ def test_predict_returns_a_png_of_the_asked_size(predictor, capsys):
     assert "step 2/2  elapsed" in logs
     assert "LPIPS" not in logs
     assert read_parameters(out) | {"model": None} == {
-        **{k: v for k, v in DEFAULTS.items() if k not in ("output_format", "output_quality")},
+        # Without an image, none of the image's inputs: a file records what it recorded before.
+        **{k: v for k, v in DEFAULTS.items() if k not in (*OUTPUT_INPUTS, *IMAGE_INPUTS)},
         "prompt": "a mountain lake",
         "width": 768,
         "sync_threshold": 1,
@@ -262,6 +277,28 @@ def test_predict_refuses_a_bad_input_by_name(predictor):
         run(predictor, prompt="x", width=700)
     with pytest.raises(InputError, match=r"output_format must be one of png, webp, jpg; got 'gif'"):
         run(predictor, prompt="x", output_format="gif")
+
+
+def test_predict_takes_an_image_and_a_mask_as_uploads(predictor, tmp_path):
+    photo, mask = tmp_path / "photo.png", tmp_path / "mask.jpg"
+    Image.effect_noise((256, 128), 40).convert("RGB").save(photo)
+    Image.linear_gradient("L").resize((256, 128)).save(mask)
+    out = run(
+        predictor,
+        prompt="a quay",
+        width=1024,
+        num_inference_steps=1,
+        prompt_strength=1.0,
+        sync_threshold=0,
+        image=Path(photo),
+        mask=Path(mask),
+    )
+    saved = read_parameters(out)
+    assert saved["image"] == image_record(Image.open(photo))
+    assert saved["mask"] == image_record(Image.open(mask).convert("L"))
+    Image.new("RGBA", (64, 64)).save(tmp_path / "alpha.png")
+    with pytest.raises(InputError, match=r"^mask must be 8-bit RGB or grayscale .* mode RGBA"):
+        run(predictor, prompt="x", image=Path(photo), mask=tmp_path / "alpha.png")
 
 
 def test_cog_yaml_runs_the_predictor_on_the_sdk_the_tests_use():

@@ -18,6 +18,7 @@ from ..errors import InputError, shown
 from ..models.weights import CONTROLNET_DIRNAME
 from ..request.condition_image import open_control_image
 from ..request.inputs import (
+    IMAGE_INPUTS,
     OUTPUT_INPUTS,
     REQUIRED,
     Input,
@@ -86,13 +87,13 @@ def model_form(sd_dir: Path) -> dict[str, Any]:
     """The form of one model: its panorama inputs (their defaults and bounds follow its window),
     and those with a ControlNet (the control inputs; sides default to the condition image's)."""
     geometry, defaults = folder_geometry(sd_dir), model_defaults(sd_dir)
-    return {
-        "name": sd_dir.name,
-        "inputs": [describe(spec) for spec in panorama_inputs(geometry, False, defaults).values()],
-        "control_inputs": [
-            describe(spec) for spec in panorama_inputs(geometry, True, defaults).values()
-        ],
-    }
+
+    def fields(control: bool) -> list[dict[str, Any]]:
+        # Not yet the image in (`IMAGE_INPUTS`): the page has no upload for it.
+        described = panorama_inputs(geometry, control, defaults).values()
+        return [describe(spec) for spec in described if spec.name not in IMAGE_INPUTS]
+
+    return {"name": sd_dir.name, "inputs": fields(False), "control_inputs": fields(True)}
 
 
 def output_form() -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from ..core.chunks import RECOMPUTE_MODES
@@ -16,7 +17,12 @@ from ..core.control import image_record
 from ..core.windows import Geometry
 from ..errors import InputError, WeightsError, one_line
 from ..pipeline import SyncDiffusionPipeline
-from ..request.condition_image import CONTROL_PREPROCESSORS, open_control_image, preprocess
+from ..request.condition_image import (
+    CONTROL_PREPROCESSORS,
+    open_control_image,
+    open_image,
+    preprocess,
+)
 from ..request.image_file import (
     TEMPORARY,
     model_identity,
@@ -27,7 +33,9 @@ from ..request.image_file import (
 from ..request.inputs import CONTROL_INPUTS, OUTPUT_INPUTS, Input, check_output, panorama_inputs
 
 SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
-INPUTS = panorama_inputs()  # SD2-base's; those that follow a model's window say so
+# SD2-base's; those that follow a model's window say so. The image and mask are files.
+INPUTS = {name: spec for name, spec in panorama_inputs().items() if spec.type is not Image.Image}
+IMAGE_FILES = {name: spec for name, spec in panorama_inputs().items() if spec.type is Image.Image}
 # The ControlNet's numbers; its condition image is --control-image, a file.
 CONTROL_NUMBERS = {name: spec for name, spec in CONTROL_INPUTS.items() if spec.type is float}
 
@@ -125,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"{CONTROL_INPUTS['control_image'].help} A PNG, JPEG or WebP file.",
     )
+    for name, spec in IMAGE_FILES.items():
+        parser.add_argument(
+            "--" + name,
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help=f"{spec.help} A PNG, JPEG or WebP file.",
+        )
     parser.add_argument(
         "--control-preprocess",
         choices=CONTROL_PREPROCESSORS,
@@ -166,6 +182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, saved[name])
         args.saved_model = saved.get("model")
         args.saved_control_image = saved.get("control_image")
+        args.saved_images = {name: saved.get(name) for name in IMAGE_FILES}
     if args.prompt is None:
         parser.error("--prompt is required (or --from-png FILE)")
     if args.controlnet is None and args.control_image is not None:
@@ -179,6 +196,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"{str(saved.get('sha256'))[:16]}...): give it with --control-image FILE"
             )
         parser.error("--controlnet needs --control-image FILE (the layout)")
+    for name, record in getattr(args, "saved_images", {}).items():
+        if isinstance(record, dict) and getattr(args, name) is None:
+            parser.error(
+                f"{args.from_png} was made from {_described(record, f'an {name}')}: give it "
+                f"with --{name} FILE"
+            )
+    if args.mask is not None and args.image is None:
+        parser.error("--mask needs --image FILE (the picture whose black part it keeps)")
     if args.output.suffix.lower() not in SUFFIX_FORMATS:
         parser.error(f"--output must end in .png, .webp or .jpg; got {str(args.output)!r}")
     if problem := output_problem(args.output):
@@ -238,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         names = [*INPUTS, *(CONTROL_NUMBERS if control else ())]
         inputs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+        inputs |= _image_inputs(args)
         pipe.request(**inputs, **control)  # refused before the progress bar starts
         with tqdm(unit="step") as bar:
 
@@ -271,6 +297,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {args.output} ({image.width}x{image.height})")
     return 0
+
+
+def _described(record: dict, what: str) -> str:
+    """A saved image's record (`control.image_record`) as a message names it."""
+    return (
+        f"{what} of {record.get('width')}x{record.get('height')} pixels (sha256 "
+        f"{str(record.get('sha256'))[:16]}...)"
+    )
+
+
+def _image_inputs(args: argparse.Namespace) -> dict:
+    """The image and mask of --image and --mask, opened and checked; with --from-png, refused
+    unless they are the ones the saved panorama was made with."""
+    inputs = {}
+    saved = getattr(args, "saved_images", {})
+    for name in IMAGE_FILES:
+        path = getattr(args, name)
+        if path is None:
+            continue
+        try:
+            inputs[name] = open_image(path, name)
+        except InputError as error:
+            raise InputError(f"--{name} {path}: {error}") from None
+        record = saved.get(name)
+        if (
+            isinstance(record, dict)
+            and record.get("sha256") != image_record(inputs[name])["sha256"]
+        ):
+            raise InputError(
+                f"--{name} {path} is not the {name} {args.from_png} was made with "
+                f"({_described(record, 'an image')})"
+            )
+    return inputs
 
 
 def _control_inputs(args: argparse.Namespace) -> dict:

@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 
 from .chunks import run_in_chunks
 from .control import Control, WindowControl
+from .init_image import KeptRegion
 from .precision import LossScale
 from .recompute import Recomputation
 from .schedulers import X0, Scheduler, clean_latent, evaluations, per_view
@@ -189,6 +190,8 @@ def sample_panorama(
     control: Control | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    start: int = 0,
+    kept: KeptRegion | None = None,
 ) -> torch.Tensor:
     """Denoise a panorama latent (1, 4, H', W') over `scheduler.timesteps` (SyncDiffusion, Alg. 1).
 
@@ -208,18 +211,23 @@ def sample_panorama(
     the sync backward (`precision`): 1 for fp32 networks. `callback` gets each completed step's
     state, with the chunk size that fitted (`view_batch_size`), which measurements of memory
     read, whether a synced step recomputed and why, and the windows' loss-scale back-offs so far.
+    A panorama that starts from an image (`init_image`) starts at evaluation `start` (the sync
+    schedule, the ControlNet's and the callback count the steps from there); with `kept`, the
+    kept region is held to the image after every evaluation and its best-covered window is the
+    anchor.
     """
     recompute = recompute or Recomputation()
-    anchor = anchor_index(windows)
+    anchor = anchor_index(windows) if kept is None else kept.anchor(windows)
     loss_scale = LossScale(len(windows), initial_loss_scale)
-    plan = evaluations(scheduler)
-    steps = plan[-1].step + 1
+    plan = evaluations(scheduler)[start:]
+    first_step = plan[0].step
+    steps = plan[-1].step + 1 - first_step
     batch_sizes = {True: view_batch_size, False: plain_batch_size or view_batch_size}
     step_kwargs = {"generator": generator} if _takes_generator(scheduler) else {}
     # Every timestep goes to the device, and to Python ints, once for the whole loop.
     on_device, timesteps = scheduler.timesteps.to(latent.device), scheduler.timesteps.tolist()
-    for k, (t, evaluation) in enumerate(zip(on_device, plan, strict=True)):
-        step = evaluation.step
+    for k, (t, evaluation) in enumerate(zip(on_device[start:], plan, strict=True), start=start):
+        step = evaluation.step - first_step
         synced = evaluation.first and sync.active(step)
 
         moved, outputs, batch_sizes[True], batch_sizes[False] = denoise_views(
@@ -244,6 +252,8 @@ def sample_panorama(
             output = blend(latent, windows, outputs.to(latent.dtype))
             latent = scheduler.step(output, scheduler.timesteps[k], sample, **step_kwargs)
             latent = latent.prev_sample.to(sample.dtype)
+        if kept is not None:
+            latent = kept.hold(latent, scheduler, k)
         if callback is not None and evaluation.last:
             callback(
                 {

@@ -39,4 +39,13 @@ def sync_schedule(request: Mapping[str, Any]) -> SyncSchedule:
 def synced_steps(request: Mapping[str, Any]) -> int:
     """How many of a request's denoising steps run the sync gradient step."""
     schedule = sync_schedule(request)
-    return sum(schedule.active(i) for i in range(request["num_inference_steps"]))
+    return sum(schedule.active(i) for i in range(steps_run(request)))
+
+
+def steps_run(request: Mapping[str, Any]) -> int:
+    """The denoising steps a request runs: all of `num_inference_steps`, or with an `image` the
+    last `int(steps * prompt_strength)` of them (diffusers' `get_timesteps`)."""
+    steps = request["num_inference_steps"]
+    if request.get("image") is None:
+        return steps
+    return min(int(steps * request["prompt_strength"]), steps)

@@ -81,9 +81,11 @@ def inputs_of(predictor: Predictor) -> dict[str, Input]:
 
 
 def cog_type(spec: Input) -> str:
-    """The annotation of an input: a condition image is an uploaded file, which cog passes
-    as a Path."""
-    return "Path" if spec.type is Image.Image else spec.type.__name__
+    """The annotation of an input: an image is an uploaded file, which cog passes as a Path;
+    an optional one (default None) is `Path | None`, which cog's schema leaves out of the
+    required inputs (a plain annotation with a default of None would be required)."""
+    kind = "Path" if spec.type is Image.Image else spec.type.__name__
+    return f"{kind} | None" if spec.default is None else kind
 
 
 def keywords(spec: Input) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def published_inputs(path: Path, predictor: str = "Predictor") -> dict[str, dict
                 param.child_by_field_name("value"),
             )
         kind = _text(annotation)
-        if kind not in JSON_TYPES:
+        if _base_type(kind) not in JSON_TYPES:
             raise SchemaError(f"{path.name}: {name}: annotation {kind!r} is not read here")
         fields: dict[str, Any] = {"type": kind}
         if _input_call(value):
@@ -288,11 +288,17 @@ def _title(name: str) -> str:
     return " ".join(part[:1].upper() + part[1:] for part in name.split("_"))
 
 
+def _base_type(annotation: str) -> str:
+    """The type of an annotation, without `| None` (an Optional input's): `Path | None` -> Path."""
+    return annotation.removesuffix(" | None")
+
+
 def _input_schema(inputs: dict[str, dict[str, Any]]) -> tuple[dict, list[tuple[str, dict]]]:
     """cog's buildInputSchema: the Input component, and an enum component per choices."""
     properties, required, enums = _Ordered(), [], []
     for order, (name, fields) in enumerate(inputs.items()):
-        json_type = JSON_TYPES[fields["type"]]
+        json_type = JSON_TYPES[_base_type(fields["type"])]
+        optional = fields["type"] != _base_type(fields["type"])
         prop: dict[str, Any] = {"x-order": order}
         if fields.get("choices"):
             enum = {"title": name, "description": "An enumeration.", "type": json_type["type"]}
@@ -300,11 +306,14 @@ def _input_schema(inputs: dict[str, dict[str, Any]]) -> tuple[dict, list[tuple[s
             prop["allOf"] = [{"$ref": f"#/components/schemas/{name}"}]
         else:
             prop |= {"title": _title(name), **json_type}
-        # A default of None on a non-Optional input is no default: the input is required.
-        if fields.get("default") is None:
-            required.append(name)
-        else:
+        # A default of None on a non-Optional input is no default: the input is required. An
+        # Optional one (`X | None`) may be left out, and may be null (cog's Repetition.OPTIONAL).
+        if fields.get("default") is not None:
             prop["default"] = fields["default"]
+        elif not optional:
+            required.append(name)
+        if optional:
+            prop["nullable"] = True
         if "description" in fields:
             prop["description"] = fields["description"]
         for key, schema_key in (

@@ -1,10 +1,11 @@
-"""The ControlNet condition image: opened from what a user gives and checked, and an edge map
-made from a photo. The panorama size an image implies is a size rule: `inputs.panorama_size`.
+"""The images a request brings (the ControlNet condition image, an image to start from and its
+mask): opened from what a user gives and checked, and an edge map made from a photo. The
+panorama size an image implies is a size rule: `inputs.panorama_size`.
 
-A condition image is read whole and only when it is a PNG, JPEG or WebP file of 8-bit RGB or
-grayscale pixels, of a size and (a JPEG) a number of scans we are willing to decode; anything
-else is refused with an `InputError` that names `control_image`, what was given and what is
-taken.
+An image is read whole and only when it is a PNG, JPEG or WebP file of 8-bit RGB or grayscale
+pixels, of a size and (a JPEG) a number of scans we are willing to decode; anything else is
+refused with an `InputError` that names the input (`control_image`, `image` or `mask`), what was
+given and what is taken.
 """
 
 from __future__ import annotations
@@ -68,7 +69,12 @@ _DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 def open_control_image(source: ControlImageSource) -> Image.Image:
-    """The condition image in `source` (a path, bytes, a binary file or a PIL image), checked,
+    """The condition image in `source`, checked and opened by `open_image`."""
+    return open_image(source, "control_image")
+
+
+def open_image(source: ControlImageSource, name: str) -> Image.Image:
+    """The image of input `name` in `source` (a path, bytes, a binary file or a PIL image), checked,
     decoded whole, turned upright by its EXIF orientation (a phone photo for Canny edges is
     upright) and in mode RGB.
 
@@ -85,65 +91,63 @@ def open_control_image(source: ControlImageSource) -> Image.Image:
     if isinstance(source, Image.Image):
         if source.format in ("JPEG", "MPO") and hasattr(getattr(source, "fp", None), "seek"):
             at = source.fp.tell()  # not decoded yet: its file is still open
-            _check_scans(source.fp, "a PIL image: a JPEG")
+            _check_scans(source.fp, "a PIL image: a JPEG", name)
             source.fp.seek(at)
-        return _checked(source, "a PIL image")
-    with _binary(source) as (fp, name):
+        return _checked(source, "a PIL image", name)
+    with _binary(source, name) as (fp, given):
         head = fp.read(32)
         if not head:
-            raise InputError(f"control_image must be {_ALLOWED}; got {name}: empty")
+            raise InputError(f"{name} must be {_ALLOWED}; got {given}: empty")
         kind = _kind(head)
         if kind is None:
-            raise InputError(f"control_image must be {_ALLOWED}; got {name}: {_not_ours(head)}")
-        described = f"{name}: a {_FORMATS[kind]}"
+            raise InputError(f"{name} must be {_ALLOWED}; got {given}: {_not_ours(head)}")
+        described = f"{given}: a {_FORMATS[kind]}"
         size = _declared_size(fp, kind)
         if size is None:
             raise InputError(
-                f"control_image must be {_COMPLETE}; got {described} whose header "
-                "is cut short or damaged"
+                f"{name} must be {_COMPLETE}; got {described} whose header is cut short or damaged"
             )
-        _check_size(size, described)
+        _check_size(size, described, name)
         if kind == "JPEG":
-            _check_scans(fp, described)
+            _check_scans(fp, described, name)
         fp.seek(0)
         try:
             image = Image.open(fp, formats=[kind])
         except _DAMAGED as exc:
-            raise _damaged(described, exc) from exc
-        return _checked(image, described)
+            raise _damaged(described, exc, name) from exc
+        return _checked(image, described, name)
 
 
 @contextmanager
-def _binary(source: Any) -> Iterator[tuple[IO[bytes], str]]:
+def _binary(source: Any, name: str) -> Iterator[tuple[IO[bytes], str]]:
     """A seekable binary file of `source` at its start, and `source` as a refusal names it."""
     if isinstance(source, str | os.PathLike):
-        name = shown(os.fspath(source))
+        given = shown(os.fspath(source))
         try:
             fp = open(source, "rb")  # noqa: SIM115 (closed below, after the image is decoded)
         except OSError as exc:
             raise InputError(
-                f"control_image must be {_ALLOWED}; got {name}, which cannot be read "
+                f"{name} must be {_ALLOWED}; got {given}, which cannot be read "
                 f"({exc.strerror or exc})"
             ) from exc
         with fp:
-            yield fp, name
+            yield fp, given
     elif isinstance(source, bytes | bytearray):
         yield io.BytesIO(source), f"{len(source):,} bytes"
     elif hasattr(source, "read"):
-        name = shown(source.name) if isinstance(getattr(source, "name", None), str) else "a file"
+        given = shown(source.name) if isinstance(getattr(source, "name", None), str) else "a file"
         seekable = getattr(source, "seekable", lambda: False)()
         data = source.read(0) if seekable else source.read()
         if not isinstance(data, bytes | bytearray):
             raise InputError(
-                f"control_image must be {_ALLOWED}; got {name} opened in text mode: open it "
-                "with 'rb'"
+                f"{name} must be {_ALLOWED}; got {given} opened in text mode: open it with 'rb'"
             )
         fp = source if seekable else io.BytesIO(data)
         fp.seek(0)
-        yield fp, name
+        yield fp, given
     else:
         raise InputError(
-            f"control_image must be {_ALLOWED}: a path, bytes, a binary file or a PIL image; "
+            f"{name} must be {_ALLOWED}: a path, bytes, a binary file or a PIL image; "
             f"got {shown(source)}"
         )
 
@@ -219,11 +223,11 @@ def _jpeg_size(fp: IO[bytes]) -> tuple[int, int] | None:
     return None
 
 
-def _check_size(size: tuple[int, int], described: str) -> None:
+def _check_size(size: tuple[int, int], described: str, name: str) -> None:
     width, height = size
     if max(width, height) > MAX_CONTROL_SIDE or width * height > MAX_CONTROL_PIXELS:
         raise InputError(
-            f"control_image must be at most {MAX_CONTROL_SIDE:,} pixels on a side and "
+            f"{name} must be at most {MAX_CONTROL_SIDE:,} pixels on a side and "
             f"{MAX_CONTROL_PIXELS:,} in all (4 times the largest panorama, {MAX_SIDE}x{MAX_SIDE});"
             f" got {described} of {width}x{height} pixels"
         )
@@ -258,35 +262,35 @@ def _jpeg_scans(fp: IO[bytes], limit: int) -> int:
             data, at = b"", 0
 
 
-def _check_scans(fp: IO[bytes], described: str) -> None:
+def _check_scans(fp: IO[bytes], described: str, name: str) -> None:
     if _jpeg_scans(fp, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
         raise InputError(
-            f"control_image must be a JPEG of at most {MAX_JPEG_SCANS} scans (a progressive "
+            f"{name} must be a JPEG of at most {MAX_JPEG_SCANS} scans (a progressive "
             f"JPEG has about 10, each decoded over the whole picture); got {described} of more "
             f"than {MAX_JPEG_SCANS} scans: save it again, as any image editor writes it"
         )
 
 
-def _checked(image: Image.Image, described: str) -> Image.Image:
+def _checked(image: Image.Image, described: str, name: str) -> Image.Image:
     """`image` refused or taken: size, frames and mode judged before it is decoded, then decoded,
     turned upright and converted to RGB."""
-    _check_size(image.size, described)
+    _check_size(image.size, described, name)
     # A phone's JPEG may hold more pictures (MPO: a depth map, a preview); its first is the photo.
     if (frames := getattr(image, "n_frames", 1)) > 1 and image.format != "MPO":
         raise InputError(
-            f"control_image must be a still image; got {described} of {frames} frames (an "
+            f"{name} must be a still image; got {described} of {frames} frames (an "
             "animation): save the frame to use as a still image"
         )
     if image.mode not in _MODES:
         raise InputError(
-            "control_image must be 8-bit RGB or grayscale (mode RGB, L or 1); "
+            f"{name} must be 8-bit RGB or grayscale (mode RGB, L or 1); "
             f"got {described} in mode {image.mode}{_mode_advice(image.mode)}"
         )
     try:
         image.load()
         upright = ImageOps.exif_transpose(image)
     except _DAMAGED as exc:
-        raise _damaged(described, exc) from exc
+        raise _damaged(described, exc, name) from exc
     return upright.convert("RGB")
 
 
@@ -307,10 +311,8 @@ def _mode_advice(mode: str) -> str:
     return ": convert it to RGB"
 
 
-def _damaged(described: str, exc: Exception) -> InputError:
-    return InputError(
-        f"control_image must be {_COMPLETE}; got {described}, cut short or damaged ({exc})"
-    )
+def _damaged(described: str, exc: Exception, name: str) -> InputError:
+    return InputError(f"{name} must be {_COMPLETE}; got {described}, cut short or damaged ({exc})")
 
 
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:

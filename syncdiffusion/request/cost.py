@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..core.schedulers import network_calls
-from ..core.sync_schedule import synced_steps
+from ..core.sync_schedule import steps_run, synced_steps
 from ..core.windows import SD2_BASE, Geometry
 
 
@@ -73,7 +73,7 @@ def work(
     synced = synced_steps(request)
     share = (geometry.window_pixels / 512) ** 2
     # Heun evaluates the network twice in most steps, PNDM twice in its first.
-    calls = network_calls(request.get("scheduler", "DDIM"), request["num_inference_steps"])
+    calls = network_calls(request.get("scheduler", "DDIM"), steps_run(request))
     window_steps = n_windows * calls + (synced if published else 0)
     synced_window_steps = synced * (n_windows if published else n_windows - 1)
     panorama = request["width"] * request["height"] / 512**2 if decoded else 0.0

@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from ..core.schedulers import SCHEDULERS, network_calls
-from ..core.sync_schedule import synced_steps
+from ..core.sync_schedule import steps_run, synced_steps
 from ..core.windows import SD2_BASE, Geometry
 from ..errors import InputError, shown
 from .cost import MAX_COST, request_cost
@@ -89,6 +90,8 @@ class Input:
 
     def accepts(self, value: Any) -> bool:
         """Whether `value` is one this input takes (an int is a float; a bool is neither)."""
+        if self.type is Image.Image and value is None:
+            return self.default is None  # an optional image not given
         if self.type in (bool, Image.Image):
             return isinstance(value, self.type)
         if self.type is str:
@@ -281,7 +284,30 @@ _PANORAMA_INPUTS = (
         default="DDIM",
         choices=SCHEDULERS,
     ),
+    Input(
+        "image",
+        Image.Image,
+        "A picture to start from: restyled, upscaled, or extended if its proportions differ.",
+        default=None,
+    ),
+    Input(
+        "mask",
+        Image.Image,
+        "Which part of image to make anew (white) and which to keep (black); needs image.",
+        default=None,
+    ),
+    Input(
+        "prompt_strength",
+        float,
+        "How much of image is made anew: 1 makes it all from noise, lower keeps more of it.",
+        default=0.8,
+        ge=0,
+        le=1,
+    ),
 )
+IMAGE_INPUTS = ("image", "mask", "prompt_strength")
+"""The inputs of a panorama that starts from an image (`init_image`); without `image` they
+change nothing and files do not record them."""
 
 OUTPUT_INPUTS = {
     spec.name: spec
@@ -428,6 +454,7 @@ def panorama_request(
     if control:
         _refuse([_control_problem(request)])
         _size_from_condition(request, geometry)
+    _refuse(image_problems(request))
     if (cost := request_cost(request, geometry, control)) > MAX_COST:
         n_windows = len(geometry.windows(request))
         steps = request["num_inference_steps"]
@@ -443,6 +470,54 @@ def panorama_request(
             "steps or a smaller size"
         )
     return request
+
+
+def image_problems(request: Mapping[str, Any]) -> list[str]:
+    """Why a request's `image`, `mask` and `prompt_strength` cannot go together: a mask without
+    an image, a mask of colours or one that keeps nothing or everything, a strength that runs
+    no step."""
+    image, mask = request["image"], request["mask"]
+    if image is None:
+        if mask is not None:
+            return ["mask needs image (the picture whose black part it keeps); got no image"]
+        return []
+    problems = []
+    if steps_run(request) < 1:
+        steps, strength = request["num_inference_steps"], request["prompt_strength"]
+        problems.append(
+            f"prompt_strength {shown(strength)} of {steps} num_inference_steps runs no step "
+            f"(int({steps} * {strength:g}) is 0): prompt_strength must be at least "
+            f"{1 / steps:.3g} with {steps} steps, or use more steps"
+        )
+    if mask is not None:
+        problems += [_mask_problem(mask)]
+    return [problem for problem in problems if problem]
+
+
+def _mask_problem(mask: Image.Image) -> str | None:
+    """Why `mask` is not a mask: colours rather than one channel, or nothing or everything kept
+    (white, pixels of 128 and more, is made anew, as diffusers binarizes a mask)."""
+    pixels = np.asarray(mask.convert("RGB") if mask.mode not in ("L", "1") else mask.convert("L"))
+    if pixels.ndim == 3:
+        if (pixels != pixels[..., :1]).any():
+            return (
+                f"mask must be one channel (grayscale: white is made anew, black is kept); got a "
+                f"{mask.width}x{mask.height} image in mode {mask.mode} whose red, green and blue "
+                "differ: convert it to grayscale (mode L)"
+            )
+        pixels = pixels[..., 0]
+    white = pixels >= 128
+    if white.all():
+        return (
+            f"mask keeps nothing: all its {mask.width}x{mask.height} pixels are white (made "
+            "anew); paint black what to keep, or give no mask to restyle the whole image"
+        )
+    if not white.any():
+        return (
+            f"mask keeps everything: all its {mask.width}x{mask.height} pixels are black (kept), "
+            "so nothing would be made; paint white what to make anew"
+        )
+    return None
 
 
 def _control_problem(request: Mapping[str, Any]) -> str | None:

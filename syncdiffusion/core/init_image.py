@@ -1,0 +1,131 @@
+"""A panorama that starts from an image: where the sampler starts, the image's latent noised to
+that step, and the kept region held to the image at every step.
+
+As diffusers' `StableDiffusionImg2ImgPipeline` and (with an ordinary 4-channel UNet)
+`StableDiffusionInpaintPipeline` do it: `strength` of the steps run, from the image's VAE latent
+(`latent_dist.sample(generator)`, the first draw) noised by `scheduler.add_noise` with the noise
+drawn next; with a mask (white: made anew) the kept part of the latent is put back after every
+scheduler step, noised to the next timestep, and at the last the clean image latent. An image
+whose proportions differ from the panorama's is placed in its middle and the rest is made anew
+(`outpaint`).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from .windows import Window, anchor_index, gather
+
+# Proportions within this fraction of the panorama's count as the panorama's: the image is resized
+# to it (img2img), not placed in it (outpainting). A side rounded to a multiple of 8 stays within.
+SAME_PROPORTIONS = 0.02
+
+
+def start_at(scheduler: Any, steps_left: int) -> int:
+    """The first of `scheduler.timesteps` (after `set_timesteps`) a run of its last `steps_left`
+    steps evaluates, made the scheduler's begin index where it keeps one."""
+    start = (scheduler.num_inference_steps - steps_left) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return start
+
+
+def same_proportions(image: Image.Image, width: int, height: int) -> bool:
+    """Whether `image` has a `width` x `height` panorama's proportions (`SAME_PROPORTIONS`)."""
+    panorama = image.height * width  # the image's width scaled to the panorama's height, times it
+    return abs(image.width * height - panorama) <= SAME_PROPORTIONS * panorama
+
+
+def outpaint(
+    image: Image.Image, mask: Image.Image | None, width: int, height: int
+) -> tuple[Image.Image, Image.Image]:
+    """`image` scaled to the panorama's height (its width for a vertical panorama), in the middle
+    of a `width` x `height` canvas, and the mask that keeps it (black) and makes the rest anew
+    (white); where `mask` is given, it is placed likewise. The canvas around the image repeats
+    its edge pixels, so a strength below 1 starts the new part from the image's colours."""
+    scale = height / image.height if width >= height else width / image.width
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    size = (min(size[0], width), min(size[1], height))
+    left, top = (width - size[0]) // 2, (height - size[1]) // 2
+    pixels = np.asarray(image.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+    around = ((top, height - size[1] - top), (left, width - size[0] - left), (0, 0))
+    canvas = Image.fromarray(np.pad(pixels, around, mode="edge"))
+    placed = Image.new("L", (width, height), 255)
+    kept = mask.convert("L").resize(size) if mask is not None else Image.new("L", size, 0)
+    placed.paste(kept, (left, top))
+    return canvas, placed
+
+
+def image_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """`image` as the VAE encodes it: RGB resized to `width` x `height` (Lanczos, as diffusers'
+    pipelines do), (1, 3, height, width) in [-1, 1], fp32."""
+    processor = VaeImageProcessor(do_convert_rgb=True)
+    return processor.preprocess(image, height=height, width=width).to(torch.float32)
+
+
+def mask_latent(mask: Image.Image, width: int, height: int, scale_factor: int) -> torch.Tensor:
+    """`mask` at latent size, (1, 1, height / f, width / f): 1 made anew, 0 kept. As diffusers'
+    inpainting: grayscale, resized to the picture, binarized at 0.5, then nearest to the latent."""
+    processor = VaeImageProcessor(do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    pixels = processor.preprocess(mask, height=height, width=width).to(torch.float32)
+    return F.interpolate(pixels, size=(height // scale_factor, width // scale_factor))
+
+
+def encode(
+    vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """E(x): pixels (1, 3, H, W) in [-1, 1] to a latent (1, 4, H/8, W/8), fp32, sampled from the
+    encoder's distribution with `generator` and scaled by the VAE's scaling factor."""
+    fp32 = vae.dtype == torch.float32
+    with torch.autocast(pixels.device.type, enabled=False) if fp32 else nullcontext():
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latent = posterior.sample(generator) * vae.config.scaling_factor
+    return latent.to(torch.float32)
+
+
+def start_latent(
+    scheduler: Any,
+    image_latent: torch.Tensor,
+    noise: torch.Tensor,
+    start: int,
+    from_noise: bool,
+) -> torch.Tensor:
+    """The latent the sampler starts from at evaluation `start`: `noise` at the scheduler's
+    largest noise level where `from_noise` (inpainting at strength 1, as diffusers' inpainting
+    starts), else the image's latent noised to the first timestep run."""
+    if from_noise:
+        return noise * scheduler.init_noise_sigma
+    return scheduler.add_noise(image_latent, noise, scheduler.timesteps[start : start + 1])
+
+
+class KeptRegion:
+    """The part of the panorama a mask keeps, held to the image: after each scheduler step the
+    kept latent is the image's latent noised (with the starting noise) to the next timestep,
+    and after the last the image's latent itself (diffusers' inpainting with a 4-channel UNet)."""
+
+    def __init__(self, image_latent: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> None:
+        # (1, 4, h, w) each; `mask` (1, 1, h, w): 1 made anew, 0 kept.
+        self.image_latent, self.mask, self.noise = image_latent, mask, noise
+
+    def hold(self, latent: torch.Tensor, scheduler: Any, k: int) -> torch.Tensor:
+        """`latent` after evaluation `k`, its kept part put back."""
+        kept = self.image_latent
+        if k + 1 < len(scheduler.timesteps):
+            kept = scheduler.add_noise(kept, self.noise, scheduler.timesteps[k + 1 : k + 2])
+        return (1 - self.mask) * kept.to(latent.dtype) + self.mask * latent
+
+    def anchor(self, windows: list[Window]) -> int:
+        """The window most covered by the kept part (of those, the published anchor where it is
+        one, else the first): the panorama syncs to the image."""
+        kept = (1 - gather(self.mask, windows)).mean(dim=(1, 2, 3))  # (n_windows,)
+        best = [k for k, share in enumerate(kept.tolist()) if share == kept.max().item()]
+        default = anchor_index(windows)
+        return default if default in best else best[0]
