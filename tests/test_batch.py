@@ -62,6 +62,7 @@ def test_seeds_and_settings_parse():
     assert parse_setting("sync_weight=0,20") == ("sync_weight", [0.0, 20.0])
     assert parse_setting("loop_closure=true,false") == ("loop_closure", [True, False])
     assert parse_setting('negative_prompt=["a, b", ""]') == ("negative_prompt", ["a, b", ""])
+    assert parse_setting("scheduler=DDIM,KarrasDPM") == ("scheduler", ["DDIM", "KarrasDPM"])
     with pytest.raises(InputError, match=r"one of prompt.*got .sync_wieght=1"):
         parse_setting("sync_wieght=1")
     with pytest.raises(InputError, match=r"--set stride: stride must be a multiple of 8 .*got 'x'"):
