@@ -255,16 +255,17 @@ def sample_panorama(
         if kept is not None:
             latent = kept.hold(latent, scheduler, k)
         if callback is not None and evaluation.last:
+            step_synced = sync.active(step)  # at its first evaluation, which may be this one
             callback(
                 {
                     "step": step,
                     "steps": steps,
                     "t": t,
-                    "sync": sync.active(step),
+                    "sync": step_synced,
                     "latent": latent,
-                    "view_batch_size": batch_sizes[sync.active(step)],
-                    "recompute": sync.active(step) and recompute.active,
-                    "recompute_reason": recompute.reason if sync.active(step) else "",
+                    "view_batch_size": batch_sizes[step_synced],
+                    "recompute": step_synced and recompute.active,
+                    "recompute_reason": recompute.reason if step_synced else "",
                     "loss_scale_back_offs": loss_scale.back_offs,
                 }
             )
