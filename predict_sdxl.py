@@ -21,6 +21,8 @@ SCHEDULER_HELP = "The sampler: DDIM, the published one, or another; KarrasDPM is
 IMAGE_HELP = "A picture to start from: restyled, upscaled, or extended if its proportions differ."
 MASK_HELP = "Which part of image to make anew (white) and which to keep (black); needs image."
 STRENGTH_HELP = "How much of image is made anew: 1 makes it all from noise, lower keeps more of it."
+LORA_WEIGHTS_HELP = "A LoRA: a Hugging Face repo (owner/name, optionally /file.safetensors) or an https URL of a .safetensors file."  # noqa: E501
+SCALE_HELP = "How strongly lora_weights is applied: 0 leaves the model as it is, 1 is as trained."
 # --- end of input descriptions ---
 
 
@@ -98,11 +100,24 @@ class Predictor(predict.Predictor):
                 "K_EULER_ANCESTRAL",
                 "K_EULER",
                 "PNDM",
+                "LCM",
             ],
         ),
         image: Path | None = Input(description=IMAGE_HELP, default=None),
         mask: Path | None = Input(description=MASK_HELP, default=None),
         prompt_strength: float = Input(description=STRENGTH_HELP, default=0.8, ge=0, le=1),
+        lora_weights: str | None = Input(
+            description=LORA_WEIGHTS_HELP, default=None, max_length=2000
+        ),
+        lora_scale: float = Input(description=SCALE_HELP, default=1.0, ge=-1, le=3),
+        extra_lora: str | None = Input(
+            description="A second LoRA, given as lora_weights is, applied together with it.",
+            default=None,
+            max_length=2000,
+        ),
+        extra_lora_scale: float = Input(
+            description="How strongly extra_lora is applied.", default=1.0, ge=-1, le=3
+        ),
         output_format: str = Input(
             description="File format of the panorama. Every input is saved in the file.",
             default="png",

@@ -4,8 +4,7 @@ SDXL), LPIPS and the sampler, loaded once and called per panorama."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +19,6 @@ from diffusers import (
     DiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
@@ -66,8 +64,11 @@ from .models.folders import (
     tensors_problem,
     weights_file,
 )
+from .models.lora import Lora, fused, read_lora
+from .models.lora_files import LORA_FOLDER, fetch_lora
 from .models.lpips_trunk import VGG16_RELPATH
 from .models.perceptual import load_lpips
+from .models.quiet import no_progress_bars
 from .models.weights import (
     check_controlnet,
     check_controlnet_fits,
@@ -78,7 +79,7 @@ from .models.weights import (
     model_dirname,
 )
 from .request.image_file import model_identity
-from .request.inputs import IMAGE_INPUTS, panorama_request
+from .request.inputs import IMAGE_INPUTS, LORA_INPUTS, panorama_request
 from .request.presets import model_defaults
 from .version import __version__
 
@@ -153,22 +154,6 @@ def _shapes(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in network.state_dict().items()}
 
 
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Loading from a local folder is quick: its per-file progress bars would only clutter logs."""
-    diffusers_bars = diffusers_logging.is_progress_bar_enabled()
-    transformers_bars = transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if diffusers_bars:
-            diffusers_logging.enable_progress_bar()
-        if transformers_bars:
-            transformers_logging.enable_progress_bar()
-
-
 class SyncDiffusionPipeline:
     """Coherent panoramas from Stable Diffusion with SyncDiffusion (Lee et al. 2023).
 
@@ -221,6 +206,10 @@ class SyncDiffusionPipeline:
         self.controlnet_revision: str | None = None
         # The model's own defaults beside the published ones (a few-step model's: `presets`).
         self.defaults: dict[str, Any] = {}
+        # Where requests' LoRAs are downloaded to and kept (`lora_files`), and whether a LoRA
+        # may be a local file: a server that takes requests from others sets it False.
+        self.lora_dir = default_weights_dir() / LORA_FOLDER
+        self.lora_local_files = True
 
     @classmethod
     def from_pretrained(
@@ -261,7 +250,7 @@ class SyncDiffusionPipeline:
             weights = sd / weights_file(name, kwargs["variant"])
             return _load_checked(cls, sd / name, weights, fix, **{**kwargs, **more})
 
-        with _no_progress_bars():
+        with no_progress_bars():
             index = DiffusionPipeline.load_config(sd, **local)  # model_index.json
             vae_config = AutoencoderKL.load_config(sd, subfolder="vae", **local)
             upcast = vae_dtype(dtype, vae_upcast(vae_config, family))
@@ -288,6 +277,7 @@ class SyncDiffusionPipeline:
             )
         pipe.model_revision = (read_source(sd) or {}).get("revision")
         pipe.defaults = model_defaults(sd)
+        pipe.lora_dir = weights_dir / LORA_FOLDER
         if control_dir is not None:
             pipe.controlnet_name = control_dir.name
             pipe.controlnet_revision = (read_source(control_dir) or {}).get("revision")
@@ -317,6 +307,7 @@ class SyncDiffusionPipeline:
         )
         pipe.model_revision, pipe.controlnet_name = self.model_revision, name
         pipe.defaults = self.defaults
+        pipe.lora_dir, pipe.lora_local_files = self.lora_dir, self.lora_local_files
         return pipe.to(self.device)
 
     def _networks(self) -> list[torch.nn.Module]:
@@ -502,6 +493,31 @@ class SyncDiffusionPipeline:
             inputs, self.geometry, control=self.controlnet is not None, defaults=self.defaults
         )
 
+    def loras(self, request: dict[str, Any]) -> list[Lora]:
+        """The LoRAs of a checked request (`request`), each fetched (downloaded once into
+        `lora_dir`), verified and held to this model (`lora.read_lora`). Raises `InputError`
+        naming the input."""
+        networks = {"unet": self.unet}
+        networks.update(zip(self.family.text_encoders, self.text_encoders(), strict=True))
+        found = []
+        for name, scale_name in LORA_INPUTS.items():
+            if request[name] is not None:
+                file = fetch_lora(request[name], name, self.lora_dir, self.lora_local_files)
+                found.append(read_lora(file, name, request[scale_name], self.family, networks))
+        return found
+
+    def _fused(self, loras: list[Lora]):
+        """`lora.fused` on this model's networks: the LoRAs in them for the duration."""
+        components = {
+            "unet": self.unet,
+            "vae": self.vae,
+            "scheduler": self.new_scheduler(),
+            **dict(zip(self.family.text_encoders, self.text_encoders(), strict=True)),
+            "tokenizer": self.tokenizer,
+            **({"tokenizer_2": self.tokenizer_2} if self.family is SDXL else {}),
+        }
+        return fused(self.family, components, loras)
+
     def __call__(
         self,
         /,
@@ -546,12 +562,40 @@ class SyncDiffusionPipeline:
             allowed = ", ".join(repr(mode) for mode in RECOMPUTE_MODES)
             raise InputError(f"recompute must be one of {allowed}; got {recompute!r}")
 
-        # 2. Encode the prompt.
+        # 2. The LoRAs, fetched and held to the model before any work, fused for this panorama.
+        loras = self.loras(request)
+        with self._fused(loras):
+            made = self._panorama(request, view_batch_size, recompute, output_type, callback)
+        if output_type == "latent":
+            return made
+        image = made
+
+        # 7. Keep what made the picture with it.
+        image.info["parameters"] = {
+            **self._recorded_inputs(request),
+            **{k: v for lora in loras for k, v in lora.record(LORA_INPUTS[lora.name]).items()},
+            "model": model_identity(self.unet.config),
+            **({"model_revision": self.model_revision} if self.model_revision else {}),
+            **self._controlnet_record(request),
+            "syncdiffusion": __version__,
+        }
+        return image
+
+    def _panorama(
+        self,
+        request: dict[str, Any],
+        view_batch_size: int | None,
+        recompute: str,
+        output_type: str,
+        callback: Callback | None,
+    ) -> Image.Image | torch.Tensor:
+        """Steps 3 to 6 of `__call__`: the picture (or latent) of a checked request."""
+        # 3. Encode the prompt.
         text_embeddings, added_conditions = self._encode(
             request["prompt"], request["negative_prompt"]
         )
 
-        # 3. The initial noise: drawn on the CPU in fp32 as published, from a private generator;
+        # 4. The initial noise: drawn on the CPU in fp32 as published, from a private generator;
         # with an image, after its latent's sample, as diffusers' img2img draws them.
         generator = torch.Generator("cpu").manual_seed(request["seed"])
         f = self.vae_scale_factor
@@ -566,7 +610,7 @@ class SyncDiffusionPipeline:
             (1, self.unet.config.in_channels, *latent_size), generator=generator
         ).to(self.device)
 
-        # 4. The views, the schedule and the condition image's crops.
+        # 5. The views, the schedule and the condition image's crops.
         windows = self.geometry.windows(request)
         control = None
         if self.controlnet is not None:
@@ -610,7 +654,7 @@ class SyncDiffusionPipeline:
             added_conditions=added_conditions,
         )
 
-        # 5. Denoise, then decode. Out of memory where no smaller chunk or tiled decode fits
+        # 6. Denoise, then decode. Out of memory where no smaller chunk or tiled decode fits
         # fails this panorama only, and after clean-up.
         out_of_memory = None
         try:
@@ -663,18 +707,7 @@ class SyncDiffusionPipeline:
                 "the GPU is too small for this model or is shared with other work. "
                 f"PyTorch said: {out_of_memory}"
             )
-        if image is None:
-            return latent
-
-        # 6. Keep what made the picture with it.
-        image.info["parameters"] = {
-            **self._recorded_inputs(request),
-            "model": model_identity(self.unet.config),
-            **({"model_revision": self.model_revision} if self.model_revision else {}),
-            **self._controlnet_record(request),
-            "syncdiffusion": __version__,
-        }
-        return image
+        return latent if image is None else image
 
     @staticmethod
     def _image_and_mask(
@@ -703,7 +736,10 @@ class SyncDiffusionPipeline:
     def _recorded_inputs(request: dict[str, Any]) -> dict[str, Any]:
         """The inputs a file saves: the image and mask by their pixels' hash and size (as the
         condition image), and none of `IMAGE_INPUTS` without an image, which they would not have
-        changed (a panorama from noise saves what it saved before they were inputs)."""
+        changed (a panorama from noise saves what it saved before they were inputs). The LoRAs
+        are saved by `Lora.record`, only where a request has one."""
+        loras = {*LORA_INPUTS, *LORA_INPUTS.values()}
+        request = {name: value for name, value in request.items() if name not in loras}
         if request["image"] is None:
             return {name: value for name, value in request.items() if name not in IMAGE_INPUTS}
         mask = request["mask"]

@@ -75,3 +75,19 @@ def family_weights(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("families")
     make_tiny_weights(out, ("sd1", "sd2-v", "sdxl"))
     return out
+
+
+@pytest.fixture(scope="module")
+def multidiffusion(tiny_weights):
+    """diffusers' MultiDiffusion pipeline (`StableDiffusionPanoramaPipeline`) on the tiny model's
+    own files: what an unsynced panorama is held to."""
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    pipe = StableDiffusionPanoramaPipeline.from_pretrained(
+        tiny_weights / "stable-diffusion-2-base",
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

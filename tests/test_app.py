@@ -27,17 +27,20 @@ import psutil
 import pytest
 from PIL import Image, ImageDraw, ImageStat
 
-from syncdiffusion.app.__main__ import build_parser
+from syncdiffusion.app.__main__ import build_parser, loader
 from syncdiffusion.app.jobs import Job, JobQueue
 from syncdiffusion.app.server import MAX_BODY, App, AppServer
 from syncdiffusion.core.control import image_record
 from syncdiffusion.core.windows import Geometry
 from syncdiffusion.errors import InputError
+from syncdiffusion.models.lora_files import LORA_FOLDER
 from syncdiffusion.models.weights import CONTROLNET_DIRNAME
 from syncdiffusion.request.image_file import read_parameters
 from syncdiffusion.request.inputs import IMAGE_INPUTS, panorama_inputs, panorama_request
+from syncdiffusion.testing.lora import make_lora
 
 ROOT = Path(__file__).resolve().parents[1]
+LORA_FILE = "my style.safetensors"
 MODEL = "stable-diffusion-2-base"
 CONTROLNET = "tiny-controlnet-sd2"
 MISFIT = "misfit-controlnet"  # a ControlNet for text states of another width than the model's
@@ -129,12 +132,19 @@ def fake_app(fake_apps, tiny_weights, tmp_path):
 def control_weights(tiny_weights, tmp_path_factory):
     """The tiny model's weights folder with two ControlNets in controlnet/: a tiny one that fits
     the model (CONTROLNET), and a copy of it whose config says it takes wider text states
-    (MISFIT)."""
+    (MISFIT); and a LoRA in lora/ (LORA_FILE)."""
+    from syncdiffusion import SyncDiffusionPipeline
     from syncdiffusion.models.tiny import make_tiny_controlnet
 
     out = tmp_path_factory.mktemp("control-weights")
     for part in tiny_weights.iterdir():
-        (out / part.name).symlink_to(part)
+        if part.name != LORA_FOLDER:
+            (out / part.name).symlink_to(part)
+    # A LoRA a person put in the LoRA folder, which the page suggests by its file name.
+    make_lora(
+        {"unet": SyncDiffusionPipeline.from_pretrained(tiny_weights, device="cpu").unet},
+        (out / LORA_FOLDER).mkdir() or out / LORA_FOLDER / LORA_FILE,
+    )
     fits = make_tiny_controlnet(out / MODEL, out / CONTROLNET_DIRNAME / CONTROLNET)
     misfit = shutil.copytree(fits, out / CONTROLNET_DIRNAME / MISFIT)
     config = json.loads((misfit / "config.json").read_text())
@@ -147,14 +157,7 @@ def control_weights(tiny_weights, tmp_path_factory):
 def real_app(control_weights, tmp_path_factory):
     """The app as `python -m syncdiffusion.app --weights TINY --device cpu` serves it, on the
     tiny model and its ControlNets."""
-    from syncdiffusion import SyncDiffusionPipeline
-
-    def load(model: str, controlnet: str | None):
-        return SyncDiffusionPipeline.from_pretrained(
-            control_weights, device="cpu", model=model, controlnet=controlnet
-        )
-
-    jobs = JobQueue(load, tmp_path_factory.mktemp("made"))
+    jobs = JobQueue(loader(control_weights, "cpu"), tmp_path_factory.mktemp("made"))
     server = serve(App(control_weights, MODEL, jobs))
     yield server
     server.shutdown()
@@ -422,6 +425,28 @@ def test_a_job_laid_out_by_an_uploaded_edge_map(real_app):
     assert again["fields"]["width"] == "640" and "control_image" not in again["fields"]
 
 
+def test_a_job_with_a_lora_of_the_weights_folder_and_one_refused(real_app):
+    models = json.loads(call(real_app, "GET", "/api/models")[1])
+    assert models["loras"] == [LORA_FILE]
+    fields = {f["name"]: f for f in models["models"][0]["inputs"]}
+    assert fields["lora_weights"]["picker"] == fields["extra_lora"]["picker"] == "lora"
+    form = {"prompt": "a city", "num_inference_steps": "1", "sync_threshold": "0"}
+    form |= {"width": "512", "lora_weights": LORA_FILE, "lora_scale": "0.5", "extra_lora": ""}
+    status, answer = call(real_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})
+    assert status == 200, answer
+    done = events(real_app, json.loads(answer)["job"])[-1]
+    assert done["state"] == "done", done
+    saved = read_parameters(real_app.app.jobs.made[done["file"].split("/")[-1]].path)
+    assert (saved["lora_weights"], saved["lora_scale"]) == (LORA_FILE, 0.5)
+    assert "extra_lora" not in saved
+    # A file of this machine outside lora/ is not read, whatever the page sends.
+    form["lora_weights"] = "/etc/passwd"
+    status, answer = call(real_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})
+    failed = events(real_app, json.loads(answer)["job"])[-1]
+    assert failed["state"] == "error"
+    assert failed["message"].startswith("lora_weights '/etc/passwd' must be an https:// URL")
+
+
 def test_a_bad_upload_gets_its_message_and_the_app_stays_up(real_app):
     def refusal(**form) -> dict:
         body = {"model": MODEL, "controlnet": CONTROLNET, "inputs": {"prompt": "x", **form}}
@@ -538,6 +563,12 @@ def test_in_a_browser_a_run_shows_the_picture_at_its_size(page):
     page.click("#history li >> nth=0 >> button.use")
     assert page.input_value("#in-prompt") == "a mountain lake"
     assert page.input_value("#in-width") == "768"
+
+
+def test_in_a_browser_a_lora_field_suggests_the_lora_folder_s_files(page):
+    assert page.get_attribute("#in-lora_weights", "list") == "lora-choices"
+    options = page.eval_on_selector_all("#lora-choices option", "os => os.map(o => o.value)")
+    assert options == [LORA_FILE]
 
 
 def test_in_a_browser_a_bad_input_shows_its_message(page):

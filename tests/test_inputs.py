@@ -40,6 +40,10 @@ GOOD = dict(
     image=None,
     mask=None,
     prompt_strength=0.8,
+    lora_weights=None,
+    lora_scale=1.0,
+    extra_lora=None,
+    extra_lora_scale=1.0,
 )
 
 ACCEPTED = [
@@ -110,7 +114,7 @@ REFUSED = [
     (
         {"scheduler": "Euler"},
         "scheduler must be one of DDIM, DPMSolverMultistep, HeunDiscrete, KarrasDPM, "
-        "K_EULER_ANCESTRAL, K_EULER, PNDM; got 'Euler'",
+        "K_EULER_ANCESTRAL, K_EULER, PNDM, LCM; got 'Euler'",
     ),
     ({"scheduler": "ddim"}, "scheduler must be one of DDIM, "),
     ({"prompt": "x" * 10_001}, "prompt must be a string of at most 10,000 characters; got 10,001"),

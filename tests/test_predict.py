@@ -22,6 +22,7 @@ from syncdiffusion.replicate.schema import (
 from syncdiffusion.request.image_file import read_parameters
 from syncdiffusion.request.inputs import (
     IMAGE_INPUTS,
+    LORA_INPUTS,
     OUTPUT_INPUTS,
     REQUIRED,
     Input,
@@ -33,8 +34,9 @@ PUBLISHED = {
     # name: (type, default, ge, le) as the published wrapper has them (docs/ALGORITHM.md),
     # but for the sides, which go up to 4096 (any multiple of 8), the seed's top bound (the
     # library's, not published), the scheduler (DDIM, the published one, by default) and the
-    # inputs of a panorama from an image (optional, so a request without them is published as
-    # before) and the two output inputs at the end.
+    # inputs of a panorama from an image and the LoRAs, as cog-flux's with its bounds (all
+    # optional, so a request without them is published as before) and the two output inputs at
+    # the end.
     "prompt": ("str", REQUIRED, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),
@@ -52,6 +54,10 @@ PUBLISHED = {
     "image": ("Image", None, None, None),
     "mask": ("Image", None, None, None),
     "prompt_strength": ("float", 0.8, 0, 1),
+    "lora_weights": ("str", None, None, None),
+    "lora_scale": ("float", 1.0, -1, 3),
+    "extra_lora": ("str", None, None, None),
+    "extra_lora_scale": ("float", 1.0, -1, 3),
     "output_format": ("str", "png", None, None),
     "output_quality": ("int", 80, 1, 100),
 }
@@ -229,8 +235,13 @@ def test_predict_returns_a_png_of_the_asked_size(predictor, capsys):
     assert "step 2/2  elapsed" in logs
     assert "LPIPS" not in logs
     assert read_parameters(out) | {"model": None} == {
-        # Without an image, none of the image's inputs: a file records what it recorded before.
-        **{k: v for k, v in DEFAULTS.items() if k not in (*OUTPUT_INPUTS, *IMAGE_INPUTS)},
+        # Without an image or a LoRA, none of their inputs: a file records what it recorded
+        # before they were inputs.
+        **{
+            k: v
+            for k, v in DEFAULTS.items()
+            if k not in (*OUTPUT_INPUTS, *IMAGE_INPUTS, *LORA_INPUTS, *LORA_INPUTS.values())
+        },
         "prompt": "a mountain lake",
         "width": 768,
         "sync_threshold": 1,

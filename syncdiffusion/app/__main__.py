@@ -83,9 +83,13 @@ def loader(weights_dir: Path, device: str | None) -> Callable[[str, str | None],
     def load(model: str, controlnet: str | None) -> Any:
         from ..pipeline import SyncDiffusionPipeline
 
-        return SyncDiffusionPipeline.from_pretrained(
+        pipe = SyncDiffusionPipeline.from_pretrained(
             weights_dir, device=device, model=model, controlnet=controlnet
         )
+        # The page names a LoRA of the hub, an https URL or a file of the weights folder's
+        # lora/, never another file of this machine: the app may be served beyond it.
+        pipe.lora_local_files = False
+        return pipe
 
     return load
 

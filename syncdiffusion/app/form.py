@@ -15,10 +15,12 @@ from PIL import Image
 
 from ..core.windows import Geometry
 from ..errors import InputError, shown
+from ..models.lora_files import LORA_FOLDER, cached_loras, folder_loras
 from ..models.weights import CONTROLNET_DIRNAME
 from ..request.condition_image import open_control_image
 from ..request.inputs import (
     IMAGE_INPUTS,
+    LORA_INPUTS,
     OUTPUT_INPUTS,
     REQUIRED,
     Input,
@@ -80,7 +82,16 @@ def describe(spec: Input) -> dict[str, Any]:
             field[bound] = _number_text(getattr(spec, bound))
     if spec.choices:
         field["choices"] = list(spec.choices)
+    if spec.name in LORA_INPUTS:
+        field["picker"] = "lora"  # a text field that suggests `lora_choices`
     return field
+
+
+def lora_choices(weights_dir: Path) -> list[str]:
+    """What a LoRA field suggests: the files a person put in the weights folder's lora/ (named
+    by file name), then the LoRAs downloaded there before (by their source), most recent first."""
+    folder = weights_dir / LORA_FOLDER
+    return [*folder_loras(folder), *(lora.source for lora in cached_loras(folder))]
 
 
 def model_form(sd_dir: Path) -> dict[str, Any]:

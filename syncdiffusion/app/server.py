@@ -47,6 +47,7 @@ from .form import (
     controlnet_folders,
     folder_geometry,
     form_values,
+    lora_choices,
     model_folders,
     model_form,
     output_form,
@@ -115,6 +116,7 @@ class App:
             "controlnets": controlnet_folders(self.weights_dir),
             "output": output_form(),
             "max_upload": MAX_UPLOAD,
+            "loras": lora_choices(self.weights_dir),
         }
 
     def submit(self, body: dict[str, Any]) -> Job:

@@ -30,7 +30,14 @@ from ..request.image_file import (
     save_image,
     whole_file,
 )
-from ..request.inputs import CONTROL_INPUTS, OUTPUT_INPUTS, Input, check_output, panorama_inputs
+from ..request.inputs import (
+    CONTROL_INPUTS,
+    LORA_INPUTS,
+    OUTPUT_INPUTS,
+    Input,
+    check_output,
+    panorama_inputs,
+)
 
 SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"}
 # SD2-base's; those that follow a model's window say so. The image and mask are files.
@@ -183,6 +190,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.saved_model = saved.get("model")
         args.saved_control_image = saved.get("control_image")
         args.saved_images = {name: saved.get(name) for name in IMAGE_FILES}
+        args.saved_loras = {name: saved.get(f"{name}_sha256") for name in LORA_INPUTS}
     if args.prompt is None:
         parser.error("--prompt is required (or --from-png FILE)")
     if args.controlnet is None and args.control_image is not None:
@@ -264,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         names = [*INPUTS, *(CONTROL_NUMBERS if control else ())]
         inputs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         inputs |= _image_inputs(args)
-        pipe.request(**inputs, **control)  # refused before the progress bar starts
+        # Refused before the progress bar starts; a LoRA downloaded, and checked against the
+        # saved panorama's, too.
+        _check_loras(pipe.loras(pipe.request(**inputs, **control)), args)
         with tqdm(unit="step") as bar:
 
             def progress(state: dict) -> None:
@@ -330,6 +340,21 @@ def _image_inputs(args: argparse.Namespace) -> dict:
                 f"({_described(record, 'an image')})"
             )
     return inputs
+
+
+def _check_loras(loras: list, args: argparse.Namespace) -> None:
+    """With --from-png, refuse a LoRA whose file is not the one the saved panorama was made with
+    (a hub repository or URL that now serves another file)."""
+    saved = getattr(args, "saved_loras", {})
+    for lora in loras:
+        made_with = saved.get(lora.name)
+        if made_with and made_with != lora.file.sha256:
+            raise InputError(
+                f"{lora.name} {lora.file.source!r} is not the LoRA {args.from_png} was made with: "
+                f"its file's sha256 is {lora.file.sha256[:16]}..., the saved panorama's "
+                f"{str(made_with)[:16]}...; give --{lora.name.replace('_', '-')} the file it was "
+                "made with"
+            )
 
 
 def _control_inputs(args: argparse.Namespace) -> dict:

@@ -31,10 +31,16 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "K_EULER_ANCESTRAL": ("EulerAncestralDiscreteScheduler", {}),
     "K_EULER": ("EulerDiscreteScheduler", {}),
     "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "LCM": ("LCMScheduler", {}),
 }
 SCHEDULERS = tuple(_SCHEDULERS)
 """The scheduler input's choices, as Replicate's image models (cog-sdxl) name them; DDIM, the
-published one, first."""
+published one, first. LCM is the latent consistency models' sampler, for a model distilled to
+it (an LCM-LoRA: a few steps, little guidance)."""
+
+MAX_STEPS = {"LCM": 50}
+"""The most steps a scheduler takes where it takes fewer than the input's bound: LCM picks its
+steps among the 50 of its distillation schedule (`original_inference_steps`)."""
 
 # The k-diffusion schedulers: their sample is x0 + sigma * noise, which the model sees divided
 # by sqrt(sigma**2 + 1). The others' sample is sqrt(a) * x0 + sqrt(1 - a) * noise.
@@ -137,14 +143,28 @@ def clean_latent(
 
     DDIM's own step gives it (`pred_original_sample`); the others' comes from their noise level
     and the model's prediction type, as their steps compute it (Euler's and Heun's
-    `pred_original_sample`, DPM-Solver's `convert_model_output`). The step's numbers are read
-    here, once, so that applying it reads nothing back from the device.
+    `pred_original_sample`, DPM-Solver's `convert_model_output`, LCM's `denoised`). The step's
+    numbers are read here, once, so that applying it reads nothing back from the device.
     """
     if per_view(scheduler):
         timestep = int(scheduler.timesteps[k])
         return lambda x, output: scheduler.step(output, timestep, x).pred_original_sample
     a, s = noise_level(scheduler, k)
     kind = scheduler.config.prediction_type
+    if _kind(scheduler) == "LCMScheduler":
+        # LCM's `denoised`: its consistency function's boundary condition mixes the sample into
+        # the clean latent, c_skip * x + c_out * x0 (c_skip is below 1e-7 but at the last
+        # timesteps).
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(
+            int(scheduler.timesteps[k])
+        )
+        x0 = _x0(kind, a, s)
+        return lambda x, output: c_out * x0(x, output) + c_skip * x
+    return _x0(kind, a, s)
+
+
+def _x0(kind: str, a: float, s: float) -> X0:
+    """The clean latent of a sample `a * x0 + s * noise` and a model output of `kind`."""
     if kind == "epsilon":
         return lambda x, output: (x - s * output) / a
     if kind == "v_prediction":

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..core.schedulers import SCHEDULERS, network_calls
+from ..core.schedulers import MAX_STEPS, SCHEDULERS, network_calls
 from ..core.sync_schedule import steps_run, synced_steps
 from ..core.windows import SD2_BASE, Geometry
 from ..errors import InputError, shown
@@ -38,6 +38,7 @@ REQUIRED: Any = _Required()
 """The default of an input that has none: the request must give it."""
 
 MAX_TEXT_LENGTH = 10_000  # characters of a prompt; the text encoder reads its first 77 tokens
+MAX_SOURCE_LENGTH = 2_000  # characters of a LoRA's hub id, URL or file name
 MAX_SIDE = 4096
 
 
@@ -90,8 +91,8 @@ class Input:
 
     def accepts(self, value: Any) -> bool:
         """Whether `value` is one this input takes (an int is a float; a bool is neither)."""
-        if self.type is Image.Image and value is None:
-            return self.default is None  # an optional image not given
+        if value is None:
+            return self.default is None  # an optional image or LoRA not given
         if self.type in (bool, Image.Image):
             return isinstance(value, self.type)
         if self.type is str:
@@ -304,10 +305,46 @@ _PANORAMA_INPUTS = (
         ge=0,
         le=1,
     ),
+    # cog-flux's LoRA inputs, with its bounds of the scales.
+    Input(
+        "lora_weights",
+        str,
+        "A LoRA: a Hugging Face repo (owner/name, optionally /file.safetensors) or an https URL "
+        "of a .safetensors file.",
+        default=None,
+        max_length=MAX_SOURCE_LENGTH,
+    ),
+    Input(
+        "lora_scale",
+        float,
+        "How strongly lora_weights is applied: 0 leaves the model as it is, 1 is as trained.",
+        default=1.0,
+        ge=-1,
+        le=3,
+    ),
+    Input(
+        "extra_lora",
+        str,
+        "A second LoRA, given as lora_weights is, applied together with it.",
+        default=None,
+        max_length=MAX_SOURCE_LENGTH,
+    ),
+    Input(
+        "extra_lora_scale",
+        float,
+        "How strongly extra_lora is applied.",
+        default=1.0,
+        ge=-1,
+        le=3,
+    ),
 )
 IMAGE_INPUTS = ("image", "mask", "prompt_strength")
 """The inputs of a panorama that starts from an image (`init_image`); without `image` they
 change nothing and files do not record them."""
+
+LORA_INPUTS = {"lora_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
+"""Each LoRA input and its scale (`models.lora`); without the LoRA its scale changes nothing
+and files record neither."""
 
 OUTPUT_INPUTS = {
     spec.name: spec
@@ -450,7 +487,11 @@ def panorama_request(
     missing = [name for name, spec in described.items() if spec.required and name not in inputs]
     _refuse([f"{name} is required" for name in missing])
     request = {name: inputs.get(name, spec.default) for name, spec in described.items()}
+    for name in LORA_INPUTS:
+        if request[name] == "":  # a form's empty field: no LoRA
+            request[name] = None
     _refuse([spec.problem(request[name]) for name, spec in described.items()])
+    _refuse([steps_problem(request)])
     if control:
         _refuse([_control_problem(request)])
         _size_from_condition(request, geometry)
@@ -518,6 +559,18 @@ def _mask_problem(mask: Image.Image) -> str | None:
             "so nothing would be made; paint white what to make anew"
         )
     return None
+
+
+def steps_problem(request: Mapping[str, Any]) -> str | None:
+    """Why the scheduler cannot take the request's steps (LCM takes at most 50), or None."""
+    scheduler, steps = request["scheduler"], request["num_inference_steps"]
+    most = MAX_STEPS.get(scheduler)
+    if most is None or steps <= most:
+        return None
+    return (
+        f"num_inference_steps must be at most {most} with scheduler {scheduler} (it picks its "
+        f"steps among the {most} of its distillation); got {shown(steps)}"
+    )
 
 
 def _control_problem(request: Mapping[str, Any]) -> str | None:

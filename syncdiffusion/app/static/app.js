@@ -27,6 +27,10 @@ function fieldFor(spec) {
   } else if (spec.kind === "image") {
     control = el("input", { type: "file", id, accept: "image/png,image/jpeg,image/webp" });
     control.onchange = () => ($("note-" + spec.name).textContent = "");
+  } else if (spec.picker === "lora") {
+    // A hub repository, an https URL, or one of the LoRAs of the weights folder's lora/.
+    control = el("input", { type: "text", id, value: spec.default ?? "", autocomplete: "off" });
+    control.setAttribute("list", "lora-choices");
   } else if (spec.kind === "str") {
     control = el("textarea", { id, rows: spec.required ? 3 : 2, value: spec.default ?? "" });
   } else {
@@ -240,6 +244,8 @@ function remember(result, saved) {
 
 async function start() {
   described = await (await fetch("/api/models")).json();
+  document.body.append(el("datalist", { id: "lora-choices" },
+    described.loras.map((name) => el("option", { value: name }))));
   const select = $("model");
   // A folder still downloading (or broken) is shown, but cannot be picked.
   select.replaceChildren(...described.models.map((m) =>
