@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -506,8 +507,9 @@ class SyncDiffusionPipeline:
                 found.append(read_lora(file, name, request[scale_name], self.family, networks))
         return found
 
-    def _fused(self, loras: list[Lora]):
-        """`lora.fused` on this model's networks: the LoRAs in them for the duration."""
+    def fused_loras(self, loras: list[Lora]) -> AbstractContextManager[None]:
+        """`loras` (`loras()`) fused into this model's networks for the duration, the base
+        weights back to the bit afterwards (`lora.fused`)."""
         components = {
             "unet": self.unet,
             "vae": self.vae,
@@ -564,7 +566,7 @@ class SyncDiffusionPipeline:
 
         # 2. The LoRAs, fetched and held to the model before any work, fused for this panorama.
         loras = self.loras(request)
-        with self._fused(loras):
+        with self.fused_loras(loras):
             made = self._panorama(request, view_batch_size, recompute, output_type, callback)
         if output_type == "latent":
             return made

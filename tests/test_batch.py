@@ -16,6 +16,7 @@ from syncdiffusion.batch.__main__ import main
 from syncdiffusion.batch.jobs import expand_grid, job_key, parse_seeds, parse_setting, read_jobs
 from syncdiffusion.errors import InputError
 from syncdiffusion.request.image_file import read_parameters
+from syncdiffusion.testing.lora import make_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny and quick: one window, one step, one synced step.
@@ -290,3 +291,22 @@ def test_out_that_cannot_be_written_is_refused_in_one_line(tmp_path, capsys):
     assert err.startswith("error: --out /sys cannot be made or written (PermissionError: ")
     assert err.endswith(": give a folder for the files and index (made if missing)\n")
     assert err.count("\n") == 1
+
+
+def test_jobs_with_loras_and_a_bad_one_recorded(pipe, tiny_weights, tmp_path):
+    lora = make_lora({"unet": pipe.unet}, tmp_path / "style.safetensors")
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl",
+        [
+            {"prompt": "a lake", **SMALL, "lora_weights": str(lora), "lora_scale": 0.5},
+            {"prompt": "a lake", **SMALL, "lora_weights": str(tmp_path / "absent.safetensors")},
+        ],
+    )
+    out = tmp_path / "out"
+    code, stderr = finish(batch(str(jobs), "--out", str(out), "--weights", str(tiny_weights)))
+    assert code == 1, stderr
+    made, refused = index(out)
+    saved = read_parameters(out / made["file"])
+    assert (saved["lora_weights"], saved["lora_scale"]) == (str(lora), 0.5)
+    assert refused["error"].startswith("line 2: InputError: lora_weights "), refused
+    assert "no such file" in refused["error"]

@@ -15,6 +15,7 @@ from PIL import Image, ImageFile, PngImagePlugin
 
 from syncdiffusion.cli.generate import SyncDiffusionPipeline, main
 from syncdiffusion.request.image_file import PARAMETERS_KEY, read_parameters, save_image
+from syncdiffusion.testing.lora import make_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -359,3 +360,32 @@ def test_a_scheduler_outside_the_list_is_refused_naming_it(tiny_weights, capsys)
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert "scheduler must be one of DDIM, DPMSolverMultistep" in error and "got 'Euler'" in error
+
+
+def test_a_lora_file_is_an_option_and_from_png_holds_it_to_its_hash(
+    pipe, tiny_weights, tmp_path, capsys
+):
+    lora = make_lora({"unet": pipe.unet}, tmp_path / "style.safetensors", seed=7)
+    common = ["--weights", str(tiny_weights)]
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    made = ["--prompt", "a cove", "--width", "576", "--num-inference-steps", "1"]
+    made += ["--sync-threshold", "0", "--lora-weights", str(lora), "--lora-scale", "0.5"]
+    assert main([*made, "--output", str(first), *common]) == 0
+    saved = read_parameters(first)
+    assert (saved["lora_weights"], saved["lora_scale"]) == (str(lora), 0.5)
+    assert main(["--from-png", str(first), "--output", str(again), *common]) == 0
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
+    # The file at that path is another LoRA now: refused, naming both hashes, before any work.
+    make_lora({"unet": pipe.unet}, lora, seed=8)
+    capsys.readouterr()
+    assert main(["--from-png", str(first), "--output", str(again), *common]) == 2
+    error = capsys.readouterr().err
+    assert f"lora_weights {str(lora)!r} is not the LoRA {first} was made with" in error
+
+
+def test_a_lora_that_is_no_file_or_hub_id_is_refused_naming_it(tiny_weights, capsys):
+    argv = ["--prompt", "a cove", "--extra-lora", "no such file", "--weights", str(tiny_weights)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: extra_lora 'no such file' must be an https:// URL"), error

@@ -208,3 +208,25 @@ def test_a_local_file_is_refused_where_the_server_says_so(pipe, loras):
             pipe(**UNSYNCED, lora_weights=str(loras["diffusers"]))
     finally:
         pipe.lora_local_files = True
+
+
+def test_in_fp16_a_fused_layer_is_w_plus_scale_b_a_rounded_and_comes_back(tiny_weights, loras):
+    half = SyncDiffusionPipeline.from_pretrained(tiny_weights, device="cpu", dtype=torch.float16)
+    before = _state(half)
+    request = half.request(prompt="a bay", lora_weights=str(loras["diffusers"]), lora_scale=3)
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    from safetensors.torch import load_file
+
+    held = load_file(loras["diffusers"])
+    down, up = held[f"unet.{layer}.lora_A.weight"], held[f"unet.{layer}.lora_B.weight"]
+    with half.fused_loras(half.loras(request)):
+        during = _state(half)
+        fused = during[f"unet.{layer}.weight"]
+    assert fused.dtype == torch.float16
+    assert all(t.dtype == before[name].dtype for name, t in during.items())
+    # Rank 4 and no alpha (alpha = rank): W + 3 * B @ A, in fp32, rounded to fp16.
+    expected = before[f"unet.{layer}.weight"].float() + 3 * up @ down
+    torch.testing.assert_close(fused.float(), expected, atol=2e-3, rtol=2e-3)
+    assert all(t.isfinite().all() for t in during.values())
+    after = _state(half)
+    assert all(torch.equal(after[name], before[name]) for name in before)
