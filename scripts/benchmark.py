@@ -5,6 +5,7 @@
     python scripts/benchmark.py --arch sdxl          # SDXL base's architecture, random weights
     python scripts/benchmark.py --controlnet         # with a ControlNet and a condition image
     python scripts/benchmark.py --schedulers         # DDIM 50 steps against DPM++ 2M Karras 25
+    python scripts/benchmark.py --lora               # no LoRA, one, two: a step's cost fused
 
 Runs the oracle and the fast path (with each `recompute` mode: auto, always, never) on the same
 inputs and seed in one process, alternating, counts one synced step's tensor peak of each, then
@@ -16,7 +17,9 @@ With `--controlnet` both run with a ControlNet (the tiny one, or random weights 
 architecture's own shape) and a random edge map, the oracle being the authors' SyncControlNet.
 With `--schedulers` the fast path alone runs with DDIM at 50 steps and DPM++ 2M Karras at 25
 (`--steps` and `--sync-threshold` left out: 3 synced), and the table gives each one's seconds
-and the windows its UNet predicted for.
+and the windows its UNet predicted for. With `--lora` the fast path alone runs without a LoRA,
+with one and with two (random, rank 16 on every attention projection), and the table splits
+each panorama's seconds into the LoRAs' fetching, fusing and restoring, and the steps.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from syncdiffusion import __version__
 from syncdiffusion.testing.bench import (
+    LORA_RANK,
     SCHEDULER_ROWS,
     against_oracle,
     edge_map,
     fast_dtype,
+    loras,
     pipelines,
     schedulers,
     sweep,
@@ -85,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the fast path with DDIM at 50 steps (or --steps) against KarrasDPM at half as many "
         "(sync threshold 3)",
     )
+    parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="only the fast path, without a LoRA, with one and with two (random, rank 16)",
+    )
     parser.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-record", action="store_true")
     return parser
@@ -113,6 +124,8 @@ def main() -> None:
     )
     if args.schedulers:
         return compare_schedulers(args, device, inputs)
+    if args.lora:
+        return compare_loras(args, device, inputs)
     pipes = pipelines(args.arch, device, args.controlnet)
     if args.controlnet:
         inputs["control_image"] = edge_map(width, height, args.seed)
@@ -179,6 +192,35 @@ def compare_schedulers(args: argparse.Namespace, device: torch.device, inputs: d
             *table(
                 "| scheduler | steps | synced | window evaluations | seconds | speed-up "
                 "| peak memory |",
+                rows,
+            ),
+            "",
+        ]
+    )
+    publish(report, None if args.no_record else args.record)
+
+
+def compare_loras(args: argparse.Namespace, device: torch.device, inputs: dict) -> None:
+    """The fast path without a LoRA, with one and with two, recorded as its own entry."""
+    pipes = pipelines(args.arch, device)
+    with tempfile.TemporaryDirectory() as folder:
+        rows = loras(pipes.fast, inputs, device, Path(folder), args.repeats)
+    size = f"{inputs['width']}x{inputs['height']}"
+    report = "\n".join(
+        [
+            f"### {datetime.date.today().isoformat()} · {args.arch} · {device.type} · LoRAs",
+            "",
+            f"- Machine: {machine(device)}",
+            f"- Settings: arch {args.arch}, {device.type} "
+            f"fp{torch.finfo(fast_dtype(device)).bits}, {size}, stride {inputs['stride']}, "
+            f"{inputs['num_inference_steps']} steps, sync_threshold {inputs['sync_threshold']}, "
+            f"sync_weight {args.sync_weight:g}, seed {args.seed}, random LoRAs of rank "
+            f"{LORA_RANK}, best of {args.repeats}; syncdiffusion {__version__}",
+            "- Command: `python scripts/benchmark.py " + " ".join(sys.argv[1:]) + "`",
+            "",
+            *table(
+                "| LoRAs | seconds | of which fetch, fuse, restore | seconds per step "
+                "| per step against none | peak memory |",
                 rows,
             ),
             "",

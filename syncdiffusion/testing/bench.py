@@ -3,8 +3,8 @@
 `pipelines` loads the fast pipeline and the oracle's for an architecture (the oracle runs the
 published algorithm, or the authors' SyncControlNet with a ControlNet); `against_oracle` runs
 both on the same inputs, alternating; `sweep` times the fast path alone at several widths;
-`schedulers` times it with DDIM against DPM++ 2M Karras at half the steps; `table` writes the
-rows as BENCHMARKS.md keeps them.
+`schedulers` times it with DDIM against DPM++ 2M Karras at half the steps; `loras` without a
+LoRA, with one and with two; `table` writes the rows as BENCHMARKS.md keeps them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from PIL import Image
 from ..core.chunks import peak_live_bytes
 from ..models.tiny import make_tiny_controlnet, make_tiny_weights, random_controlnet
 from ..pipeline import SyncDiffusionPipeline
+from .lora import make_lora
 from .measure import sd2_pipeline, sdxl_pipeline, timed
 from .oracle import oracle_panorama
 from .oracle_controlnet import oracle_sync_controlnet
@@ -239,6 +240,64 @@ def schedulers(
         rows.append(
             f"| {name} | {steps} | {request['sync_threshold']} | {evaluations.count} "
             f"| {seconds:.2f} | {first[0] / seconds:.2f}x | {gib(peak)} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+# A LoRA of the common shape: rank 16 on every attention projection of the UNet and the text
+# encoders (`testing.lora`); `loras` times the model without one, with one and with two.
+LORA_RANK = 16
+
+
+def loras(
+    fast: SyncDiffusionPipeline,
+    inputs: dict[str, Any],
+    device: torch.device,
+    folder: Path,
+    repeats: int = 1,
+) -> list[str]:
+    """Rows for the fast path without a LoRA, with one and with two (random, rank `LORA_RANK`,
+    written to `folder`): the whole panorama's seconds (best of `repeats`), the part of it that
+    fetched, fused and afterwards restored the LoRAs, the rest per step, and peak memory."""
+    networks = {"unet": fast.unet}
+    networks.update(zip(fast.family.text_encoders, fast.text_encoders(), strict=True))
+    files = [
+        make_lora(networks, folder / f"lora{i}.safetensors", rank=LORA_RANK, seed=i)
+        for i in (1, 2)
+    ]
+    runs = {
+        "none": {},
+        "one LoRA": {"lora_weights": str(files[0])},
+        "two LoRAs": {"lora_weights": str(files[0]), "extra_lora": str(files[1])},
+    }
+    steps = inputs["num_inference_steps"]
+    fast(**inputs, output_type="latent")  # the first call's memory probes, not timed
+    totals: dict[str, list[float]] = {label: [] for label in runs}
+    fusing: dict[str, list[float]] = {label: [] for label in runs}
+    peaks: dict[str, int] = {}
+    for _ in range(repeats):  # alternating, so a busy spell of the machine hits all three
+        for label, given in runs.items():
+            request = {**inputs, **given}
+            checked = fast.request(**request)
+
+            def fuse_only(checked: dict[str, Any] = checked) -> None:
+                with fast.fused_loras(fast.loras(checked)):
+                    pass
+
+            fusing[label].append(timed(fuse_only, device)[1] if given else 0.0)
+            _, seconds, peaks[label] = timed(
+                lambda r=request: fast(**r, output_type="latent"), device
+            )
+            totals[label].append(seconds)
+    rows, base = [], None
+    for label in runs:
+        total, fused = min(totals[label]), min(fusing[label])
+        per_step = (total - fused) / steps
+        base = base or per_step
+        rows.append(
+            f"| {label} | {total:.2f} | {fused:.2f} | {per_step:.3f} | {per_step / base:.3f} "
+            f"| {gib(peaks[label])} |"
         )
         print(rows[-1], flush=True)
     return rows
