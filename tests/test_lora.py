@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 
 from syncdiffusion import InputError, SyncDiffusionPipeline
 from syncdiffusion.request.image_file import read_parameters, save_image
@@ -167,17 +168,35 @@ def sdxl(family_weights):
     )
 
 
-def test_an_sdxl_lora_with_both_text_encoders(sdxl, tmp_path):
+def test_an_sdxl_lora_fused_is_diffusers_adapters_unfused(sdxl, tmp_path):
+    # diffusers has no SDXL panorama pipeline: the reference is this sampler on the same
+    # networks with diffusers' adapters loaded (`load_lora_weights`, `set_adapters`), not fused.
     path = make_lora(_networks(sdxl), tmp_path / "xl.safetensors", seed=4, layout="kohya")
     side = sdxl.window_pixels
     inputs = dict(prompt="a bay", width=2 * side, height=side, num_inference_steps=2, seed=1)
-    inputs |= dict(sync_threshold=1, output_type="latent")
+    inputs |= dict(sync_weight=0, stride=8)
     before = _state(sdxl)
     plain = sdxl(**inputs)
-    styled = sdxl(**inputs, lora_weights=str(path))
-    assert styled.shape == plain.shape and not torch.equal(styled, plain)
+    ours = sdxl(**inputs, lora_weights=str(path), lora_scale=0.7)
     after = _state(sdxl)
     assert all(torch.equal(after[name], before[name]) for name in before)
+    adapters = StableDiffusionXLPipeline(
+        vae=sdxl.vae,
+        text_encoder=sdxl.text_encoder,
+        text_encoder_2=sdxl.text_encoder_2,
+        tokenizer=sdxl.tokenizer,
+        tokenizer_2=sdxl.tokenizer_2,
+        unet=sdxl.unet,
+        scheduler=sdxl.new_scheduler(),
+    )
+    adapters.load_lora_weights(str(path), adapter_name="xl")
+    try:
+        adapters.set_adapters(["xl"], [0.7])
+        theirs = sdxl(**inputs)
+    finally:
+        adapters.unload_lora_weights()
+    assert _differs(ours, theirs) <= 2
+    assert _differs(ours, plain) > 20
 
 
 def test_a_lora_of_another_family_is_refused_naming_it(pipe, sdxl, tmp_path):

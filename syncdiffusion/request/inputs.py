@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -490,6 +491,8 @@ def panorama_request(
     for name in LORA_INPUTS:
         if request[name] == "":  # a form's empty field: no LoRA
             request[name] = None
+        elif isinstance(request[name], os.PathLike):  # a local file, from Python
+            request[name] = os.fspath(request[name])
     _refuse([spec.problem(request[name]) for name, spec in described.items()])
     _refuse([steps_problem(request)])
     if control:
