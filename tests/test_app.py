@@ -36,7 +36,7 @@ from syncdiffusion.errors import InputError
 from syncdiffusion.models.lora_files import LORA_FOLDER
 from syncdiffusion.models.weights import CONTROLNET_DIRNAME
 from syncdiffusion.request.image_file import read_parameters
-from syncdiffusion.request.inputs import IMAGE_INPUTS, panorama_inputs, panorama_request
+from syncdiffusion.request.inputs import panorama_inputs, panorama_request
 from syncdiffusion.testing.lora import make_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,20 +172,20 @@ def test_the_form_is_the_library_description_of_the_inputs(fake_app):
     assert described["default_model"] == MODEL
     fields = {f["name"]: f for f in described["models"][0]["inputs"]}
     inputs = panorama_inputs(Geometry(window=64))  # the tiny model's window: SD2-base's
-    # Every input but the image in, whose uploads the page does not have yet.
-    inputs = {name: spec for name, spec in inputs.items() if name not in IMAGE_INPUTS}
-    assert list(fields) == list(inputs)
+    assert list(fields) == list(inputs)  # the image in and its mask included, as uploads
     for name, spec in inputs.items():
         field = fields[name]
         assert field["help"] == spec.help and field["allowed"] == spec.allowed()
         assert field["required"] == spec.required
         if not spec.required:
-            expected = spec.default if spec.type in (bool, str) else str(spec.default)
+            kept = (bool, str, Image.Image)  # as they are; numbers as text
+            expected = spec.default if spec.type in kept else str(spec.default)
             assert field["default"] == expected, name
         for bound in ("ge", "le", "multiple_of"):
             if getattr(spec, bound) is not None:
                 assert field[bound] == str(getattr(spec, bound)), (name, bound)
     assert fields["seed"]["le"] == str(2**64 - 1)  # exact: as text, not a JavaScript number
+    assert fields["image"]["kind"] == fields["mask"]["kind"] == "image"
     assert [f["name"] for f in described["output"]] == ["output_format", "output_quality"]
 
 
@@ -383,10 +383,9 @@ def test_with_a_controlnet_the_form_has_the_control_inputs(real_app):
     assert described["controlnets"] == [MISFIT, CONTROLNET]
     model = described["models"][0]
     fields = {f["name"]: f for f in model["control_inputs"]}
-    # Every input but the image in, whose uploads the page does not have yet.
+    # Every input, the images as uploads.
     for form, control in ((list(fields), True), ([f["name"] for f in model["inputs"]], False)):
-        described = panorama_inputs(Geometry(window=64), control=control)
-        assert form == [name for name in described if name not in IMAGE_INPUTS]
+        assert form == list(panorama_inputs(Geometry(window=64), control=control))
     assert fields["control_image"]["kind"] == "image" and fields["control_image"]["required"]
     assert fields["width"]["default"] == fields["height"]["default"] == "0"
     assert "0 (the control image's)" in fields["width"]["allowed"]
@@ -445,6 +444,35 @@ def test_a_job_with_a_lora_of_the_weights_folder_and_one_refused(real_app):
     failed = events(real_app, json.loads(answer)["job"])[-1]
     assert failed["state"] == "error"
     assert failed["message"].startswith("lora_weights '/etc/passwd' must be an https:// URL")
+
+
+def test_a_job_from_an_uploaded_photo_and_mask_and_a_bad_mask_refused(real_app):
+    photo = Image.new("RGB", (320, 256), (40, 90, 160))
+    mask = Image.new("L", (640, 512), 0)
+    ImageDraw.Draw(mask).rectangle((320, 0, 639, 511), fill=255)
+    form = {"prompt": "a lake", "width": "640", "num_inference_steps": "2", "sync_threshold": "1"}
+    form |= {"image": upload(png(photo), "photo.png"), "mask": upload(png(mask), "mask.png")}
+    form |= {"prompt_strength": "1"}
+    status, answer = call(real_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})
+    assert status == 200, answer
+    done = events(real_app, json.loads(answer)["job"])[-1]
+    assert done["state"] == "done", done
+    token = done["file"].split("/")[-1]
+    saved = read_parameters(real_app.app.jobs.made[token].path)
+    assert saved["image"] == image_record(photo)
+    assert saved["mask"] == image_record(mask.convert("RGB"))
+    again = json.loads(call(real_app, "GET", f"/api/parameters/{token}")[1])
+    assert again["images"] == {"image": saved["image"], "mask": saved["mask"]}
+    assert "image" not in again["fields"] and again["fields"]["prompt_strength"] == "1.0"
+    # A mask of colours is refused by name, beside its field, before the job waits in line.
+    colours = Image.new("RGB", (640, 512), (255, 0, 0))
+    form["mask"] = upload(png(colours), "red.png")
+    status, answer = call(real_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})
+    assert status == 400, answer
+    assert json.loads(answer)["error"].startswith("mask must be one channel")
+    form["image"] = upload(b"GIF89a" + b"\0" * 40, "photo.gif")
+    status, answer = call(real_app, "POST", "/api/jobs", {"model": MODEL, "inputs": form})
+    assert json.loads(answer)["fields"]["image"].startswith("image "), answer
 
 
 def test_a_bad_upload_gets_its_message_and_the_app_stays_up(real_app):
@@ -651,6 +679,24 @@ def test_in_a_browser_a_controlnet_shows_its_inputs_and_takes_an_upload(page, tm
     assert page.input_value("#in-controlnet_conditioning_scale") == "1.5"
     assert "Upload the condition image again" in page.text_content("#note-control_image")
     page.select_option("#controlnet", "")
+
+
+def test_in_a_browser_a_photo_is_extended_and_asked_for_again(page, tmp_path):
+    Image.new("RGB", (256, 256), (200, 120, 40)).save(tmp_path / "photo.png")
+    page.set_input_files("#in-image", str(tmp_path / "photo.png"))
+    fill(page, prompt="a desert", width="768", height="512", num_inference_steps="1")
+    fill(page, sync_threshold="0", prompt_strength="1")
+    made = page.locator("#history li").count()
+    page.click("#run")
+    from playwright.sync_api import expect
+
+    expect(page.locator("#history li")).to_have_count(made + 1, timeout=120_000)
+    status(page, r"^Done in ")
+    assert page.text_content("#result-text").startswith("768x512, ")
+    assert "image" in page.text_content("#history li >> nth=0 >> dl")
+    page.set_input_files("#in-image", [])
+    page.click("#history li >> nth=0 >> button.use")
+    assert "Upload the image again: that run's was 256x256" in page.text_content("#note-image")
 
 
 # --- what a hostile page or a careless user sends ------------------------------------------

@@ -310,3 +310,25 @@ def test_jobs_with_loras_and_a_bad_one_recorded(pipe, tiny_weights, tmp_path):
     assert (saved["lora_weights"], saved["lora_scale"]) == (str(lora), 0.5)
     assert refused["error"].startswith("line 2: InputError: lora_weights "), refused
     assert "no such file" in refused["error"]
+
+
+def test_jobs_from_image_files_by_path_and_a_missing_one_recorded(tiny_weights, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (256, 256), (30, 120, 60)).save(tmp_path / "photos" / "field.png")
+    jobs = write_lines(
+        tmp_path / "jobs.jsonl",
+        [
+            {"prompt": "a field", **SMALL, "width": 768, "image": "photos/field.png"}
+            | {"prompt_strength": 1},  # from noise around the photo: one step runs
+            {"prompt": "a field", **SMALL, "image": "photos/absent.png"},
+        ],
+    )
+    out = tmp_path / "out"
+    code, stderr = finish(batch(str(jobs), "--out", str(out), "--weights", str(tiny_weights)))
+    assert code == 1, stderr
+    made, refused = index(out)
+    saved = read_parameters(out / made["file"])
+    assert (saved["image"]["width"], saved["image"]["height"]) == (256, 256)
+    assert refused["error"].startswith("line 2: image "), refused

@@ -270,3 +270,39 @@ def test_broken_weights_fail_setup_with_one_clear_message(tiny_weights, tmp_path
     assert str(weights) in logs and named in logs
     assert "python scripts/download_weights.py" in logs
     assert "Traceback" not in logs and "Traceback" not in server.logs()
+
+
+def _data_url(image: Image.Image | bytes, mime: str = "image/png") -> str:
+    import base64
+    import io
+
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        image = buffer.getvalue()
+    return f"data:{mime};base64,{base64.b64encode(image).decode()}"
+
+
+def test_a_photo_in_and_every_bad_image_or_mask_fails_by_name(server):
+    photo = Image.new("RGB", (256, 256), (60, 110, 170))
+    made = server.predict({**SMALL, "image": _data_url(photo), "prompt_strength": 1.0})
+    assert made["status"] == "succeeded", made
+    assert "placed in the middle" in made["logs"]  # an outpainting: another shape than 768x512
+    saved_path = Path(server.workdir) / "made.png"
+    saved_path.write_bytes(decode_image(made["output"]))
+    assert read_parameters(saved_path)["image"]["width"] == 256
+    colours = Image.new("RGB", (768, 512), (255, 0, 0))
+    bad = [
+        ({"image": _data_url(b"not an image", "text/plain")}, "image must be", "not an image"),
+        ({"image": _data_url(photo.convert("RGBA"))}, "image must be", "alpha channel"),
+        ({"mask": _data_url(Image.new("L", (768, 512)))}, "mask needs image", ""),
+        ({"image": _data_url(photo), "mask": _data_url(colours)}, "mask must be one channel", ""),
+        ({"image": _data_url(photo), "prompt_strength": 0.1}, "prompt_strength 0.1", "runs no"),
+    ]
+    for change, message, detail in bad:
+        result = server.predict({**SMALL, **change})
+        assert result["status"] == "failed", change.keys()
+        assert message in result["error"] and detail in result["error"], result["error"]
+        assert "Traceback" not in result["error"]
+    assert server.settled_status() == "READY"
+    assert server.predict(SMALL)["status"] == "succeeded"

@@ -17,9 +17,8 @@ from ..core.windows import Geometry
 from ..errors import InputError, shown
 from ..models.lora_files import LORA_FOLDER, cached_loras, folder_loras
 from ..models.weights import CONTROLNET_DIRNAME
-from ..request.condition_image import open_control_image
+from ..request.condition_image import open_image
 from ..request.inputs import (
-    IMAGE_INPUTS,
     LORA_INPUTS,
     OUTPUT_INPUTS,
     REQUIRED,
@@ -31,8 +30,9 @@ from ..request.inputs import (
 from ..request.presets import model_defaults
 
 MAX_UPLOAD = 32 << 20
-"""The largest condition image file the app takes, in bytes: an edge map or a QR code is a few
-hundred kilobytes, a large phone photo some ten megabytes."""
+"""The largest image file the app takes, in bytes (a condition image, an image to start from, a
+mask): an edge map or a QR code is a few hundred kilobytes, a large phone photo some ten
+megabytes."""
 _UPLOAD_FILES = "a PNG, JPEG or WebP file"
 
 
@@ -100,9 +100,7 @@ def model_form(sd_dir: Path) -> dict[str, Any]:
     geometry, defaults = folder_geometry(sd_dir), model_defaults(sd_dir)
 
     def fields(control: bool) -> list[dict[str, Any]]:
-        # Not yet the image in (`IMAGE_INPUTS`): the page has no upload for it.
-        described = panorama_inputs(geometry, control, defaults).values()
-        return [describe(spec) for spec in described if spec.name not in IMAGE_INPUTS]
+        return [describe(spec) for spec in panorama_inputs(geometry, control, defaults).values()]
 
     return {"name": sd_dir.name, "inputs": fields(False), "control_inputs": fields(True)}
 
@@ -125,32 +123,33 @@ def field_value(spec: Input, value: Any) -> Any:
         return value
 
 
-def read_upload(upload: Any) -> Image.Image:
-    """The condition image of an uploaded file, `{"name": its name, "data": its bytes in
-    base64}`, opened and checked by `open_control_image`; `InputError` naming control_image."""
+def read_upload(upload: Any, input_name: str = "control_image") -> Image.Image:
+    """The image of input `input_name` in an uploaded file, `{"name": its name, "data": its bytes
+    in base64}`, opened and checked by `condition_image.open_image`; `InputError` naming the
+    input."""
     if upload is None:
-        raise InputError(f"control_image is required: upload the condition image, {_UPLOAD_FILES}")
+        raise InputError(f"{input_name} is required: upload the condition image, {_UPLOAD_FILES}")
     if not isinstance(upload, dict) or not isinstance(upload.get("data"), str):
         raise InputError(
-            f"control_image must be an uploaded file, {{name, data (base64)}}; got {shown(upload)}"
+            f"{input_name} must be an uploaded file, {{name, data (base64)}}; got {shown(upload)}"
         )
     name = upload.get("name") if isinstance(upload.get("name"), str) else "the upload"
     # A file's base64 is 4/3 of its size: the text alone tells when the file is too large.
     if len(upload["data"]) > (MAX_UPLOAD + 2) // 3 * 4:
         raise InputError(
-            f"control_image must be {_UPLOAD_FILES} of at most {MAX_UPLOAD >> 20} MiB; got "
+            f"{input_name} must be {_UPLOAD_FILES} of at most {MAX_UPLOAD >> 20} MiB; got "
             f"{shown(name)} of {len(upload['data']) * 3 / 4 / 2**20:.0f} MiB"
         )
     try:
         data = base64.b64decode(upload["data"], validate=True)
     except (binascii.Error, ValueError):
         raise InputError(
-            f"control_image must be {_UPLOAD_FILES} in base64; got {shown(name)}, whose data is "
+            f"{input_name} must be {_UPLOAD_FILES} in base64; got {shown(name)}, whose data is "
             "not base64"
         ) from None
     file = io.BytesIO(data)
-    file.name = name  # what open_control_image's refusals call it
-    return open_control_image(file)
+    file.name = name  # what open_image's refusals call it
+    return open_image(file, input_name)
 
 
 def read_form(
@@ -176,13 +175,15 @@ def read_form(
         name: field_value(spec, fields.get(name, spec.default))
         for name, spec in OUTPUT_INPUTS.items()
     }
-    upload_problem = None
-    if control:
+    upload_problems = {}
+    for name in [name for name, spec in described.items() if spec.type is Image.Image]:
+        if fields.get(name) is None and not described[name].required:
+            continue  # an optional image not given
         try:
-            inputs["control_image"] = read_upload(fields.get("control_image"))
+            inputs[name] = read_upload(fields.get(name), name)
         except InputError as error:
-            upload_problem = str(error)
-            inputs.pop("control_image", None)
+            upload_problems[name] = str(error)
+            inputs.pop(name, None)
     given = {**inputs, **output}
     problems = {
         name: problem
@@ -190,9 +191,9 @@ def read_form(
         if name in given and (problem := spec.problem(given[name])) is not None
     }
     messages, request = [], {}
-    if upload_problem is not None:
-        # No request without its image: the other fields are checked one by one.
-        problems = {"control_image": upload_problem, **problems}
+    if upload_problems:
+        # No request without its images: the other fields are checked one by one.
+        problems = {**upload_problems, **problems}
         messages.append("; ".join(problems[name] for name in problems if name in described))
     else:
         try:

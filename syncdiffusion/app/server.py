@@ -333,7 +333,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _parameters(self, made: Made) -> None:
         """A made file's inputs read back as `--from-png` reads them, as the form's fields; its
-        ControlNet, and its condition image's record (size and SHA-256), where it had one."""
+        ControlNet, and its condition image's record (size and SHA-256), where it had one; the
+        records of the image it started from and of its mask, where it had them."""
         try:
             saved = read_parameters(made.path)
         except (OSError, ValueError):  # deleted, or another file put in its place
@@ -344,6 +345,12 @@ class Handler(BaseHTTPRequestHandler):
                 "fields": form_values(saved),
                 "controlnet": saved.get("controlnet"),
                 "control_image": saved.get("control_image"),
+                # The image it started from and its mask, by record, where it had them.
+                "images": {
+                    name: saved[name]
+                    for name in ("image", "mask")
+                    if isinstance(saved.get(name), dict)
+                },
             },
         )
 

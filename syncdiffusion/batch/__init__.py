@@ -6,9 +6,11 @@
     torchrun --nproc_per_node N -m syncdiffusion.batch ...
 
 JOBS is JSON Lines: one request a line, its inputs by name (`inputs.panorama_inputs`); the
-model's defaults fill in the rest. Each job's file is named by a short hash of its resolved
-request and the model (`job_key`), so a rerun of the same command finds what is done and makes
-only the rest. A file is written under a temporary name in DIR and renamed when whole, so a run
+model's defaults fill in the rest. An `image` and its `mask` are files by path (relative to
+JOBS's folder), and a LoRA a hub id, an https URL or a file. Each job's file is named by a short
+hash of its resolved request (an image by its pixels' hash; a LoRA by its source, so a LoRA file
+changed in place is not seen as a new job) and the model (`job_key`), so a rerun of the same
+command finds what is done and makes only the rest. A file is written under a temporary name in DIR and renamed when whole, so a run
 killed at any moment never leaves a half-written file under a job's name. Each process appends
 to its own index part (DIR/.index/); the main process merges them into DIR/index.jsonl, one
 line per job in JOBS order: its file and seconds, or its error. A bad line is that job's error

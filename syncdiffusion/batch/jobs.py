@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from ..core.control import image_record
 from ..errors import InputError, one_line
+from ..request.condition_image import open_image
 from ..request.image_file import whole_file
 from ..request.inputs import panorama_inputs
 
@@ -32,6 +36,7 @@ class Job:
     key: str | None = None
     request: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    folder: Path | None = None  # JOBS's: an image's relative path is from there
 
 
 def read_jobs(path: Path) -> list[Job]:
@@ -64,28 +69,48 @@ def read_jobs(path: Path) -> list[Job]:
                     Job(number, {}, error=f"line {number} must be a JSON object; got {kind}")
                 )
                 continue
-            jobs.append(Job(number, inputs))
+            jobs.append(Job(number, inputs, folder=Path(path).parent))
     return jobs
 
 
 def job_key(request: dict[str, Any], model: str) -> str:
-    """The name of a job's file, without suffix: a short hash of every input and the model."""
-    text = json.dumps({**request, "model": model}, sort_keys=True, ensure_ascii=False)
+    """The name of a job's file, without suffix: a short hash of every input (an image by its
+    pixels' hash and size) and the model."""
+    inputs = {
+        name: image_record(value) if isinstance(value, Image.Image) else value
+        for name, value in request.items()
+    }
+    text = json.dumps({**inputs, "model": model}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def resolve(jobs: list[Job], pipe: Any, model: str) -> None:
-    """Give each job its full request on `pipe`'s model and its key, or the refusal."""
+    """Give each job its full request on `pipe`'s model and its key, or the refusal. An image
+    to start from and its mask are files, by path (relative: to the JOBS file's folder), opened
+    and checked as the command line's `--image` and `--mask`."""
     for job in jobs:
         if job.error is not None:
             continue
         try:
-            job.request = pipe.request(**job.inputs)
+            inputs = dict(job.inputs)
+            for name in IMAGE_FILES:
+                if isinstance(inputs.get(name), str):
+                    inputs[name] = open_image(_image_path(job, inputs[name]), name)
+            job.request = pipe.request(**inputs)
             job.key = job_key(job.request, model)
         except InputError as error:
             job.error = f"line {job.line}: {error}"
         except Exception as error:  # recorded as the line's; the other jobs still run
             job.error = f"line {job.line}: {one_line(error)}"
+
+
+# The inputs a job gives as image files, by path.
+IMAGE_FILES = ("image", "mask")
+
+
+def _image_path(job: Job, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() or job.folder is None else job.folder / path
 
 
 # --- the grid form ---------------------------------------------------------------------------

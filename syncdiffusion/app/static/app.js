@@ -115,14 +115,17 @@ async function run(event) {
   for (const spec of [...current.inputs, ...described.output]) {
     if (spec.kind !== "image") inputs[spec.name] = valueOf(spec.name);
   }
-  const file = $("in-control_image")?.files[0];
-  if (file && file.size > described.max_upload) {
-    const problem = `control_image must be a PNG, JPEG or WebP file of at most `
-      + `${described.max_upload / 2 ** 20} MiB; got '${file.name}' of `
-      + `${Math.round(file.size / 2 ** 20)} MiB`;
-    return showErrors({ error: problem, fields: { control_image: problem } });
+  // Each image field's file (the condition image, an image to start from, its mask) as base64.
+  for (const spec of current.inputs.filter((s) => s.kind === "image")) {
+    const file = $("in-" + spec.name).files[0];
+    if (file && file.size > described.max_upload) {
+      const problem = `${spec.name} must be a PNG, JPEG or WebP file of at most `
+        + `${described.max_upload / 2 ** 20} MiB; got '${file.name}' of `
+        + `${Math.round(file.size / 2 ** 20)} MiB`;
+      return showErrors({ error: problem, fields: { [spec.name]: problem } });
+    }
+    if (file) inputs[spec.name] = { name: file.name, data: await base64(file) };
   }
-  if (file) inputs.control_image = { name: file.name, data: await base64(file) };
   const body = {
     model: $("model").value,
     controlnet: $("controlnet").value || null,
@@ -209,16 +212,19 @@ async function show(result) {
   remember(result, await (await fetch(`/api/parameters/${token}`)).json());
 }
 
-// A run in the history: its inputs, and a button that puts them back in the form. The condition
-// image cannot be put back (a page may not fill a file input): the file keeps only its record.
+// A run in the history: its inputs, and a button that puts them back in the form. An image
+// cannot be put back (a page may not fill a file input): the file keeps only its record.
 function remember(result, saved) {
   const shown = { ...saved.fields };
+  const record = (image) => `${image.width}x${image.height}, SHA-256 ${image.sha256.slice(0, 12)}…`;
   let layout = null;
   if (saved.controlnet) {
-    const image = saved.control_image;
-    layout = `${image.width}x${image.height}, SHA-256 ${image.sha256.slice(0, 12)}…`;
+    layout = record(saved.control_image);
     Object.assign(shown, { controlnet: saved.controlnet, control_image: layout });
   }
+  const images = Object.fromEntries(Object.entries(saved.images || {})
+    .filter(([, image]) => image).map(([name, image]) => [name, record(image)]));
+  Object.assign(shown, images);
   const rows = Object.entries(shown).flatMap(([name, value]) =>
     [el("dt", { textContent: name }), el("dd", { textContent: String(value) })]);
   const use = el("button", { type: "button", className: "use", textContent: "Use these settings" });
@@ -229,6 +235,9 @@ function remember(result, saved) {
     drawForm();
     for (const [name, value] of Object.entries(saved.fields)) setValue(name, value);
     $("seed-random").checked = false;
+    for (const [name, text] of Object.entries(images)) {
+      $("note-" + name).textContent = `Upload the ${name} again: that run's was ${text}.`;
+    }
     if (layout && known) {
       $("note-control_image").textContent =
         `Upload the condition image again: that run's was ${layout}.`;
