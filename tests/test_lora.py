@@ -75,7 +75,10 @@ def test_unsynced_a_lora_panorama_is_diffusers_after_load_lora_weights(
     assert _differs(ours, plain) > 20  # the LoRA moves the picture
 
 
-def test_two_loras_at_their_scales_are_diffusers_two_adapters(pipe, multidiffusion, loras):
+def test_two_loras_at_their_scales_are_diffusers_two_adapters(
+    pipe, multidiffusion, loras, capfd
+):
+    capfd.readouterr()
     ours = pipe(
         **UNSYNCED,
         lora_weights=str(loras["diffusers"]),
@@ -83,6 +86,8 @@ def test_two_loras_at_their_scales_are_diffusers_two_adapters(pipe, multidiffusi
         extra_lora=str(loras["second"]),
         extra_lora_scale=-0.8,
     )
+    logged = capfd.readouterr()
+    assert "LOAD REPORT" not in logged.err + logged.out and "peft_config" not in logged.err
     theirs = _theirs(
         pipe, multidiffusion, {"a": (loras["diffusers"], 0.6), "b": (loras["second"], -0.8)}
     )

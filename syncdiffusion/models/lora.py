@@ -23,7 +23,7 @@ import torch
 from ..errors import InputError, one_line, shown
 from .family import Family
 from .lora_files import LoraFile
-from .quiet import no_progress_bars
+from .quiet import no_adapter_reports
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def fused(
     names = [lora.name for lora in loras]
     touched = sorted({c for lora in loras for c in lora.targets})
     try:
-        with no_progress_bars():
+        with no_adapter_reports():
             for lora in loras:
                 pipeline.load_lora_weights(dict(lora.state_dict), adapter_name=lora.name)
             pipeline.set_adapters(names, [lora.scale for lora in loras])
