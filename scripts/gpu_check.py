@@ -7,14 +7,14 @@ Before anything runs it prints each selected section's estimated seconds on an H
 from the work its settings ask for; where the total is over `--budget` (8 minutes, so that the
 whole check fits a 10-minute slot on a borrowed GPU) the heaviest sections run fewer unsynced
 steps, and where that is not enough the check refuses to start (exit 2). Optional sections
-(`budget.DROPPABLE`: schedulers) are left out first where the whole does not fit; `--only` runs
-them all the same. Then it measures the sections (syncdiffusion/testing/gpu/sections.py says
-what each measures: the published algorithm and the authors' SyncControlNet against the fast
-path, repeatability, the fp16 sync gradient, the memory estimate, out-of-memory, a huge
-panorama under a 24 GiB cap, DDIM at 50 steps against KarrasDPM at 25, SDXL), each once, each
-even where an earlier one failed (its error goes into the report); `--only SECTION` reruns
-one. Then `pytest -m gpu` (tests/test_gpu.py) tests the claims on those figures, in
-this process, without measuring again.
+(`budget.DROPPABLE`: schedulers, lora) are left out first where the whole does not fit; `--only`
+runs them all the same. Then it measures the sections (syncdiffusion/testing/gpu/sections.py
+says what each measures: the published algorithm and the authors' SyncControlNet against the
+fast path, repeatability, the fp16 sync gradient, the memory estimate, out-of-memory, a huge
+panorama under a 24 GiB cap, DDIM at 50 steps against KarrasDPM at 25, a step with LoRAs fused
+against one without, SDXL), each once, each even where an earlier one failed (its error goes
+into the report); `--only SECTION` reruns one. Then `pytest -m gpu` (tests/test_gpu.py) tests
+the claims on those figures, in this process, without measuring again.
 
 Writes DIR/gpu-check.md (the report that goes into BENCHMARKS.md) and DIR/gpu-check.json (its
 figures) after every section, with its wall time beside its estimate and each run's loss-scale

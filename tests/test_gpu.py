@@ -34,6 +34,7 @@ BOUNDS = {
         cosine=0.99,
         memory_factor=2.0,  # measured peak over the estimate, either way
         free_gib_drift=1.0,  # free memory after running out against before
+        lora_step_ratio=0.1,  # a step with LoRAs fused against one without, either way
     ),
 }
 
@@ -155,6 +156,27 @@ def test_karras_dpm_at_half_ddims_steps_makes_about_half_its_window_evaluations_
     # much of both runs) the wall time is not a comparison.
     if figures["device"] == "cuda":
         assert karras["seconds"] < ddim["seconds"], (karras["seconds"], ddim["seconds"])
+
+
+@gpu("lora")
+def test_with_loras_fused_a_step_costs_what_it_costs_without(figures, bounds):
+    none, *fused = figures["runs"]
+    assert [run["loras"] for run in figures["runs"]] == ["none", "one LoRA", "two LoRAs"]
+    assert none["per_step_ratio"] == 1 and all(run["fuse_seconds"] > 0 for run in fused)
+    # On the CPU (the smoke run, two cores shared with other work, a few steps) the wall time
+    # is not a comparison.
+    if figures["device"] == "cuda":
+        ratios = [run["per_step_ratio"] for run in fused]
+        assert all(abs(ratio - 1) <= bounds["lora_step_ratio"] for ratio in ratios), ratios
+
+
+@gpu("lora")
+def test_loras_change_the_picture_stay_finite_and_leave_the_base_weights_to_the_bit(figures):
+    none, *fused = figures["runs"]
+    assert all(run["latents_finite"] for run in figures["runs"])
+    assert none["max_latent_diff_to_none"] == 0
+    assert all(run["max_latent_diff_to_none"] > 0 for run in fused), fused  # fused, not left out
+    assert figures["base_bit_identical"] and figures["base_tensors"] > 0
 
 
 @gpu("sdxl")

@@ -37,6 +37,7 @@ FIGURE = {
     "out-of-memory": "chunks_under_cap",
     "huge": "latents_finite",
     "schedulers": "evaluations_ratio",
+    "lora": "per_step_ratio",
     "sdxl": "latents_finite",
 }
 
@@ -202,18 +203,21 @@ def test_the_gpu_run_is_estimated_within_8_minutes_and_each_section_from_its_wor
     assert budget.BUDGET_SECONDS == 480
     assert budget.total_seconds(works) <= 480
     assert budget.fit(settings, CORE, False, 480) == (settings, {})
-    # The schedulers section does not fit beside them: left out, and nothing else shrinks.
+    # The schedulers and lora sections do not fit beside them: left out, the last named first,
+    # and nothing else shrinks.
+    assert budget.DROPPABLE == ("schedulers", "lora")
     plan = budget.plan(settings, SECTIONS, False, 480)
-    assert (plan.dropped, plan.shrinks, plan.wanted) == (["schedulers"], [], set(CORE))
+    assert (plan.dropped, plan.shrinks, plan.wanted) == (["lora", "schedulers"], [], set(CORE))
     assert plan.settings == settings and plan.works == works
     everything = budget.estimate(settings, SECTIONS, smoke=False)
     assert list(everything) == ["loading", *SECTIONS]
     roomy = budget.plan(settings, SECTIONS, False, budget.total_seconds(everything))
     assert (roomy.dropped, roomy.shrinks, roomy.wanted) == ([], [], set(SECTIONS))
-    # Asked for by name (no droppable sections), it runs alone within the budget.
-    alone = budget.plan(settings, ["schedulers"], False, 480, droppable=())
-    assert list(alone.works) == ["loading", "schedulers"] and alone.dropped == []
-    assert budget.total_seconds(alone.works) <= 480
+    # Asked for by name (no droppable sections), each runs alone within the budget.
+    for name in budget.DROPPABLE:
+        alone = budget.plan(settings, [name], False, 480, droppable=())
+        assert list(alone.works) == ["loading", name] and alone.dropped == []
+        assert budget.total_seconds(alone.works) <= 480
     # Its runs at 2048x512, stride 16: 13 windows, DDIM's 50 network calls a window against
     # KarrasDPM's 25 (`cost.work` reads the request's scheduler), 3 synced steps each.
     ddim, karras = (
@@ -224,6 +228,20 @@ def test_the_gpu_run_is_estimated_within_8_minutes_and_each_section_from_its_wor
     assert (ddim.window_steps, karras.window_steps) == (13 * 50, 13 * 25)
     assert ddim.synced_window_steps == karras.synced_window_steps == 12 * 3
     assert everything["schedulers"].window_steps == 13 * 75 + 2 * 2  # and a 2-window warm-up each
+    # lora's at 1024x512, stride 16: 5 windows, 20 steps, 2 synced, latents only, an untimed
+    # call and then 2 repeats of 3 (none, one LoRA, two); beside them the LoRA fusings: one
+    # untimed, then in each repeat each LoRA of a row twice (timed alone, and in its call).
+    assert settings["lora"] == dict(
+        width=1024, height=512, stride=16, num_inference_steps=20, sync_threshold=2
+    )
+    assert settings["lora_repeats"] == 2
+    runs = 1 + 3 * 2
+    lora = budget.panorama_work(settings["lora"], decoded=False)
+    assert lora[:3] == (5 * 20, 4 * 2, 2)  # the anchor decoded at each synced step
+    fusings = 1 + 2 * (2 * 1 + 2 * 2)
+    assert everything["lora"][:3] == (runs * 100, runs * 8, runs * 2)
+    seconds = runs * lora.seconds + fusings * budget.LORA_FUSE_SECONDS
+    assert everything["lora"].seconds == pytest.approx(seconds)
     # published at 2048x512: 13 windows, 50 steps, 5 synced; the oracle takes the anchor's
     # gradient too and runs its UNet twice, both paths decode the anchor per synced step.
     one = settings["published"]
@@ -259,23 +277,37 @@ def test_over_budget_the_dearest_sections_lose_unsynced_steps_or_the_check_refus
     plan = budget.plan(settings, SECTIONS, False, 450)
     assert plan.settings == fitted
     assert plan.shrinks == [f"sdxl: {fitted['sdxl']['num_inference_steps']} steps rather than 50"]
-    assert plan.dropped == ["schedulers"]  # left out before anything shrinks
+    assert plan.dropped == ["lora", "schedulers"]  # left out before anything shrinks
 
     ran = _record_sections(gpu_check, monkeypatch)
-    # Just short of room for the schedulers section: it is left out, unless asked for by name.
     smoke = SETTINGS["smoke"]
-    core = budget.total_seconds(budget.estimate(smoke, CORE, smoke=True))
-    everything = budget.total_seconds(budget.estimate(smoke, SECTIONS, smoke=True))
-    between = f"{(core + everything) / 2:.3f}"
-    assert core < float(between) < everything
+
+    def smoke_seconds(wanted) -> float:
+        return budget.total_seconds(budget.estimate(smoke, wanted, smoke=True))
+
+    core, everything = smoke_seconds(CORE), smoke_seconds(SECTIONS)
+    with_schedulers = smoke_seconds([*CORE, "schedulers"])
+    # Just short of room for the lora section: it alone is left out.
+    between = f"{(with_schedulers + everything) / 2:.3f}"
+    assert with_schedulers < float(between) < everything
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget", between]) == 0
+    assert ran == [name for name in SECTIONS if name != "lora"]
+    assert "Left out to fit the budget: lora (run with --only)" in capsys.readouterr().out
+    assert "left out: lora (run with --only)" in (tmp_path / "gpu-check.md").read_text()
+    # Just short of room for the schedulers section: both are left out, unless asked for by name.
+    ran.clear()
+    between = f"{(core + with_schedulers) / 2:.3f}"
+    assert core < float(between) < with_schedulers
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget", between]) == 0
     assert ran == CORE
-    assert "Left out to fit the budget: schedulers (run with --only)" in capsys.readouterr().out
-    assert "left out: schedulers" in (tmp_path / "gpu-check.md").read_text()
-    ran.clear()
-    argv = ["--smoke", "--out", str(tmp_path), "--budget", between, "--only", "schedulers"]
-    assert gpu_check.main(argv) == 0 and ran == ["schedulers"]
-    assert "Left out" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Left out to fit the budget: lora, schedulers (run with --only)" in out
+    assert "left out: lora, schedulers" in (tmp_path / "gpu-check.md").read_text()
+    for name in budget.DROPPABLE:
+        ran.clear()
+        argv = ["--smoke", "--out", str(tmp_path), "--budget", between, "--only", name]
+        assert gpu_check.main(argv) == 0 and ran == [name]
+        assert "Left out" not in capsys.readouterr().out
 
     ran.clear()
     tmp_path = tmp_path / "refused"

@@ -4,14 +4,15 @@
 published algorithm, or the authors' SyncControlNet with a ControlNet); `against_oracle` runs
 both on the same inputs, alternating; `sweep` times the fast path alone at several widths;
 `schedulers` times it with DDIM against DPM++ 2M Karras at half the steps; `loras` without a
-LoRA, with one and with two; `table` writes the rows as BENCHMARKS.md keeps them.
+LoRA, with one and with two (its figures: `lora_runs`); `table` writes the rows as BENCHMARKS.md
+keeps them.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -248,6 +249,70 @@ def schedulers(
 # A LoRA of the common shape: rank 16 on every attention projection of the UNet and the text
 # encoders (`testing.lora`); `loras` times the model without one, with one and with two.
 LORA_RANK = 16
+LORA_ROWS = ("none", "one LoRA", "two LoRAs")
+
+
+def lora_runs(
+    fast: SyncDiffusionPipeline,
+    inputs: dict[str, Any],
+    device: torch.device,
+    folder: Path,
+    repeats: int = 1,
+    callbacks: Mapping[str, Callable[[dict[str, Any]], None]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The fast path without a LoRA, with one and with two (random, rank `LORA_RANK`, written
+    to `folder`), latents only, alternating `repeats` times after an untimed call and an untimed
+    fusing: for each row of `LORA_ROWS`, the whole panorama's `seconds` (best of `repeats`),
+    `fuse_seconds`, the part of it that fetched, fused and afterwards restored the LoRAs (timed
+    alone, best of `repeats`), the rest per step (`seconds_per_step`) and against none's
+    (`per_step_ratio`), `peak_bytes`, and the last run's `latent`. `callbacks` gives a row's
+    runs their pipeline callback, by row."""
+    networks = {"unet": fast.unet}
+    networks.update(zip(fast.family.text_encoders, fast.text_encoders(), strict=True))
+    files = [
+        make_lora(networks, folder / f"lora{i}.safetensors", rank=LORA_RANK, seed=i) for i in (1, 2)
+    ]
+    one = {"lora_weights": str(files[0])}
+    runs = dict(zip(LORA_ROWS, ({}, one, {**one, "extra_lora": str(files[1])}), strict=True))
+    callbacks = callbacks or {}
+    steps = inputs["num_inference_steps"]
+    # The first call's memory probes and the first fusing's imports (diffusers' and peft's
+    # loaders), not timed.
+    fast(**inputs, output_type="latent")
+    with fast.fused_loras(fast.loras(fast.request(**inputs, **one))):
+        pass
+    totals: dict[str, list[float]] = {label: [] for label in runs}
+    fusing: dict[str, list[float]] = {label: [] for label in runs}
+    peaks: dict[str, int] = {}
+    latents: dict[str, torch.Tensor] = {}
+    for _ in range(repeats):  # alternating, so a busy spell of the machine hits all three
+        for label, given in runs.items():
+            request = {**inputs, **given, "callback": callbacks.get(label)}
+            checked = fast.request(**inputs, **given)
+
+            def fuse_only(checked: dict[str, Any] = checked) -> None:
+                with fast.fused_loras(fast.loras(checked)):
+                    pass
+
+            fusing[label].append(timed(fuse_only, device)[1] if given else 0.0)
+            latents[label], seconds, peaks[label] = timed(
+                lambda r=request: fast(**r, output_type="latent"), device
+            )
+            totals[label].append(seconds)
+    figures, base = {}, None
+    for label in runs:
+        total, fused = min(totals[label]), min(fusing[label])
+        per_step = (total - fused) / steps
+        base = base or per_step
+        figures[label] = {
+            "seconds": total,
+            "fuse_seconds": fused,
+            "seconds_per_step": per_step,
+            "per_step_ratio": per_step / base,
+            "peak_bytes": peaks[label],
+            "latent": latents[label],
+        }
+    return figures
 
 
 def loras(
@@ -257,47 +322,15 @@ def loras(
     folder: Path,
     repeats: int = 1,
 ) -> list[str]:
-    """Rows for the fast path without a LoRA, with one and with two (random, rank `LORA_RANK`,
-    written to `folder`): the whole panorama's seconds (best of `repeats`), the part of it that
-    fetched, fused and afterwards restored the LoRAs, the rest per step, and peak memory."""
-    networks = {"unet": fast.unet}
-    networks.update(zip(fast.family.text_encoders, fast.text_encoders(), strict=True))
-    files = [
-        make_lora(networks, folder / f"lora{i}.safetensors", rank=LORA_RANK, seed=i)
-        for i in (1, 2)
-    ]
-    runs = {
-        "none": {},
-        "one LoRA": {"lora_weights": str(files[0])},
-        "two LoRAs": {"lora_weights": str(files[0]), "extra_lora": str(files[1])},
-    }
-    steps = inputs["num_inference_steps"]
-    fast(**inputs, output_type="latent")  # the first call's memory probes, not timed
-    totals: dict[str, list[float]] = {label: [] for label in runs}
-    fusing: dict[str, list[float]] = {label: [] for label in runs}
-    peaks: dict[str, int] = {}
-    for _ in range(repeats):  # alternating, so a busy spell of the machine hits all three
-        for label, given in runs.items():
-            request = {**inputs, **given}
-            checked = fast.request(**request)
-
-            def fuse_only(checked: dict[str, Any] = checked) -> None:
-                with fast.fused_loras(fast.loras(checked)):
-                    pass
-
-            fusing[label].append(timed(fuse_only, device)[1] if given else 0.0)
-            _, seconds, peaks[label] = timed(
-                lambda r=request: fast(**r, output_type="latent"), device
-            )
-            totals[label].append(seconds)
-    rows, base = [], None
-    for label in runs:
-        total, fused = min(totals[label]), min(fusing[label])
-        per_step = (total - fused) / steps
-        base = base or per_step
+    """Rows for the fast path without a LoRA, with one and with two (`lora_runs`): the whole
+    panorama's seconds, the part of it that fetched, fused and afterwards restored the LoRAs,
+    the rest per step and against none, and peak memory."""
+    rows = []
+    for label, run in lora_runs(fast, inputs, device, folder, repeats).items():
         rows.append(
-            f"| {label} | {total:.2f} | {fused:.2f} | {per_step:.3f} | {per_step / base:.3f} "
-            f"| {gib(peaks[label])} |"
+            f"| {label} | {run['seconds']:.2f} | {run['fuse_seconds']:.2f} "
+            f"| {run['seconds_per_step']:.3f} | {run['per_step_ratio']:.3f} "
+            f"| {gib(run['peak_bytes'])} |"
         )
         print(rows[-1], flush=True)
     return rows

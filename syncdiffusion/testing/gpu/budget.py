@@ -23,8 +23,9 @@ SHRINKABLE = ("published", "repeatable", "sdxl")
 # The sections left out, last first, where the whole check is over the budget before any
 # shrinking (`plan`), unless asked for by name (--only): what they measure would be spoiled by
 # fewer steps, and the others come first. The schedulers section (DDIM 50 against KarrasDPM 25,
-# about 50 s by the estimate) does not fit beside the rest in 8 minutes.
-DROPPABLE = ("schedulers",)
+# about 50 s by the estimate) does not fit beside the rest in 8 minutes, nor does the lora section
+# (no LoRA, one and two, twice, about 55 s), which goes first.
+DROPPABLE = ("schedulers", "lora")
 
 # What each unit of work takes on an H100-class GPU in fp16. ESTIMATES, not measurements:
 # nothing here has run on a GPU yet. The report puts each section's measured wall time beside
@@ -51,6 +52,11 @@ FP32_SLOWDOWN = 8.0
 FP32_VAE_SLOWDOWN = 2.0
 # A ControlNet runs a copy of the UNet's down and middle blocks beside it: about half a UNet.
 CONTROLNET_SLOWDOWN = 1.5
+# One LoRA of SD2-base's attention projections (rank 16) fetched, checked, loaded by diffusers,
+# fused, and its 220 layers' base weights copied back. On two shared CPU cores in fp32 this took
+# 8 s, three quarters of it peft's 220 merges (B @ A, added to W) and the copies, which a GPU
+# makes in milliseconds; the rest, peft putting its layers in and taking them out, is Python.
+LORA_FUSE_SECONDS = 1.5
 # Building a random-weight architecture on the GPU, with the tiny model's tokenizers.
 LOAD_SECONDS = {"sd2": 10.0, "sdxl": 20.0}
 # 8 minutes: the whole check fits a 10-minute slot on a borrowed GPU, with room to spare.
@@ -130,6 +136,11 @@ def section_work(name: str, settings: dict[str, Any], smoke: bool) -> Work:
         # only. `cost.work` counts each scheduler's network evaluations a step.
         warm_ups, runs = scheduler_requests(settings["schedulers"], settings["scheduler_runs"])
         return sum((panorama_work(r, decoded=False) for r in (*warm_ups, *runs)), Work())
+    if name == "lora":  # an untimed call and fusing, then each repeat: the panorama without a
+        # LoRA, and with one and with two, each LoRA fused twice (timed alone, and in the call).
+        inputs, repeats = settings["lora"], settings["lora_repeats"]
+        runs = sum([panorama_work(inputs, decoded=False)] * (1 + 3 * repeats), Work())
+        return runs + Work(seconds=(1 + 6 * repeats) * LORA_FUSE_SECONDS)
     if name == "sdxl":
         sdxl = panorama_work(settings["sdxl"], sdxl_geometry(smoke), vae_slowdown=FP32_VAE_SLOWDOWN)
         return sdxl + Work(seconds=LOAD_SECONDS["sdxl"])

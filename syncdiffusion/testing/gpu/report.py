@@ -161,6 +161,34 @@ def schedulers(f: dict) -> list[str]:
     ]
 
 
+def lora(f: dict) -> list[str]:
+    """scripts/benchmark.py --lora's table (`bench.loras`), with each run's finite latents, its
+    latent's largest difference to none's and its loss-scale back-offs."""
+    inputs = f["inputs"]
+    rows = [
+        f"| {r['loras']} | {r['seconds']:.2f} | {r['fuse_seconds']:.2f} | "
+        f"{r['seconds_per_step']:.3f} | {r['per_step_ratio']:.3f} | {r['peak_gib']:.2f} GiB | "
+        f"{r['latents_finite']} | {r['max_latent_diff_to_none']:.3g} | "
+        f"{r['loss_scale_back_offs']} |"
+        for r in f["runs"]
+    ]
+    return [
+        f"{inputs['width']}x{inputs['height']}, stride {inputs['stride']}, {f['windows']} "
+        f"windows, {inputs['num_inference_steps']} steps, sync_threshold "
+        f"{inputs['sync_threshold']}, the fast path ({f['fast_dtype']}), latents only, random "
+        f"LoRAs of rank {f['lora_rank']} on every attention projection, best of {f['repeats']}: "
+        f"with two LoRAs fused a step takes {f['per_step_ratio']:.3f} of a step without. Every "
+        f"UNet and text-encoder tensor afterwards its value before, to the bit: "
+        f"{f['base_bit_identical']} ({f['base_tensors']} tensors).",
+        "",
+        "| LoRAs | seconds | of which fetch, fuse, restore | seconds per step "
+        "| per step against none | peak memory | latents finite | max latent diff to none "
+        "| loss-scale back-offs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+
+
 def sdxl(f: dict) -> list[str]:
     inputs = f["inputs"]
     return [
@@ -182,6 +210,7 @@ DESCRIBE = {
     "out-of-memory": out_of_memory,
     "huge": huge,
     "schedulers": schedulers,
+    "lora": lora,
     "sdxl": sdxl,
 }
 

@@ -19,8 +19,15 @@ pipelines they run on) to their figures, and `measure`, which runs the chosen on
    against KarrasDPM (DPM++ 2M Karras) at 25, 2048x512, stride 16, sync_threshold 3 for both,
    latents only: seconds, the windows the UNet predicted for, the speed-up, peak memory. Left
    out where it does not fit the budget (`budget.DROPPABLE`), unless asked for with --only.
-9. sdxl: SDXL base's architecture (random weights, fp16, its VAE upcast), 4096x1024, 50
-   steps, sync_threshold 5, stride 32: seconds and peak memory.
+9. lora: scripts/benchmark.py --lora's rows: the fast path without a LoRA, with one random LoRA
+   of rank 16 on every attention projection of the UNet and the text encoders, and with two,
+   1024x512, 20 steps, sync_threshold 2, latents only, best of 2: seconds, the part that
+   fetched, fused and restored the LoRAs, seconds per step and against none, peak memory;
+   whether every UNet and text-encoder tensor is afterwards its value before to the bit, and
+   whether the LoRAs' latents are finite and differ from none's. Left out where it does not fit
+   the budget, as schedulers is.
+10. sdxl: SDXL base's architecture (random weights, fp16, its VAE upcast), 4096x1024, 50
+    steps, sync_threshold 5, stride 32: seconds and peak memory.
 
 Every section's figures say the device they ran on and the windows' loss-scale back-offs (sync
 backward passes redone at a lower fp16 loss scale) of each run, and those of a panorama what
@@ -50,7 +57,7 @@ from ...core.sampling import guided_eps, x0_predictor
 from ...core.sync import lpips_features, sync_gradient
 from ...models.tiny import TINY_MODELS, make_tiny_weights, random_controlnet
 from ...pipeline import SyncDiffusionPipeline
-from ..bench import SCHEDULER_ROWS, WindowEvaluations
+from ..bench import LORA_RANK, LORA_ROWS, SCHEDULER_ROWS, WindowEvaluations, lora_runs
 from ..measure import memory_cap, sd2_pipeline, sdxl_pipeline, timed, window_cost
 from ..oracle import oracle_panorama
 from ..oracle_controlnet import oracle_sync_controlnet
@@ -66,6 +73,7 @@ SECTIONS = (
     "out-of-memory",
     "huge",
     "schedulers",
+    "lora",
     "sdxl",
 )
 # Sizes and steps per mode: the GPU check's own, and the CPU smoke run's (same code, minutes).
@@ -80,6 +88,8 @@ SETTINGS = {
         "controlnet": dict(width=1024, height=512, num_inference_steps=6, sync_threshold=3),
         "schedulers": dict(width=2048, height=512, stride=16, sync_threshold=3),
         "scheduler_runs": SCHEDULER_ROWS,  # (scheduler, steps): DDIM 50, KarrasDPM 25
+        "lora": dict(width=1024, height=512, stride=16, num_inference_steps=20, sync_threshold=2),
+        "lora_repeats": 2,  # best of 2: a step's cost is held to within 10% of none's
     },
     "smoke": {
         "published": dict(width=640, height=512, num_inference_steps=2, sync_threshold=1),
@@ -91,6 +101,9 @@ SETTINGS = {
         "controlnet": dict(width=640, height=512, num_inference_steps=2, sync_threshold=1),
         "schedulers": dict(width=640, height=512, stride=16, sync_threshold=1),
         "scheduler_runs": (("DDIM", 8), ("KarrasDPM", 4)),
+        # No synced step: the sync step is most of a CPU run's time, and no LoRA claim is on it.
+        "lora": dict(width=640, height=512, stride=16, num_inference_steps=4, sync_threshold=0),
+        "lora_repeats": 1,
     },
 }
 
@@ -157,6 +170,8 @@ def measure(
         if "schedulers" in wanted:
             args = fast, settings["schedulers"], settings["scheduler_runs"], device
             yield run("schedulers", schedulers, *args)
+        if "lora" in wanted:
+            yield run("lora", lora, fast, settings["lora"], settings["lora_repeats"], device)
         del fast
         release_memory()
     if "sdxl" in wanted:
@@ -497,6 +512,73 @@ def schedulers(fast, inputs, runs, device) -> dict:
         "evaluations_ratio": last["evaluations_ratio"],
         # Every run's reasons, each once, in order (the runs' own are in `runs`).
         "sync_backward": list(dict.fromkeys(r for run in measured for r in run["sync_backward"])),
+    }
+
+
+def base_tensors(pipe: SyncDiffusionPipeline) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `pipe`'s UNet and text encoders (parameters and buffers), by name."""
+    networks = {"unet": pipe.unet}
+    networks.update(zip(pipe.family.text_encoders, pipe.text_encoders(), strict=True))
+    for component, network in networks.items():
+        for name, tensor in network.state_dict().items():
+            yield f"{component}.{name}", tensor
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s bytes, so that equal means bit for bit (-0.0 is not 0.0, a NaN is itself)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def lora(fast, inputs, repeats, device) -> dict:
+    """The fast path without a LoRA, with one and with two, as scripts/benchmark.py --lora times
+    it (`bench.lora_runs`: random LoRAs of rank `LORA_RANK` on every attention projection of
+    the UNet and the text encoders, latents only, best of `repeats`): seconds, the part of it
+    that fetched, fused and afterwards restored the LoRAs, the rest per step and against none's,
+    peak memory; each run's steps' latents finite and its latent's largest difference to
+    none's; and whether every UNet and text-encoder tensor is afterwards what it was before,
+    to the bit (kept on the CPU meanwhile)."""
+    # A copy, on the CPU: `.cpu()` of a CPU tensor would be the tensor itself.
+    before = {name: bits(t).to("cpu", copy=True) for name, t in base_tensors(fast)}
+    logs = {label: StepLog() for label in LORA_ROWS}
+    with tempfile.TemporaryDirectory() as folder:
+        measured = lora_runs(
+            fast, {"prompt": PROMPT, **inputs}, device, Path(folder), repeats, logs
+        )
+    after = dict(base_tensors(fast))
+    identical = after.keys() == before.keys() and all(
+        torch.equal(bits(t).cpu(), before[name]) for name, t in after.items()
+    )
+    del before
+    plain = measured[LORA_ROWS[0]]["latent"].float()
+    runs = []
+    for label, run in measured.items():
+        latent, log = run["latent"].float(), logs[label]
+        runs.append(
+            {
+                "loras": label,
+                "seconds": run["seconds"],
+                "fuse_seconds": run["fuse_seconds"],
+                "seconds_per_step": run["seconds_per_step"],
+                "per_step_ratio": run["per_step_ratio"],
+                "peak_gib": run["peak_bytes"] / 2**30,
+                "latents_finite": all(log.finite) and bool(latent.isfinite().all()),
+                "max_latent_diff_to_none": float((latent - plain).abs().max()),
+                "loss_scale_back_offs": log.back_offs,
+                "sync_backward": log.sync_backward,
+            }
+        )
+    return {
+        "inputs": inputs,
+        "windows": len(fast.geometry.windows(fast.request(prompt=PROMPT, **inputs))),
+        "fast_dtype": str(fast.dtype).removeprefix("torch."),
+        "lora_rank": LORA_RANK,
+        "repeats": repeats,
+        "runs": runs,
+        # The two LoRAs' step against none's (each run's is in `runs`).
+        "per_step_ratio": runs[-1]["per_step_ratio"],
+        "base_bit_identical": identical,
+        "base_tensors": len(after),
+        "sync_backward": list(dict.fromkeys(r for run in runs for r in run["sync_backward"])),
     }
 
 
