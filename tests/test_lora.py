@@ -254,3 +254,19 @@ def test_in_fp16_a_fused_layer_is_w_plus_scale_b_a_rounded_and_comes_back(tiny_w
     assert all(t.isfinite().all() for t in during.values())
     after = _state(half)
     assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_a_lora_diffusers_cannot_load_is_refused_by_name_and_changes_nothing(
+    pipe, loras, monkeypatch
+):
+    from diffusers import StableDiffusionPipeline
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError("Target modules {'to_q'} not found in the base model")
+
+    before = _state(pipe)
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", refuse)
+    with pytest.raises(InputError, match=r"^lora_weights .* could not be loaded by diffusers"):
+        pipe(**UNSYNCED, lora_weights=str(loras["diffusers"]))
+    after = _state(pipe)
+    assert all(torch.equal(after[name], before[name]) for name in before)

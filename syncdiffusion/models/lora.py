@@ -207,7 +207,15 @@ def fused(
     try:
         with no_adapter_reports():
             for lora in loras:
-                pipeline.load_lora_weights(dict(lora.state_dict), adapter_name=lora.name)
+                try:
+                    pipeline.load_lora_weights(dict(lora.state_dict), adapter_name=lora.name)
+                except (MemoryError, torch.OutOfMemoryError):
+                    raise
+                except Exception as error:  # a file our check let through, peft did not
+                    raise InputError(
+                        f"{lora.name} {shown(lora.file.source)} could not be loaded by diffusers: "
+                        f"{one_line(error)}"
+                    ) from None
             pipeline.set_adapters(names, [lora.scale for lora in loras])
             pipeline.fuse_lora(components=touched, lora_scale=1.0, adapter_names=names)
             pipeline.unload_lora_weights()  # peft's layers out; what was fused stays
