@@ -237,3 +237,67 @@ def test_from_png_asks_for_the_same_image_and_mask(tiny_weights, tmp_path, capsy
     assert main([*argv, "--image", str(photo)]) == 0
     with Image.open(first) as a, Image.open(again) as b:
         assert a.tobytes() == b.tobytes()
+
+
+def _kept_exactly(pipe, latent, canvas, width, height, seed, columns):
+    """Whether the latent's `columns` are the canvas's own latent, as encoded for that seed."""
+    with torch.no_grad():
+        pixels = image_pixels(canvas, width, height).to(pipe.device, pipe.vae.dtype)
+        encoded = encode(pipe.vae, pixels, torch.Generator().manual_seed(seed))
+    return torch.equal(latent[..., columns], encoded[..., columns].to(latent.dtype))
+
+
+def _photo_columns(pipe, width: int) -> slice:
+    """The latent columns of a photo half a window wide in the middle of a panorama."""
+    f, photo = pipe.vae_scale_factor, pipe.window_pixels // 2
+    start = (width - photo) // 2 // f
+    return slice(start, start + photo // f)
+
+
+def _synced_from_a_photo(pipe, **more):
+    """A synced panorama two windows wide around a photo half a window wide, from noise around
+    it; its latent, the canvas it was made on and its width."""
+    side = pipe.window_pixels
+    width, photo = 2 * side, picture(side // 2, side, seed=3)
+    canvas, _ = outpaint(photo, None, width, side)
+    inputs = dict(prompt="a coast", image=photo, width=width, height=side, prompt_strength=1.0)
+    inputs |= dict(num_inference_steps=2, sync_threshold=1, seed=7, output_type="latent")
+    inputs |= dict(stride=pipe.window // 2)  # three windows
+    reported = []
+    latent = pipe(**inputs, **more, callback=reported.append)
+    assert [state["sync"] for state in reported] == [True, False]
+    return latent, canvas, width
+
+
+def test_a_synced_360_panorama_around_a_photo_keeps_it(pipe):
+    latent, canvas, width = _synced_from_a_photo(pipe, loop_closure=True)
+    middle = _photo_columns(pipe, width)
+    assert _kept_exactly(pipe, latent, canvas, width, pipe.window_pixels, 7, middle)
+    assert latent.isfinite().all()
+    image = pipe.decode(latent, loop_closure=True)
+    assert image.size == (width, pipe.window_pixels)
+
+
+def test_a_synced_sdxl_panorama_around_a_photo_keeps_it(family_weights):
+    from syncdiffusion import SyncDiffusionPipeline
+
+    sdxl = SyncDiffusionPipeline.from_pretrained(family_weights, device="cpu", model="tiny-sdxl")
+    latent, canvas, width = _synced_from_a_photo(sdxl)
+    middle = _photo_columns(sdxl, width)
+    assert _kept_exactly(sdxl, latent, canvas, width, sdxl.window_pixels, 7, middle)
+    assert not _kept_exactly(sdxl, latent, canvas, width, sdxl.window_pixels, 7, slice(0, 4))
+
+
+def test_a_synced_panorama_laid_out_by_a_controlnet_around_a_photo_keeps_it(tiny_weights, tmp_path):
+    from syncdiffusion import SyncDiffusionPipeline
+    from syncdiffusion.models.tiny import make_tiny_controlnet
+
+    make_tiny_controlnet(tiny_weights / "stable-diffusion-2-base", tmp_path / "controlnet" / "cn")
+    for part in tiny_weights.iterdir():
+        if part.name not in ("controlnet", "lora"):
+            (tmp_path / part.name).symlink_to(part)
+    controlled = SyncDiffusionPipeline.from_pretrained(tmp_path, device="cpu", controlnet="cn")
+    edges = Image.fromarray((np.random.default_rng(2).random((512, 1024)) > 0.9) * np.uint8(255))
+    latent, canvas, width = _synced_from_a_photo(controlled, control_image=edges)
+    middle = _photo_columns(controlled, width)
+    assert _kept_exactly(controlled, latent, canvas, width, 512, 7, middle)
