@@ -301,3 +301,25 @@ def test_a_synced_panorama_laid_out_by_a_controlnet_around_a_photo_keeps_it(tiny
     latent, canvas, width = _synced_from_a_photo(controlled, control_image=edges)
     middle = _photo_columns(controlled, width)
     assert _kept_exactly(controlled, latent, canvas, width, 512, 7, middle)
+
+
+def test_a_huge_image_is_encoded_in_tiles_close_to_the_whole(pipe, monkeypatch):
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from syncdiffusion.core import init_image
+    from syncdiffusion.core.init_image import encode_moments_tiled
+
+    pixels = image_pixels(picture(1536, 1024, seed=8), 1536, 1024)  # two tiles, overlapping
+    with torch.no_grad():
+        whole = pipe.vae.encode(pixels).latent_dist.parameters
+        tiled = encode_moments_tiled(pipe.vae, pixels)
+        assert tiled.shape == whole.shape and tiled.isfinite().all()
+        # Each tile's encoder normalises over its own pixels: close to the whole, not equal.
+        mean, tiled_mean = whole[:, :4].flatten(), tiled[:, :4].flatten()
+        assert torch.corrcoef(torch.stack([mean, tiled_mean]))[0, 1] > 0.98
+        assert (mean - tiled_mean).abs().mean() < 0.1 * mean.std()
+        # Above the threshold `encode` takes the tiles, one draw from the generator as before.
+        monkeypatch.setattr(init_image, "TILE_ABOVE_PIXELS", 1024 * 1024)
+        latent = encode(pipe.vae, pixels, torch.Generator().manual_seed(3))
+        expected = DiagonalGaussianDistribution(tiled).sample(torch.Generator().manual_seed(3))
+    assert torch.equal(latent, expected * pipe.vae.config.scaling_factor)

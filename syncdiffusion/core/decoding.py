@@ -74,7 +74,7 @@ def circular_width(vae: AutoencoderKL) -> Iterator[None]:
             del conv._circular_padding
 
 
-def _ramp(length: int, overlap: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
+def ramp(length: int, overlap: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
     """Blend weights along one side of a tile: linear cross-fades over the shared overlaps."""
     weights = torch.ones(length)
     ramp = (torch.arange(overlap) + 0.5) / overlap
@@ -85,7 +85,9 @@ def _ramp(length: int, overlap: int, fade_in: bool, fade_out: bool) -> torch.Ten
     return weights
 
 
-def _tile_starts(length: int) -> list[int]:
+def tile_starts(length: int) -> list[int]:
+    """Where the tiles along a side of `length` latent pixels start: TILE apart less their
+    TILE_OVERLAP, the last one flush with the end."""
     if length <= TILE:
         return [0]
     starts = list(range(0, length - TILE, TILE - TILE_OVERLAP))
@@ -101,7 +103,7 @@ def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
     f = vae_scale_factor(vae)
     image = torch.zeros(1, 3, f * h, f * w)
     total = torch.zeros(1, 1, f * h, f * w)
-    rows, cols = _tile_starts(h), _tile_starts(w)
+    rows, cols = tile_starts(h), tile_starts(w)
     for i, h0 in enumerate(rows):
         for j, w0 in enumerate(cols):
             tile = latent[:, :, h0 : h0 + TILE, w0 : w0 + TILE]
@@ -111,8 +113,8 @@ def decode_tiled(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
             overlap_h = min(f * TILE_OVERLAP, th // 2)
             overlap_w = min(f * TILE_OVERLAP, tw // 2)
             weight = torch.outer(
-                _ramp(th, overlap_h, i > 0, i < len(rows) - 1),
-                _ramp(tw, overlap_w, j > 0, j < len(cols) - 1),
+                ramp(th, overlap_h, i > 0, i < len(rows) - 1),
+                ramp(tw, overlap_w, j > 0, j < len(cols) - 1),
             )
             image[..., f * h0 : f * h0 + th, f * w0 : f * w0 + tw] += pixels * weight
             total[..., f * h0 : f * h0 + th, f * w0 : f * w0 + tw] += weight

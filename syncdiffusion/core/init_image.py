@@ -20,8 +20,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
+from .chunks import is_out_of_memory, release_memory
+from .decoding import TILE, TILE_ABOVE_PIXELS, TILE_OVERLAP, ramp, tile_starts, vae_scale_factor
 from .windows import Window, anchor_index, gather
 
 # Proportions within this fraction of the panorama's count as the panorama's: the image is resized
@@ -83,12 +86,51 @@ def encode(
     vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
     """E(x): pixels (1, 3, H, W) in [-1, 1] to a latent (1, 4, H/8, W/8), fp32, sampled from the
-    encoder's distribution with `generator` and scaled by the VAE's scaling factor."""
+    encoder's distribution with `generator` and scaled by the VAE's scaling factor.
+
+    As the panorama is decoded: in one piece up to TILE_ABOVE_PIXELS (as diffusers encodes), in
+    cross-faded tiles above it or where the whole does not fit in memory (`encode_moments_tiled`).
+    Either way the sample is one draw of the latent's shape from `generator`."""
     fp32 = vae.dtype == torch.float32
     with torch.autocast(pixels.device.type, enabled=False) if fp32 else nullcontext():
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        posterior = None
+        if pixels.shape[-2] * pixels.shape[-1] <= TILE_ABOVE_PIXELS:
+            try:
+                posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+        if posterior is None:
+            release_memory()  # past the `except`, so the failed encode's tensors are gone
+            moments = encode_moments_tiled(vae, pixels).to(vae.device, vae.dtype)
+            posterior = DiagonalGaussianDistribution(moments)
         latent = posterior.sample(generator) * vae.config.scaling_factor
     return latent.to(torch.float32)
+
+
+def encode_moments_tiled(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """The encoder's distribution of pixels (1, 3, H, W), its mean and log-variance
+    (1, 2 * 4, H/8, W/8), in overlapping tiles of TILE latent pixels cross-faded as the decoder's
+    tiles are (`decoding.decode_tiled`); fp32 on the CPU. Memory is that of one tile's encoder
+    plus the moments, whatever the image's size."""
+    f = vae_scale_factor(vae)
+    h, w = pixels.shape[-2] // f, pixels.shape[-1] // f
+    moments = torch.zeros(1, 2 * vae.config.latent_channels, h, w)
+    total = torch.zeros(1, 1, h, w)
+    rows, cols = tile_starts(h), tile_starts(w)
+    for i, h0 in enumerate(rows):
+        for j, w0 in enumerate(cols):
+            tile = pixels[..., f * h0 : f * (h0 + TILE), f * w0 : f * (w0 + TILE)]
+            encoded = vae.encode(tile.to(vae.device, vae.dtype)).latent_dist.parameters
+            encoded = encoded.float().cpu()
+            th, tw = encoded.shape[-2:]
+            weight = torch.outer(
+                ramp(th, min(TILE_OVERLAP, th // 2), i > 0, i < len(rows) - 1),
+                ramp(tw, min(TILE_OVERLAP, tw // 2), j > 0, j < len(cols) - 1),
+            )
+            moments[..., h0 : h0 + th, w0 : w0 + tw] += encoded * weight
+            total[..., h0 : h0 + th, w0 : w0 + tw] += weight
+    return moments / total
 
 
 def start_latent(
