@@ -3,6 +3,8 @@ estimate and the GPU check alike."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from syncdiffusion.cli import demo
@@ -35,6 +37,24 @@ def test_a_controlnet_runs_beside_every_unet_pass_and_three_times_per_synced_one
     assert work(PUBLISHED, control=True).controlnet_passes == 13 * 50 + 3 * 5 * 12
     extra = (13 * 50 + 3 * 5 * 12) * LIMIT.controlnet_pass
     assert request_cost(PUBLISHED, control=True) == pytest.approx(request_cost(PUBLISHED) + extra)
+
+
+def test_an_image_in_is_one_encode_of_the_panorama_s_size_outside_the_limit():
+    from PIL import Image
+
+    photo = Image.new("RGB", (640, 480))
+    request = panorama_request({"prompt": "a beach", "image": photo, "prompt_strength": 0.5})
+    counted = work(request)
+    assert counted.encodes == 2048 * 512 / 512**2  # the canvas the image is placed on
+    assert work(PUBLISHED).encodes == 0
+    # Half the steps run from the image; the encode is priced by the demo, not by the limit.
+    assert counted.window_steps == 13 * 25
+    without = dataclasses.replace(counted, encodes=0)
+    assert CPU_SECONDS.price(counted) == pytest.approx(
+        CPU_SECONDS.price(without) + 4 * CPU_SECONDS.encode
+    )
+    assert LIMIT.price(counted) == LIMIT.price(without)
+    assert 0.4 < CPU_SECONDS.encode / CPU_SECONDS.decode < 0.5
 
 
 def test_a_larger_window_counts_its_pixels_share():

@@ -33,6 +33,8 @@ class Work:
     # ControlNet passes beside the UNet's: one per window-step, three per synced one (again
     # with gradients, and its backward).
     controlnet_passes: float = 0.0
+    # VAE encodes of 512x512 pixels: the image a panorama starts from, at the panorama's size.
+    encodes: float = 0.0
 
     def __add__(self, other: Work) -> Work:
         return Work(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -46,6 +48,7 @@ class Rates:
     synced_window_step: float
     decode: float
     controlnet_pass: float = 0.0
+    encode: float = 0.0
 
     def price(self, work: Work) -> float:
         """The cost of `work` at these rates."""
@@ -54,6 +57,7 @@ class Rates:
             + work.synced_window_steps * self.synced_window_step
             + work.decodes * self.decode
             + work.controlnet_passes * self.controlnet_pass
+            + work.encodes * self.encode
         )
 
 
@@ -76,12 +80,13 @@ def work(
     calls = network_calls(request.get("scheduler", "DDIM"), steps_run(request))
     window_steps = n_windows * calls + (synced if published else 0)
     synced_window_steps = synced * (n_windows if published else n_windows - 1)
-    panorama = request["width"] * request["height"] / 512**2 if decoded else 0.0
+    pixels = request["width"] * request["height"] / 512**2
     return Work(
         window_steps * share,
         synced_window_steps * share,
-        synced * share + panorama,
+        synced * share + (pixels if decoded else 0.0),
         (window_steps + 3 * synced_window_steps) * share if control else 0.0,
+        pixels if request.get("image") is not None else 0.0,
     )
 
 
@@ -89,13 +94,17 @@ def work(
 # scripts/demo_costs.py on its architecture (BENCHMARKS.md): a guided UNet pass of a window, a
 # synced window beyond it (the gradient through LPIPS, the VAE decoder and the UNet), a VAE
 # decode of 512x512 pixels. The demo's estimate prices work with them; the limit and the GPU
-# check's estimate take their proportions.
-CPU_SECONDS = Rates(window_step=18.3, synced_window_step=151.0, decode=28.3)
+# check's estimate take their proportions. An encode of 512x512 pixels is priced as the decode's
+# share of its arithmetic: 1,082 against 2,480 GFLOP on SD2-base's VAE (torch's
+# FlopCounterMode), 0.44 of a decode.
+CPU_SECONDS = Rates(
+    window_step=18.3, synced_window_step=151.0, decode=28.3, encode=28.3 * 1082 / 2480
+)
 # The work limit's rates, in SD2-base window-steps: one guided UNet pass of a 512x512 window.
 # A synced window-step adds about 8.3 (in CPU_SECONDS' proportion). A ControlNet's forward
 # pass over a window is 0.35 UNet passes: 567 against 1,609 GFLOP on SD2-base's architecture
-# at 512 px (torch's FlopCounterMode). Decodes are left out: the limit counts the denoising,
-# which grows with the windows and steps.
+# at 512 px (torch's FlopCounterMode). Decodes and encodes are left out: the limit counts the
+# denoising, which grows with the windows and steps.
 LIMIT = Rates(
     window_step=1.0,
     synced_window_step=CPU_SECONDS.synced_window_step / CPU_SECONDS.window_step,
