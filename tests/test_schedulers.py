@@ -216,7 +216,8 @@ def test_a_few_step_model_takes_its_own_defaults_and_its_folder_s_scheduler(turb
         ({"_class_name": "PNDMScheduler"}, "PNDM"),
         ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}, "KarrasDPM"),
         ({"_class_name": "EulerAncestralDiscreteScheduler"}, "K_EULER_ANCESTRAL"),
-        ({"_class_name": "LCMScheduler"}, None),
+        ({"_class_name": "LCMScheduler"}, "LCM"),
+        ({"_class_name": "UniPCMultistepScheduler"}, None),  # none of the choices
     ],
 )
 def test_the_scheduler_a_folder_declares_by_its_name(config, name):
