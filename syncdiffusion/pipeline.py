@@ -494,12 +494,16 @@ class SyncDiffusionPipeline:
             inputs, self.geometry, control=self.controlnet is not None, defaults=self.defaults
         )
 
+    def lora_networks(self) -> dict[str, torch.nn.Module]:
+        """The networks a LoRA may change, by component name: the UNet and the text encoders."""
+        encoders = zip(self.family.text_encoders, self.text_encoders(), strict=True)
+        return {"unet": self.unet, **dict(encoders)}
+
     def loras(self, request: dict[str, Any]) -> list[Lora]:
         """The LoRAs of a checked request (`request`), each fetched (downloaded once into
         `lora_dir`), verified and held to this model (`lora.read_lora`). Raises `InputError`
         naming the input."""
-        networks = {"unet": self.unet}
-        networks.update(zip(self.family.text_encoders, self.text_encoders(), strict=True))
+        networks = self.lora_networks()
         found = []
         for name, scale_name in LORA_INPUTS.items():
             if request[name] is not None:
@@ -514,7 +518,7 @@ class SyncDiffusionPipeline:
             "unet": self.unet,
             "vae": self.vae,
             "scheduler": self.new_scheduler(),
-            **dict(zip(self.family.text_encoders, self.text_encoders(), strict=True)),
+            **self.lora_networks(),
             "tokenizer": self.tokenizer,
             **({"tokenizer_2": self.tokenizer_2} if self.family is SDXL else {}),
         }

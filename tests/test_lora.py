@@ -14,18 +14,11 @@ from syncdiffusion.request.image_file import read_parameters, save_image
 from syncdiffusion.testing.lora import make_lora
 
 
-def _networks(pipe):
-    networks = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    if pipe.text_encoder_2 is not None:
-        networks["text_encoder_2"] = pipe.text_encoder_2
-    return networks
-
-
 @pytest.fixture(scope="module")
 def loras(pipe, tmp_path_factory):
     """LoRA files of the tiny SD2 model: diffusers' layout, kohya's, a second one."""
     folder = tmp_path_factory.mktemp("loras")
-    networks = _networks(pipe)
+    networks = pipe.lora_networks()
     return {
         "diffusers": make_lora(networks, folder / "style.safetensors", seed=1),
         "kohya": make_lora(networks, folder / "kohya.safetensors", seed=2, layout="kohya"),
@@ -99,7 +92,7 @@ def test_two_loras_at_their_scales_are_diffusers_two_adapters(
 def _state(pipe):
     return {
         f"{component}.{name}": tensor.clone()
-        for component, network in _networks(pipe).items()
+        for component, network in pipe.lora_networks().items()
         for name, tensor in network.state_dict().items()
     }
 
@@ -176,7 +169,7 @@ def sdxl(family_weights):
 def test_an_sdxl_lora_fused_is_diffusers_adapters_unfused(sdxl, tmp_path):
     # diffusers has no SDXL panorama pipeline: the reference is this sampler on the same
     # networks with diffusers' adapters loaded (`load_lora_weights`, `set_adapters`), not fused.
-    path = make_lora(_networks(sdxl), tmp_path / "xl.safetensors", seed=4, layout="kohya")
+    path = make_lora(sdxl.lora_networks(), tmp_path / "xl.safetensors", seed=4, layout="kohya")
     side = sdxl.window_pixels
     inputs = dict(prompt="a bay", width=2 * side, height=side, num_inference_steps=2, seed=1)
     inputs |= dict(sync_weight=0, stride=8)
@@ -205,7 +198,7 @@ def test_an_sdxl_lora_fused_is_diffusers_adapters_unfused(sdxl, tmp_path):
 
 
 def test_a_lora_of_another_family_is_refused_naming_it(pipe, sdxl, tmp_path):
-    xl = make_lora(_networks(sdxl), tmp_path / "xl.safetensors")
+    xl = make_lora(sdxl.lora_networks(), tmp_path / "xl.safetensors")
     with pytest.raises(InputError, match=r"lora_weights .*text_encoder_2.*another model family"):
         pipe(**UNSYNCED, lora_weights=str(xl))
     unet_only = make_lora({"unet": sdxl.unet}, tmp_path / "xl-unet.safetensors")

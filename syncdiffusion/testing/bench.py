@@ -267,8 +267,7 @@ def lora_runs(
     alone, best of `repeats`), the rest per step (`seconds_per_step`) and against none's
     (`per_step_ratio`), `peak_bytes`, and the last run's `latent`. `callbacks` gives a row's
     runs their pipeline callback, by row."""
-    networks = {"unet": fast.unet}
-    networks.update(zip(fast.family.text_encoders, fast.text_encoders(), strict=True))
+    networks = fast.lora_networks()
     files = [
         make_lora(networks, folder / f"lora{i}.safetensors", rank=LORA_RANK, seed=i) for i in (1, 2)
     ]

@@ -517,9 +517,7 @@ def schedulers(fast, inputs, runs, device) -> dict:
 
 def base_tensors(pipe: SyncDiffusionPipeline) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of `pipe`'s UNet and text encoders (parameters and buffers), by name."""
-    networks = {"unet": pipe.unet}
-    networks.update(zip(pipe.family.text_encoders, pipe.text_encoders(), strict=True))
-    for component, network in networks.items():
+    for component, network in pipe.lora_networks().items():
         for name, tensor in network.state_dict().items():
             yield f"{component}.{name}", tensor
 
