@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=int, default=None, help="default: 32 sdxl, else 16")
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="oracle/fast pairs")
-    parser.add_argument("--scaling-widths", default=None, help="default: 1024,2048,4096")
+    parser.add_argument(
+        "--scaling-widths", default=None, help='default: 1024,2048,4096; "" for no sweep'
+    )
     parser.add_argument(
         "--scaling-steps",
         type=int,
@@ -131,12 +133,15 @@ def main() -> None:
         inputs["control_image"] = edge_map(width, height, args.seed)
     name = "authors' SyncControlNet" if args.controlnet else "published"
     rows = against_oracle(pipes, inputs, args.repeats, device, name)
+    print("\n".join(rows), flush=True)  # kept in the log should the sweep not finish
 
     scaling_steps = args.scaling_steps or (steps if device.type == "cuda" else 2)
     scaling = dict(
         inputs, num_inference_steps=scaling_steps, sync_threshold=min(threshold, scaling_steps)
     )
-    scaling_widths = [int(x) for x in (args.scaling_widths or widths).split(",") if x]
+    # `--scaling-widths ""` sweeps nothing.
+    given = widths if args.scaling_widths is None else args.scaling_widths
+    scaling_widths = [int(x) for x in given.split(",") if x]
     swept = sweep(pipes.fast, scaling, scaling_widths, device)
 
     settings = (
@@ -160,11 +165,20 @@ def main() -> None:
                 rows,
             ),
             "",
-            f"Width sweep ({scaling_steps} steps, sync_threshold {scaling['sync_threshold']}): "
-            "time per window should stay flat.",
-            "",
-            *table("| path | size | windows | seconds | seconds per window | peak memory |", swept),
-            "",
+            *(
+                [
+                    f"Width sweep ({scaling_steps} steps, sync_threshold "
+                    f"{scaling['sync_threshold']}): time per window should stay flat.",
+                    "",
+                    *table(
+                        "| path | size | windows | seconds | seconds per window | peak memory |",
+                        swept,
+                    ),
+                    "",
+                ]
+                if swept
+                else []
+            ),
         ]
     )
     publish(report, None if args.no_record else args.record)
