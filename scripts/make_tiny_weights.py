@@ -1,10 +1,11 @@
 """Write tiny, randomly initialised models of each family in the real weights layout.
 
-Usage: python scripts/make_tiny_weights.py OUT [--models sd2 sd1 sd2-v sdxl] [--controlnets]
+Usage: python scripts/make_tiny_weights.py OUT [--models sd2 sd1 sd2-v sdxl sd2-inpainting]
+       [--controlnets]
 
 By default only the SD2-base-shaped model, in weights/'s default folder (stable-diffusion-2-base);
-`--models` adds the SD 1.x, SD 2.x 768 v-prediction and SDXL-shaped ones, `--controlnets` a tiny
-ControlNet for each, in controlnet/tiny-controlnet-<model>. What they are:
+`--models` adds the SD 1.x, SD 2.x 768 v-prediction, SDXL and SD2 inpainting-shaped ones,
+`--controlnets` a tiny ControlNet for each, in controlnet/tiny-controlnet-<model>. What they are:
 `syncdiffusion.models.tiny`.
 """
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import lpips
 import torch
+import torch.nn.functional as F
 import transformers
 from diffusers import (
     AutoencoderKL,
@@ -39,9 +40,12 @@ from .core.control import Control, WindowControl, condition_tensor, image_record
 from .core.decoding import decode, decode_panorama, to_pil, vae_scale_factor
 from .core.init_image import (
     KeptRegion,
+    MaskedImage,
     encode,
     image_pixels,
     mask_latent,
+    mask_pixels,
+    masked_pixels,
     outpaint,
     same_proportions,
     start_at,
@@ -120,6 +124,12 @@ def encoder_text(tokenizer: CLIPTokenizer, text: str) -> tuple[str, int | None]:
 # Tokens past what the encoder reads that a prefix must hold, so that where it is cut inside
 # a word (text without whitespace), the cut cannot reach back into the tokens the encoder reads.
 _TOKEN_MARGIN = 32
+
+
+def _joined(eps: Callable, beside: torch.Tensor, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """`eps` of views `x` (1, 4, s, s) with `beside` (1, c, s, s) joined to their channels: an
+    inpainting UNet's probe."""
+    return eps(torch.cat([x, beside.to(x.dtype)], dim=1), *args)
 
 
 def _load_checked(cls: Any, folder: Path, weights: Path, fix: str, **kwargs: Any) -> Any:
@@ -345,6 +355,12 @@ class SyncDiffusionPipeline:
         return vae_scale_factor(self.vae)
 
     @property
+    def inpainting(self) -> bool:
+        """Whether the UNet is an inpainting one: it takes the mask and the masked image's
+        latent beside the noisy latent (9 input channels, `init_image.MaskedImage`)."""
+        return self.unet.config.in_channels != self.vae.config.latent_channels
+
+    @property
     def window(self) -> int:
         """A view's side in latent pixels: the UNet's training size (64 SD2-base, 128 SDXL)."""
         return self.unet.config.sample_size
@@ -373,7 +389,11 @@ class SyncDiffusionPipeline:
             return self._window_bytes[key]
         side, t = 16, scheduler.timesteps[0]
         pixels = self.vae_scale_factor * side
-        probe = torch.zeros(1, self.unet.config.in_channels, side, side, device=self.device)
+        probe = torch.zeros(1, self.vae.config.latent_channels, side, side, device=self.device)
+        if self.inpainting:  # the mask and the masked image's latent beside the views
+            extra = self.unet.config.in_channels - probe.shape[1]
+            beside = torch.zeros(1, extra, side, side, device=self.device)
+            eps = partial(_joined, eps, beside)
         control = None
         if self.controlnet is not None:
             crop = torch.zeros(1, 3, pixels, pixels, device=self.device)
@@ -602,22 +622,39 @@ class SyncDiffusionPipeline:
         )
 
         # 4. The initial noise: drawn on the CPU in fp32 as published, from a private generator;
-        # with an image, after its latent's sample, as diffusers' img2img draws them.
+        # with an image, after its latent's sample, as diffusers' img2img draws them. An
+        # inpainting UNet always takes a mask and the masked image (with neither, everything is
+        # made anew: a white mask over grey); at full strength it starts from noise, the image
+        # unencoded, and the masked image's sample is drawn after the noise, as diffusers'
+        # inpainting pipeline draws them.
         generator = torch.Generator("cpu").manual_seed(request["seed"])
         f = self.vae_scale_factor
         width, height = request["width"], request["height"]
         image, mask = self._image_and_mask(request)
-        if image is not None:
+        if self.inpainting and mask is None:
+            mask = Image.new("L", (width, height), 255)
+        full_strength = image is None or request["prompt_strength"] == 1
+        from_noise = mask is not None and full_strength
+        pixels = None if image is None else image_pixels(image, width, height)
+        if pixels is not None and not (self.inpainting and from_noise):
             with torch.no_grad():
-                pixels = image_pixels(image, width, height).to(self.device)
-                image_latent = encode(self.vae, pixels, generator)
+                image_latent = encode(self.vae, pixels.to(self.device), generator)
         latent_size = (height // f, width // f)
         latent = torch.randn(
-            (1, self.unet.config.in_channels, *latent_size), generator=generator
+            (1, self.vae.config.latent_channels, *latent_size), generator=generator
         ).to(self.device)
+        windows = self.geometry.windows(request)
+        masked = None
+        if self.inpainting:
+            held = mask_pixels(mask, width, height)
+            with torch.no_grad():
+                masked_latent = encode(
+                    self.vae, masked_pixels(pixels, held).to(self.device), generator
+                )
+            held = F.interpolate(held, size=latent_size).to(self.device)
+            masked = MaskedImage(held, masked_latent, windows)
 
         # 5. The views, the schedule and the condition image's crops.
-        windows = self.geometry.windows(request)
         control = None
         if self.controlnet is not None:
             control = Control(
@@ -636,14 +673,13 @@ class SyncDiffusionPipeline:
         scheduler.set_timesteps(request["num_inference_steps"])
         # From the first timestep, or the one the image's strength leaves, without looking it up.
         start, kept = start_at(scheduler, steps_run(request)), None
-        if image is None:
+        if image is None or (self.inpainting and from_noise):
             # A k-diffusion scheduler starts from noise of its largest sigma (DDIM's factor is 1).
             latent = latent * scheduler.init_noise_sigma
         else:
-            from_noise = mask is not None and request["prompt_strength"] == 1
             noise = latent
             latent = start_latent(scheduler, image_latent, noise, start, from_noise)
-            if mask is not None:
+            if mask is not None and not self.inpainting:
                 held = mask_latent(mask, width, height, f).to(self.device)
                 kept = KeptRegion(image_latent, held, noise)
         # What a window needs in memory is the networks' (a step's own arithmetic is a few
@@ -693,6 +729,7 @@ class SyncDiffusionPipeline:
                     callback=callback,
                     start=start,
                     kept=kept,
+                    masked=masked,
                 )
                 if output_type == "latent":
                     image = None

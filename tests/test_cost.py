@@ -57,6 +57,19 @@ def test_an_image_in_is_one_encode_of_the_panorama_s_size_outside_the_limit():
     assert 0.4 < CPU_SECONDS.encode / CPU_SECONDS.decode < 0.5
 
 
+def test_an_inpainting_unet_also_encodes_the_masked_image_and_at_strength_1_not_the_image():
+    from PIL import Image
+
+    canvases = 2048 * 512 / 512**2
+    assert work(PUBLISHED, inpainting=True).encodes == canvases  # the grey masked picture
+    photo = Image.new("RGB", (640, 480))
+    for strength, image_encodes in ((0.5, 1), (1.0, 0)):
+        inputs = {"prompt": "a beach", "image": photo, "prompt_strength": strength}
+        request = panorama_request(inputs)
+        assert work(request).encodes == canvases
+        assert work(request, inpainting=True).encodes == (image_encodes + 1) * canvases
+
+
 def test_a_larger_window_counts_its_pixels_share():
     sdxl = Geometry(window=128)  # 1024 px windows: 4 times SD2-base's pixels
     request = panorama_request({"prompt": "a beach"}, sdxl)

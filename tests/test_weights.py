@@ -250,7 +250,7 @@ BROKEN = {  # what breaks the folder: (how, which part is then missing, what the
         "at least 1 (the training schedule's steps)",
     ),
     "scheduler steps float": (_scheduler("num_train_timesteps", 1e3), SD, "timesteps 1000.0, e"),
-    "unet in_channels": (_config("unet", "in_channels", 9), SD, "in_channels 9, expected 4"),
+    "unet in_channels": (_config("unet", "in_channels", 8), SD, "in_channels 8, expected 4 or 9"),
     "unet out_channels": (_config("unet", "out_channels", 8), SD, "out_channels 8"),
     "unet cross dim": (_config("unet", "cross_attention_dim", 768), SD, "cross_attention_dim 768"),
     "vae latents": (_config("vae", "latent_channels", 16), SD, "latent_channels 16"),

@@ -8,6 +8,10 @@ drawn next; with a mask (white: made anew) the kept part of the latent is put ba
 scheduler step, noised to the next timestep, and at the last the clean image latent. An image
 whose proportions differ from the panorama's is placed in its middle and the rest is made anew
 (`outpaint`).
+
+An inpainting UNet (9 input channels: `stable-diffusion-2-inpainting`) is not held to the image:
+as diffusers' inpainting pipeline feeds it, every network call takes the mask at latent size
+and the masked image's latent beside the noisy latent (`MaskedImage`), each window its crops.
 """
 
 from __future__ import annotations
@@ -74,12 +78,30 @@ def image_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
     return processor.preprocess(image, height=height, width=width).to(torch.float32)
 
 
-def mask_latent(mask: Image.Image, width: int, height: int, scale_factor: int) -> torch.Tensor:
-    """`mask` at latent size, (1, 1, height / f, width / f): 1 made anew, 0 kept. As diffusers'
-    inpainting: grayscale, resized to the picture, binarized at 0.5, then nearest to the latent."""
+def mask_pixels(mask: Image.Image, width: int, height: int) -> torch.Tensor:
+    """`mask` at the picture's size, (1, 1, height, width): 1 made anew, 0 kept. As diffusers'
+    inpainting: grayscale, resized to the picture, binarized at 0.5."""
     processor = VaeImageProcessor(do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-    pixels = processor.preprocess(mask, height=height, width=width).to(torch.float32)
+    return processor.preprocess(mask, height=height, width=width).to(torch.float32)
+
+
+def mask_latent(mask: Image.Image, width: int, height: int, scale_factor: int) -> torch.Tensor:
+    """`mask` at latent size, (1, 1, height / f, width / f): 1 made anew, 0 kept; `mask_pixels`
+    then nearest to the latent, as diffusers' inpainting."""
+    pixels = mask_pixels(mask, width, height)
     return F.interpolate(pixels, size=(height // scale_factor, width // scale_factor))
+
+
+def masked_pixels(image: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """What an inpainting UNet sees of the picture: `image` (1, 3, H, W) in [-1, 1] where `mask`
+    (1, 1, H, W, `mask_pixels`) keeps it, 0 (mid-grey) where it is made anew, as diffusers'
+    `image * (mask < 0.5)`; all grey without an image (everything made anew), in the memory
+    layout `image_pixels` gives a picture (channels last), so that the encoder runs the same
+    kernels and no picture is a grey picture to the bit."""
+    if image is None:
+        grey = torch.zeros(1, 3, *mask.shape[-2:])
+        return grey.contiguous(memory_format=torch.channels_last)
+    return image * (mask < 0.5)
 
 
 def encode(
@@ -165,9 +187,35 @@ class KeptRegion:
         return (1 - self.mask) * kept.to(latent.dtype) + self.mask * latent
 
     def anchor(self, windows: list[Window]) -> int:
-        """The window most covered by the kept part (of those, the published anchor where it is
-        one, else the first): the panorama syncs to the image."""
-        kept = (1 - gather(self.mask, windows)).mean(dim=(1, 2, 3))  # (n_windows,)
-        best = [k for k, share in enumerate(kept.tolist()) if share == kept.max().item()]
-        default = anchor_index(windows)
-        return default if default in best else best[0]
+        """The window most covered by the kept part: the panorama syncs to the image."""
+        return kept_anchor(self.mask, windows)
+
+
+def kept_anchor(mask: torch.Tensor, windows: list[Window]) -> int:
+    """The window most covered by what `mask` (1, 1, h, w; 0 kept) keeps (of those, the
+    published anchor where it is one, else the first)."""
+    kept = (1 - gather(mask, windows)).mean(dim=(1, 2, 3))  # (n_windows,)
+    best = [k for k, share in enumerate(kept.tolist()) if share == kept.max().item()]
+    default = anchor_index(windows)
+    return default if default in best else best[0]
+
+
+class MaskedImage:
+    """What an inpainting UNet takes beside the noisy latent, over the whole panorama: the mask
+    at latent size (1, 1, h, w; 1 made anew) and the masked image's latent (1, 4, h, w), each
+    window's crops joined to its views in every network call (diffusers' order: latent, mask,
+    masked image's latent)."""
+
+    def __init__(self, mask: torch.Tensor, latent: torch.Tensor, windows: list[Window]) -> None:
+        self.mask, self.windows = mask, windows
+        self.conditioning = torch.cat([mask, latent.to(mask.dtype)], dim=1)  # (1, 5, h, w)
+
+    def inputs(self, views: torch.Tensor, ids: list[int] | range) -> torch.Tensor:
+        """The UNet's input for `views` (n, 4, s, s) of the windows numbered `ids`:
+        (n, 9, s, s), the crops in the views' dtype."""
+        crops = gather(self.conditioning, [self.windows[k] for k in ids])
+        return torch.cat([views, crops.to(views.device, views.dtype)], dim=1)
+
+    def anchor(self, windows: list[Window]) -> int:
+        """The window most covered by the kept part: the panorama syncs to the image."""
+        return kept_anchor(self.mask, windows)

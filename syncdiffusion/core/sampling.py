@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 
 from .chunks import run_in_chunks
 from .control import Control, WindowControl
-from .init_image import KeptRegion
+from .init_image import KeptRegion, MaskedImage
 from .precision import LossScale
 from .recompute import Recomputation
 from .schedulers import X0, Scheduler, clean_latent, evaluations, per_view
@@ -42,9 +42,10 @@ def guided_eps(
     added_conditions: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided eps (the model's own output: noise, or v for v-prediction) of views
-    (n, 4, s, s); `text_embeddings` (2, 77, D) and each of `added_conditions` (SDXL's pooled
-    text and size/crop numbers, (2, ...)) hold [negative, prompt]. With `control`, the
-    ControlNet's residuals for the views' condition crops join the UNet's, in both halves."""
+    (n, C, s, s: the latent's 4 channels, an inpainting UNet's 9); `text_embeddings` (2, 77, D)
+    and each of `added_conditions` (SDXL's pooled text and size/crop numbers, (2, ...)) hold
+    [negative, prompt]. With `control`, the ControlNet's residuals for the views' condition
+    crops join the UNet's, in both halves."""
     n = views.shape[0]
     added = {k: _pair(v, n) for k, v in (added_conditions or {}).items()} or None
     sample, text = torch.cat([views, views]).to(unet.dtype), _pair(text_embeddings, n)
@@ -192,6 +193,7 @@ def sample_panorama(
     callback: Callback | None = None,
     start: int = 0,
     kept: KeptRegion | None = None,
+    masked: MaskedImage | None = None,
 ) -> torch.Tensor:
     """Denoise a panorama latent (1, 4, H', W') over `scheduler.timesteps` (SyncDiffusion, Alg. 1).
 
@@ -214,10 +216,13 @@ def sample_panorama(
     A panorama that starts from an image (`init_image`) starts at evaluation `start` (the sync
     schedule, the ControlNet's and the callback count the steps from there); with `kept`, the
     kept region is held to the image after every evaluation and its best-covered window is the
+    anchor. With `masked` (an inpainting UNet's), every network call takes its windows' crops of
+    the mask and the masked image's latent beside the views, and its best-covered window is the
     anchor.
     """
     recompute = recompute or Recomputation()
-    anchor = anchor_index(windows) if kept is None else kept.anchor(windows)
+    region = kept or masked
+    anchor = anchor_index(windows) if region is None else region.anchor(windows)
     loss_scale = LossScale(len(windows), initial_loss_scale)
     plan = evaluations(scheduler)[start:]
     first_step = plan[0].step
@@ -233,7 +238,7 @@ def sample_panorama(
         moved, outputs, batch_sizes[True], batch_sizes[False] = denoise_views(
             gather(latent, windows),
             anchor=anchor,
-            model_output=_model_output(eps, scheduler, control, k, t, step, steps),
+            model_output=_model_output(eps, scheduler, control, k, t, step, steps, masked),
             x0=clean_latent(scheduler, k) if synced else None,
             decode=decode,
             perceptual=perceptual,
@@ -280,16 +285,19 @@ def _model_output(
     t: torch.Tensor,
     step: int,
     steps: int,
+    masked: MaskedImage | None = None,
 ) -> ModelOutput:
     """The guided model output at evaluation `k` (timestep `t` on the views' device) of step
     `step` of `steps`: the views scaled as the scheduler's model expects them
     (`scale_model_input`: Euler's sqrt(sigma**2 + 1), nothing for DDIM), the ControlNet's crops
-    of the windows numbered `ids` where it steers at that step."""
+    of the windows numbered `ids` where it steers at that step, and an inpainting UNet's crops
+    of the mask and the masked image's latent joined to the scaled views (`masked`)."""
     timestep = scheduler.timesteps[k]
 
     def output(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
         window_control = None if control is None else control.at(step, steps, ids)
-        return eps(scheduler.scale_model_input(x, timestep), t, window_control)
+        x = scheduler.scale_model_input(x, timestep)
+        return eps(x if masked is None else masked.inputs(x, ids), t, window_control)
 
     return output
 

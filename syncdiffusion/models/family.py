@@ -57,14 +57,18 @@ SDXL = Family(
     addition_embed_type="text_time",
 )
 FAMILIES = (SD, SDXL)
+# An inpainting UNet's input channels: the noisy latent, the mask, the masked image's latent.
+INPAINTING_CHANNELS = 4 + 1 + 4
 # Config values every SD 1.x/2.x and SDXL checkpoint shares (an absent key takes diffusers'
-# default).
+# default): (component, key, the values allowed, the first the default).
 _SHARED_VALUES = [
-    ("unet", "_class_name", "UNet2DConditionModel"),
-    ("vae", "_class_name", "AutoencoderKL"),
-    ("unet", "in_channels", 4),
-    ("unet", "out_channels", 4),
-    ("vae", "latent_channels", 4),
+    ("unet", "_class_name", ("UNet2DConditionModel",)),
+    ("vae", "_class_name", ("AutoencoderKL",)),
+    # An inpainting UNet (stable-diffusion-2-inpainting, SDXL's inpainting 0.1) takes the mask
+    # and the masked image's latent beside the noisy latent: 4 + 1 + 4 channels.
+    ("unet", "in_channels", (4, INPAINTING_CHANNELS)),
+    ("unet", "out_channels", (4,)),
+    ("vae", "latent_channels", (4,)),
 ]
 
 
@@ -120,9 +124,10 @@ def architecture_problem(configs: dict[str, Any], family: Family) -> str | None:
         found = configs[component].get(key, low)
         if isinstance(found, bool) or not isinstance(found, int) or found < low:
             return f"{file} has {key} {found!r}, expected a whole number of at least {low} ({why})"
-    for component, key, expected in _SHARED_VALUES:
-        found = configs[component].get(key, expected)
-        if found != expected:
+    for component, key, allowed in _SHARED_VALUES:
+        found = configs[component].get(key, allowed[0])
+        if found not in allowed:
+            expected = " or ".join(str(value) for value in allowed)
             return f"{component}/config.json has {key} {found}, expected {expected}"
     for component, cls in zip(family.text_encoders, family.text_encoder_classes, strict=True):
         if cls not in (found := configs[component].get("architectures") or [cls]):

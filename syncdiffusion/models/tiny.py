@@ -2,12 +2,13 @@
 
 `make_tiny_weights(out)` writes only the SD2-base-shaped model, in weights/'s default folder
 (stable-diffusion-2-base); `models` adds an SD 1.x-shaped one (tiny-sd1), an SD 2.x 768
-v-prediction one (tiny-sd2-v) and an SDXL one (tiny-sdxl, two text encoders, "text_time"
-conditioning, a force_upcast VAE). Their windows are smaller than the real models' (sample_size
-32 for SD 1.x's 64 and SDXL's 128, 48 for SD 2.x 768's 96) because LPIPS's cost grows with a
-window's pixels and the code reads the side from the config either way; the SD2-base one keeps
-the real 64, which the oracle needs. `python scripts/make_tiny_weights.py OUT` writes them from
-the command line.
+v-prediction one (tiny-sd2-v), an SDXL one (tiny-sdxl, two text encoders, "text_time"
+conditioning, a force_upcast VAE) and an SD2 inpainting one (tiny-sd2-inpainting, a UNet of 9
+input channels: the latent, the mask and the masked image's latent). Their windows are smaller
+than the real models' (sample_size 32 for SD 1.x's 64, SDXL's 128 and SD2 inpainting's 64, 48
+for SD 2.x 768's 96) because LPIPS's cost grows with a window's pixels and the code reads the
+side from the config either way; the SD2-base one keeps the real 64, which the oracle needs.
+`python scripts/make_tiny_weights.py OUT` writes them from the command line.
 
 `make_tiny_controlnet` writes a ControlNet for a tiny model, made from its UNet as diffusers makes
 one for training, but with random weights where diffusers starts at zero, so that its residuals
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
+from .family import INPAINTING_CHANNELS
 from .folders import share
 from .lpips_trunk import save_trunk
 from .weights import CONTROLNET_DIRNAME, SD_DIRNAME, VGG16_RELPATH
@@ -201,6 +203,7 @@ TINY_MODELS = {
     "sd1": ("tiny-sd1", 32),
     "sd2-v": ("tiny-sd2-v", 48),
     "sdxl": ("tiny-sdxl", 32),
+    "sd2-inpainting": ("tiny-sd2-inpainting", 32),
 }
 # Shape -> the folder under controlnet/ of the ControlNet made for that tiny model.
 TINY_CONTROLNETS = {shape: f"tiny-controlnet-{shape}" for shape in TINY_MODELS}
@@ -241,6 +244,7 @@ def make_tiny_model(sd_dir: Path, shape: str = "sd2", window: int = 64) -> Path:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     sdxl, sd1 = shape == "sdxl", shape == "sd1"
+    inpainting = shape == "sd2-inpainting"
     sd_dir.mkdir(parents=True, exist_ok=True)
     # OpenAI's CLIP (SD 1.x, SDXL's first encoder) pads with <|endoftext|>, OpenCLIP with "!".
     vocab_size = write_tokenizer(sd_dir / "tokenizer", EOS_TOKEN if sd1 or sdxl else PAD_TOKEN)
@@ -257,7 +261,8 @@ def make_tiny_model(sd_dir: Path, shape: str = "sd2", window: int = 64) -> Path:
     }
     unet = UNet2DConditionModel(
         sample_size=window,
-        in_channels=4,
+        # An inpainting UNet takes the mask and the masked image's latent beside the latent.
+        in_channels=INPAINTING_CHANNELS if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -306,7 +311,10 @@ def make_tiny_model(sd_dir: Path, shape: str = "sd2", window: int = 64) -> Path:
         shape, SDXL_SCHEDULER_CONFIG if sdxl else SCHEDULER_CONFIG
     )
     _write_json(sd_dir / "scheduler" / "scheduler_config.json", scheduler)
-    _write_json(sd_dir / "model_index.json", SDXL_MODEL_INDEX if sdxl else MODEL_INDEX)
+    index = SDXL_MODEL_INDEX if sdxl else MODEL_INDEX
+    if inpainting:
+        index = {**index, "_class_name": "StableDiffusionInpaintPipeline"}
+    _write_json(sd_dir / "model_index.json", index)
     return sd_dir
 
 

@@ -56,6 +56,8 @@ KNOWN_REPOS = {
         "stabilityai/stable-diffusion-2-1",
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "stabilityai/stable-diffusion-xl-base-1.0",
+        # An inpainting UNet (9 input channels): for `image` with `mask`, and outpainting.
+        "stabilityai/stable-diffusion-2-inpainting",
         # Few-step models: their defaults are request/presets.py's.
         "stabilityai/sd-turbo",
         "stabilityai/sdxl-turbo",

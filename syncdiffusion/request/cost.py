@@ -33,7 +33,8 @@ class Work:
     # ControlNet passes beside the UNet's: one per window-step, three per synced one (again
     # with gradients, and its backward).
     controlnet_passes: float = 0.0
-    # VAE encodes of 512x512 pixels: the image a panorama starts from, at the panorama's size.
+    # VAE encodes of 512x512 pixels, at the panorama's size: the image a panorama starts from,
+    # and an inpainting UNet's masked image.
     encodes: float = 0.0
 
     def __add__(self, other: Work) -> Work:
@@ -66,13 +67,16 @@ def work(
     geometry: Geometry = SD2_BASE,
     *,
     control: bool = False,
+    inpainting: bool = False,
     published: bool = False,
     decoded: bool = True,
 ) -> Work:
     """The work of one panorama `request` (its size, stride, steps and sync schedule) on a model
-    with `geometry`'s windows; with a ControlNet (`control`); as the published wrapper does it
-    (`published`: it also runs the anchor's UNet again and takes the anchor's gradient at each
-    synced step); with the panorama's decode unless only the latent is asked for (`decoded`)."""
+    with `geometry`'s windows; with a ControlNet (`control`); on an inpainting UNet
+    (`inpainting`: it encodes the masked image, and at full strength not the image); as the
+    published wrapper does it (`published`: it also runs the anchor's UNet again and takes the
+    anchor's gradient at each synced step); with the panorama's decode unless only the latent
+    is asked for (`decoded`)."""
     n_windows = len(geometry.windows(request))
     synced = synced_steps(request)
     share = (geometry.window_pixels / 512) ** 2
@@ -81,12 +85,15 @@ def work(
     window_steps = n_windows * calls + (synced if published else 0)
     synced_window_steps = synced * (n_windows if published else n_windows - 1)
     pixels = request["width"] * request["height"] / 512**2
+    image = request.get("image") is not None
+    full_strength = not image or request.get("prompt_strength") == 1
+    encodes = int(image and not (inpainting and full_strength)) + int(inpainting)
     return Work(
         window_steps * share,
         synced_window_steps * share,
         synced * share + (pixels if decoded else 0.0),
         (window_steps + 3 * synced_window_steps) * share if control else 0.0,
-        pixels if request.get("image") is not None else 0.0,
+        encodes * pixels,
     )
 
 
