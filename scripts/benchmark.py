@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -157,7 +158,7 @@ def main() -> None:
             "",
             f"- Machine: {machine(device)}",
             f"- Settings: {settings}; syncdiffusion {__version__}",
-            "- Command: `python scripts/benchmark.py " + " ".join(sys.argv[1:]) + "`",
+            "- Command: `python scripts/benchmark.py " + shlex.join(sys.argv[1:]) + "`",
             "",
             *table(
                 "| path | size | windows | seconds | speed-up | peak memory "
@@ -201,7 +202,7 @@ def compare_schedulers(args: argparse.Namespace, device: torch.device, inputs: d
             f"fp{torch.finfo(fast_dtype(device)).bits}, {size}, stride {inputs['stride']}, "
             f"sync_threshold {inputs['sync_threshold']}, sync_weight {args.sync_weight:g}, "
             f"seed {args.seed}, best of {args.repeats}; syncdiffusion {__version__}",
-            "- Command: `python scripts/benchmark.py " + " ".join(sys.argv[1:]) + "`",
+            "- Command: `python scripts/benchmark.py " + shlex.join(sys.argv[1:]) + "`",
             "",
             *table(
                 "| scheduler | steps | synced | window evaluations | seconds | speed-up "
@@ -230,7 +231,7 @@ def compare_loras(args: argparse.Namespace, device: torch.device, inputs: dict) 
             f"{inputs['num_inference_steps']} steps, sync_threshold {inputs['sync_threshold']}, "
             f"sync_weight {args.sync_weight:g}, seed {args.seed}, random LoRAs of rank "
             f"{LORA_RANK}, best of {args.repeats}; syncdiffusion {__version__}",
-            "- Command: `python scripts/benchmark.py " + " ".join(sys.argv[1:]) + "`",
+            "- Command: `python scripts/benchmark.py " + shlex.join(sys.argv[1:]) + "`",
             "",
             *table(
                 "| LoRAs | seconds | of which fetch, fuse, restore | seconds per step "
