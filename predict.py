@@ -43,6 +43,7 @@ from syncdiffusion.request.inputs import check_output
 # From syncdiffusion/request/inputs.py: edit that, then run the command above.
 # The descriptions too long for their line inside Input(...):
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
+SPHERE_HELP = "The whole sphere, sky and ground too: height is half the width, loop_closure on."
 SCHEDULER_HELP = "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras."
 IMAGE_HELP = "A picture to start from: restyled, upscaled, or extended if its proportions differ."
 MASK_HELP = "Which part of image to make anew (white) and which to keep (black); needs image."
@@ -166,6 +167,7 @@ class Predictor(BaseRunner):
             description="Make a 360-degree panorama: the right edge continues into the left edge.",
             default=False,
         ),
+        sphere: bool = Input(description=SPHERE_HELP, default=False),
         scheduler: str = Input(
             description=SCHEDULER_HELP,
             default="DDIM",

@@ -55,6 +55,7 @@ from .core.precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae
 from .core.recompute import Recomputation, recompute_layers
 from .core.sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
 from .core.schedulers import Scheduler, make_scheduler, per_view
+from .core.sphere import CAPS, cap_mask, cap_picture, sphere_parts, sphere_picture
 from .core.sync import lpips_features, sync_loss
 from .core.sync_schedule import steps_run, sync_schedule
 from .core.windows import Geometry
@@ -569,7 +570,9 @@ class SyncDiffusionPipeline:
         backward passes redone at a lower fp16 loss scale so far; from an `image`, the steps
         that run are counted). With `image` (and `mask`, `prompt_strength`) the panorama starts
         from a picture: restyled, repainted where the mask is white, or extended around it
-        (`init_image`). The image's `info["parameters"]` holds every input, the model's
+        (`init_image`). With `sphere` it is the whole sphere, its band and its sky and ground
+        caps made as three pictures and put together (`core.sphere`), the callback counting
+        their steps as one run. The image's `info["parameters"]` holds every input, the model's
         identity (and hub revision, where its folder records one) and the version.
         """
         # 1. Check every input.
@@ -587,11 +590,19 @@ class SyncDiffusionPipeline:
         if recompute not in RECOMPUTE_MODES:
             allowed = ", ".join(repr(mode) for mode in RECOMPUTE_MODES)
             raise InputError(f"recompute must be one of {allowed}; got {recompute!r}")
+        if request["sphere"] and output_type == "latent":
+            raise InputError(
+                "output_type 'latent' is not available with sphere: a sphere is three "
+                "panoramas (its band and its caps) put together as pictures"
+            )
 
         # 2. The LoRAs, fetched and held to the model before any work, fused for this panorama.
         loras = self.loras(request)
         with self.fused_loras(loras):
-            made = self._panorama(request, view_batch_size, recompute, output_type, callback)
+            if request["sphere"]:
+                made = self._sphere(request, view_batch_size, recompute, callback)
+            else:
+                made = self._panorama(request, view_batch_size, recompute, output_type, callback)
         if output_type == "latent":
             return made
         image = made
@@ -752,6 +763,42 @@ class SyncDiffusionPipeline:
             )
         return latent if image is None else image
 
+    def _sphere(
+        self,
+        request: dict[str, Any],
+        view_batch_size: int | None,
+        recompute: str,
+        callback: Callback | None,
+    ) -> Image.Image:
+        """A whole sphere (`core.sphere`): its band around the horizon, then its sky and ground
+        caps, each made from the band's projection onto its cube face, put together. The
+        callback counts the three parts' steps as one run, and says which part (`part`)."""
+        band_request, cap_request = sphere_parts(request)
+        steps, done = steps_run(band_request) + len(CAPS) * steps_run(cap_request), 0
+
+        def run(part: dict[str, Any], name: str) -> Image.Image:
+            nonlocal done
+
+            def report(state: dict[str, Any]) -> None:
+                callback({**state, "step": done + state["step"], "steps": steps, "part": name})
+
+            made = self._panorama(
+                part, view_batch_size, recompute, "pil", report if callback else None
+            )
+            done += steps_run(part)
+            return made
+
+        band = run(band_request, "band")
+        size = cap_request["width"]
+        caps = {
+            face: run(
+                {**cap_request, "image": cap_picture(band, face), "mask": cap_mask(face, size)},
+                face,
+            )
+            for face in CAPS
+        }
+        return sphere_picture(band, caps)
+
     @staticmethod
     def _image_and_mask(
         request: dict[str, Any],
@@ -783,6 +830,8 @@ class SyncDiffusionPipeline:
         are saved by `Lora.record`, only where a request has one."""
         loras = {*LORA_INPUTS, *LORA_INPUTS.values()}
         request = {name: value for name, value in request.items() if name not in loras}
+        if not request["sphere"]:  # as a panorama saved before it was an input
+            del request["sphere"]
         if request["image"] is None:
             return {name: value for name, value in request.items() if name not in IMAGE_INPUTS}
         mask = request["mask"]

@@ -105,3 +105,13 @@ def test_rates_price_each_kind_of_work():
     rates = Rates(window_step=1, synced_window_step=10, decode=100, controlnet_pass=1000)
     assert rates.price(Work(1, 2, 3, 4)) == 1 + 20 + 300 + 4000
     assert Work(1, 2, 3, 4) + Work(1, 1, 1, 1) == Work(2, 3, 4, 5)
+
+
+def test_a_sphere_counts_its_band_and_its_two_caps():
+    sphere = panorama_request({"prompt": "a sky", "sphere": True})  # 2048 wide
+    assert (sphere["width"], sphere["height"], sphere["loop_closure"]) == (2048, 1024, True)
+    band = panorama_request({"prompt": "a sky", "height": 680, "loop_closure": True})
+    cap = panorama_request({"prompt": "a sky", "width": 512, "height": 512})
+    faces = dataclasses.replace(work(cap), encodes=1.0)  # each encodes the band's projection
+    assert work(sphere) == work(band) + faces + faces
+    assert request_cost(sphere) == pytest.approx(request_cost(band) + 2 * request_cost(cap))

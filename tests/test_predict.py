@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
     # name: (type, default, ge, le) as the published wrapper has them (docs/ALGORITHM.md),
     # but for the sides, which go up to 4096 (any multiple of 8), the seed's top bound (the
-    # library's, not published), the scheduler (DDIM, the published one, by default) and the
-    # inputs of a panorama from an image and the LoRAs, as cog-flux's with its bounds (all
-    # optional, so a request without them is published as before) and the two output inputs at
-    # the end.
+    # library's, not published), the whole sphere (off by default), the scheduler (DDIM, the
+    # published one, by default) and the inputs of a panorama from an image and the LoRAs, as
+    # cog-flux's with its bounds (all optional, so a request without them is published as
+    # before) and the two output inputs at the end.
     "prompt": ("str", REQUIRED, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),
@@ -50,6 +50,7 @@ PUBLISHED = {
     "stride": ("int", 16, 8, 56),
     "seed": ("int", 2, 0, None),
     "loop_closure": ("bool", False, None, None),
+    "sphere": ("bool", False, None, None),
     "scheduler": ("str", "DDIM", None, None),
     "image": ("Image", None, None, None),
     "mask": ("Image", None, None, None),
@@ -235,12 +236,13 @@ def test_predict_returns_a_png_of_the_asked_size(predictor, capsys):
     assert "step 2/2  elapsed" in logs
     assert "LPIPS" not in logs
     assert read_parameters(out) | {"model": None} == {
-        # Without an image or a LoRA, none of their inputs: a file records what it recorded
-        # before they were inputs.
+        # Without an image, a LoRA or a sphere, none of their inputs: a file records what it
+        # recorded before they were inputs.
         **{
             k: v
             for k, v in DEFAULTS.items()
-            if k not in (*OUTPUT_INPUTS, *IMAGE_INPUTS, *LORA_INPUTS, *LORA_INPUTS.values())
+            if k
+            not in (*OUTPUT_INPUTS, *IMAGE_INPUTS, *LORA_INPUTS, *LORA_INPUTS.values(), "sphere")
         },
         "prompt": "a mountain lake",
         "width": 768,

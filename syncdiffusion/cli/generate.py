@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..core.chunks import RECOMPUTE_MODES
 from ..core.control import image_record
+from ..core.sphere import FACES, cube_map, is_sphere
 from ..core.windows import Geometry
 from ..errors import InputError, WeightsError, one_line
 from ..pipeline import SyncDiffusionPipeline
@@ -155,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to make of --control-image first: canny turns a photo into its edges (for "
         "a canny ControlNet); none uses it as given (default: none)",
     )
+    parser.add_argument(
+        "--cubemap",
+        action="store_true",
+        help="also write the whole sphere's six cube faces beside --output, as NAME-px.png, "
+        "-nx, -py, -ny, -pz, -nz (three.js and OpenGL order, +y up), each a quarter of the "
+        "width square; needs --loop-closure and a height of half the width",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument(
         "--view-batch-size",
@@ -274,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         inputs |= _image_inputs(args)
         # Refused before the progress bar starts; a LoRA downloaded, and checked against the
         # saved panorama's, too.
-        _check_loras(pipe.loras(pipe.request(**inputs, **control)), args)
+        request = pipe.request(**inputs, **control)
+        _check_loras(pipe.loras(request), args)
+        faces = _cube_files(args.output, request) if args.cubemap else {}
         with tqdm(unit="step") as bar:
 
             def progress(state: dict) -> None:
@@ -306,7 +316,39 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     print(f"wrote {args.output} ({image.width}x{image.height})")
+    if faces:
+        try:
+            for name, face in cube_map(image).items():
+                with whole_file(faces[name]) as temporary:
+                    face.save(temporary, format="PNG")  # a perspective picture: no 360 XMP
+        except OSError as error:
+            print(
+                f"error: the cube faces could not be written ({one_line(error)})", file=sys.stderr
+            )
+            return 1
+        size = image.width // 4
+        print(
+            f"wrote {len(faces)} cube faces ({size}x{size}): {', '.join(map(str, faces.values()))}"
+        )
     return 0
+
+
+def _cube_files(output: Path, request: dict) -> dict[str, Path]:
+    """The cube faces' files beside `output` (NAME-px.png, ...), checked before any work: the
+    request must be a whole sphere, and each file writable."""
+    width, height = request["width"], request["height"]
+    if not (request["loop_closure"] and is_sphere(width, height)):
+        loop = "" if request["loop_closure"] else " without --loop-closure"
+        raise InputError(
+            f"--cubemap writes the six faces of a whole sphere: it needs --loop-closure and a "
+            f"height of half the width ({width}x{width // 2} for --width {width}); "
+            f"got {width}x{height}{loop}"
+        )
+    faces = {name: output.with_name(f"{output.stem}-{name}.png") for name in FACES}
+    for path in faces.values():
+        if problem := output_problem(path):
+            raise InputError(problem.replace("--output", "--cubemap", 1))
+    return faces
 
 
 def _described(record: dict, what: str) -> str:

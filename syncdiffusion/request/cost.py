@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..core.schedulers import network_calls
+from ..core.sphere import CAPS, sphere_parts
 from ..core.sync_schedule import steps_run, synced_steps
 from ..core.windows import SD2_BASE, Geometry
 
@@ -76,7 +77,16 @@ def work(
     (`inpainting`: it encodes the masked image, and at full strength not the image); as the
     published wrapper does it (`published`: it also runs the anchor's UNet again and takes the
     anchor's gradient at each synced step); with the panorama's decode unless only the latent
-    is asked for (`decoded`)."""
+    is asked for (`decoded`). A whole sphere's is its band's and its caps' (`sphere`), each
+    cap's encode of the band's projection included."""
+    options = dict(control=control, inpainting=inpainting, published=published, decoded=decoded)
+    if request.get("sphere"):
+        band, cap = sphere_parts(request)
+        # A cap encodes one picture at full strength: the band's projection (a plain UNet's),
+        # or its masked copy (an inpainting UNet's).
+        caps = [work(cap, geometry, **{**options, "inpainting": False}) for _ in CAPS]
+        encodes = len(CAPS) * cap["width"] * cap["height"] / 512**2
+        return sum(caps, work(band, geometry, **options)) + Work(encodes=encodes)
     n_windows = len(geometry.windows(request))
     synced = synced_steps(request)
     share = (geometry.window_pixels / 512) ** 2

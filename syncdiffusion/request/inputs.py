@@ -280,6 +280,12 @@ _PANORAMA_INPUTS = (
         default=False,
     ),
     Input(
+        "sphere",
+        bool,
+        "The whole sphere, sky and ground too: height is half the width, loop_closure on.",
+        default=False,
+    ),
+    Input(
         "scheduler",
         str,
         "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras.",
@@ -495,6 +501,15 @@ def panorama_request(
             request[name] = os.fspath(request[name])
     _refuse([spec.problem(request[name]) for name, spec in described.items()])
     _refuse([steps_problem(request)])
+    _refuse([sphere_problem(request, geometry, control)])
+    if request["sphere"]:
+        if request["height"] != request["width"] // 2:
+            logger.info(
+                "sphere: the height is half the width, %d, not the %d given",
+                request["width"] // 2,
+                request["height"],
+            )
+        request["height"], request["loop_closure"] = request["width"] // 2, True
     if control:
         _refuse([_control_problem(request)])
         _size_from_condition(request, geometry)
@@ -536,6 +551,24 @@ def image_problems(request: Mapping[str, Any]) -> list[str]:
     if mask is not None:
         problems += [_mask_problem(mask)]
     return [problem for problem in problems if problem]
+
+
+def sphere_problem(request: Mapping[str, Any], geometry: Geometry, control: bool) -> str | None:
+    """Why a request cannot be a whole sphere, or None: its width must make cube faces (a
+    quarter of it) of at least one window, and it starts from the prompt alone."""
+    if not request["sphere"]:
+        return None
+    given = "control_image" if control else "image" if request["image"] is not None else None
+    if given:
+        return f"sphere makes the whole sphere from the prompt alone: it takes no {given} yet"
+    width, least = request["width"], 4 * geometry.window_pixels
+    if width < least or width % 32:
+        return (
+            f"width must be a multiple of 32 of at least {least} with sphere (the sky and the "
+            f"ground are each made as a cube face a quarter of the width square, at least one "
+            f"{geometry.window_pixels}-px window); got {shown(width)}"
+        )
+    return None
 
 
 def _mask_problem(mask: Image.Image) -> str | None:

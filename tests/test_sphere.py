@@ -1,0 +1,192 @@
+"""The whole sphere's geometry: an equirectangular picture, its cube map and back; the
+command line's cube faces."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from syncdiffusion import InputError, SyncDiffusionPipeline
+from syncdiffusion.cli.generate import main
+from syncdiffusion.core.sphere import (
+    FACES,
+    band_height,
+    cube_coordinates,
+    cube_map,
+    cube_to_equirect,
+    equirect_coordinates,
+    equirect_directions,
+    equirect_to_cube,
+    face_directions,
+)
+
+
+def colour(d: torch.Tensor) -> torch.Tensor:
+    """A smooth colour (3, ...) of unit directions `d` (..., 3)."""
+    return torch.stack([d[..., 0] + 0.5 * d[..., 1], d[..., 1] * d[..., 2], (2 * d[..., 2]).sin()])
+
+
+def smooth_sphere(width: int) -> torch.Tensor:
+    """A picture of the sphere (1, 3, W/2, W) that is a smooth function of the direction, so
+    that it is one colour at each pole and continuous across the seam."""
+    return colour(equirect_directions(width, width // 2)).unsqueeze(0).float()
+
+
+def test_the_faces_look_along_their_axes_with_y_up():
+    size = 8
+    for face, axis in zip(FACES, torch.eye(3).repeat_interleave(2, 0), strict=True):
+        d = face_directions(face, size)
+        sign = -1 if face.startswith("n") else 1
+        centre = d[size // 2 - 1 : size // 2 + 1, size // 2 - 1 : size // 2 + 1].mean((0, 1))
+        assert torch.allclose(centre.float(), sign * axis, atol=1e-6)
+    # On the side faces the top row looks up; on the up face the top row looks towards -z.
+    for face in ("px", "nx", "pz", "nz"):
+        d = face_directions(face, size)
+        assert (d[0, :, 1] > 0).all() and (d[-1, :, 1] < 0).all()
+    assert (face_directions("py", size)[0, :, 2] < 0).all()
+
+
+def test_the_middle_column_looks_along_x_and_longitude_grows_towards_z():
+    d = equirect_directions(8, 4)
+    u, v = equirect_coordinates(torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0], [0, -1, 0]]))
+    assert u[:2].tolist() == [0.5, 0.75] and v.tolist() == [0.5, 0.5, 0.0, 1.0]
+    assert torch.allclose(d.norm(dim=-1), torch.ones(4, 8, dtype=d.dtype))
+    # Rows and columns at +-22.5 degrees of the horizon and the middle: towards +x; right of
+    # the middle, towards +z.
+    assert (d[1:3, 3:5, 0] > 0.85).all() and (d[1:3, 5:7, 2] > 0).all()
+
+
+def test_every_direction_meets_the_face_that_looks_at_it():
+    size = 6
+    for k, face in enumerate(FACES):
+        found, s, t = cube_coordinates(face_directions(face, size))
+        assert (found == k).all()
+        expected = (torch.arange(size, dtype=s.dtype) + 0.5) / size
+        assert torch.allclose(s, expected.expand(size, size), atol=1e-9)
+        assert torch.allclose(t, expected.unsqueeze(1).expand(size, size), atol=1e-9)
+
+
+def test_the_faces_agree_with_the_picture_and_the_poles_are_points():
+    picture = smooth_sphere(256)
+    faces = equirect_to_cube(picture)
+    assert set(faces) == set(FACES) and all(f.shape == (1, 3, 64, 64) for f in faces.values())
+    # Each face is the smooth function at its own directions, within bilinear error.
+    for face, pixels in faces.items():
+        d = face_directions(face, 64)
+        d = d / d.norm(dim=-1, keepdim=True)
+        expected = torch.stack(
+            [d[..., 0] + 0.5 * d[..., 1], d[..., 1] * d[..., 2], (2 * d[..., 2]).sin()]
+        )
+        assert (pixels[0] - expected.float()).abs().max() < 0.03, face
+    # The up face's centre is the zenith, the top row's colour; the down face's the nadir.
+    up, down = faces["py"][0, :, 31:33, 31:33].mean((1, 2)), faces["ny"][0, :, 31:33, 31:33]
+    assert torch.allclose(up, picture[0, :, 0].mean(-1), atol=0.02)
+    assert torch.allclose(down.mean((1, 2)), picture[0, :, -1].mean(-1), atol=0.02)
+
+
+@pytest.mark.parametrize("width", [256, 512])
+def test_picture_to_cube_and_back_is_the_picture_within_interpolation(width):
+    picture = smooth_sphere(width)
+    back = cube_to_equirect(equirect_to_cube(picture), width)
+    assert back.shape == picture.shape
+    error = (back - picture).abs()
+    # Bilinear twice on a function whose slope is at most about 2 per radian: a pixel is
+    # 2 pi / width radians.
+    assert error.max() < 4 * 2 * math.pi / width
+    assert error.mean() < 0.5 * 2 * math.pi / width
+
+
+def test_cube_map_of_a_picture_is_six_quarter_width_faces():
+    picture = smooth_sphere(256)
+    rgb = Image.fromarray(((picture[0].permute(1, 2, 0) + 2) * 50).round().byte().numpy())
+    faces = cube_map(rgb)
+    assert list(faces) == list(FACES)
+    assert all(face.size == (64, 64) and face.mode == "RGB" for face in faces.values())
+    # The up face's centre is the zenith: the top row's colour.
+    top = np.asarray(rgb, dtype=float)[0].mean(0)
+    assert np.abs(np.asarray(faces["py"], dtype=float)[31:33, 31:33].mean((0, 1)) - top).max() < 3
+
+
+def test_the_cli_writes_the_cube_faces_beside_a_whole_sphere(family_weights, tmp_path, capsys):
+    out = tmp_path / "sky.png"
+    argv = ["--prompt", "a sky", "--weights", str(family_weights), "--model", "tiny-sd1"]
+    argv += ["--width", "512", "--height", "256", "--stride", "16", "--num-inference-steps", "1"]
+    assert main([*argv, "--loop-closure", "--cubemap", "--output", str(out)]) == 0
+    faces = {name: tmp_path / f"sky-{name}.png" for name in FACES}
+    assert "wrote 6 cube faces (128x128)" in capsys.readouterr().out
+    expected = cube_map(Image.open(out))
+    for name, path in faces.items():
+        with Image.open(path) as face:
+            assert face.size == (128, 128)
+            assert np.array_equal(np.asarray(face), np.asarray(expected[name]))
+
+
+@pytest.mark.parametrize(
+    ("options", "got"),
+    [(["--loop-closure", "--height", "512"], "got 512x512"), ([], "got 512x256 without")],
+)
+def test_cubemap_without_a_whole_sphere_is_refused_before_any_work(
+    family_weights, tmp_path, capsys, options, got
+):
+    argv = ["--prompt", "a sky", "--weights", str(family_weights), "--model", "tiny-sd1"]
+    argv += ["--width", "512", "--height", "256", *options, "--cubemap"]
+    assert main([*argv, "--output", str(tmp_path / "sky.png")]) == 2
+    error = capsys.readouterr().err
+    assert "--cubemap writes the six faces of a whole sphere" in error and got in error
+    assert "a height of half the width (512x256 for --width 512)" in error
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def sd1(family_weights) -> SyncDiffusionPipeline:
+    return SyncDiffusionPipeline.from_pretrained(family_weights, device="cpu", model="tiny-sd1")
+
+
+SPHERE = dict(prompt="a sky over a lake", width=1024, num_inference_steps=2, sync_threshold=1)
+SPHERE |= dict(stride=16, seed=3)
+
+
+def test_a_sphere_is_its_band_near_the_horizon_and_its_caps_at_the_poles(sd1):
+    reported = []
+    sphere = sd1(sphere=True, height=256, callback=reported.append, **SPHERE)
+    assert sphere.size == (1024, 512)
+    saved = sphere.info["parameters"]
+    assert (saved["sphere"], saved["height"], saved["loop_closure"]) == (True, 512, True)
+    # Two steps each: the band, the sky's face, the ground's, counted as one run.
+    assert [(s["part"], s["step"], s["steps"]) for s in reported] == [
+        (part, step, 6) for step, part in enumerate(["band", "band", "py", "py", "ny", "ny"])
+    ]
+    # Within 45 degrees of the horizon (rows 128 to 383 of 512) it is the loop-closure band
+    # of the same seed, 1024x344 (60 degrees up and down), to the bit.
+    assert band_height(1024) == 344
+    band = sd1(height=344, loop_closure=True, **SPHERE)
+    pixels, band_pixels = np.asarray(sphere, dtype=int), np.asarray(band, dtype=int)
+    above = (512 - 344) // 2
+    assert np.array_equal(pixels[128:384], band_pixels[128 - above : 384 - above])
+    # Beyond, the caps: not the band's edge rows stretched.
+    assert not np.array_equal(pixels[20], band_pixels[0])
+    # The zenith and the nadir are points: the top row is one colour, the bottom row too.
+    assert (pixels[0] == pixels[0, :1]).all() and (pixels[-1] == pixels[-1, :1]).all()
+    # The left and right edges meet as neighbouring columns do.
+    seam = np.abs(pixels[:, 0] - pixels[:, -1]).mean()
+    neighbours = np.abs(np.diff(pixels, axis=1)).mean()
+    assert seam < 1.5 * neighbours
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"width": 1000}, "width must be a multiple of 32 of at least 1024 with sphere"),
+        ({"width": 768}, "at least one 256-px window); got 768"),
+        ({"image": Image.new("RGB", (64, 32))}, "it takes no image yet"),
+        ({"output_type": "latent"}, "output_type 'latent' is not available with sphere"),
+    ],
+)
+def test_what_a_sphere_cannot_take_is_refused_by_name(sd1, inputs, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        sd1(**{**SPHERE, "sphere": True, **inputs})
