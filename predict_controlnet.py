@@ -24,7 +24,6 @@ GUIDANCE_END_HELP = "Fraction of the denoising steps after which the ControlNet 
 WIDTH_HELP = "Width in pixels, a multiple of 8, or 0 for the control image's. Wider than high: a horizontal panorama."  # noqa: E501
 HEIGHT_HELP = "Height in pixels, a multiple of 8, or 0 for the control image's. Higher than wide: a vertical panorama."  # noqa: E501
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
-SPHERE_HELP = "The whole sphere, sky and ground too: height is half the width, loop_closure on."
 SCHEDULER_HELP = "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras."
 IMAGE_HELP = "A picture to start from: restyled, upscaled, or extended if its proportions differ."
 MASK_HELP = "Which part of image to make anew (white) and which to keep (black); needs image."
@@ -99,7 +98,6 @@ class Predictor(predict.Predictor):
             description="Make a 360-degree panorama: the right edge continues into the left edge.",
             default=False,
         ),
-        sphere: bool = Input(description=SPHERE_HELP, default=False),
         scheduler: str = Input(
             description=SCHEDULER_HELP,
             default="DDIM",

@@ -590,7 +590,7 @@ class SyncDiffusionPipeline:
         if recompute not in RECOMPUTE_MODES:
             allowed = ", ".join(repr(mode) for mode in RECOMPUTE_MODES)
             raise InputError(f"recompute must be one of {allowed}; got {recompute!r}")
-        if request["sphere"] and output_type == "latent":
+        if request.get("sphere") and output_type == "latent":
             raise InputError(
                 "output_type 'latent' is not available with sphere: a sphere is three "
                 "panoramas (its band and its caps) put together as pictures"
@@ -599,7 +599,7 @@ class SyncDiffusionPipeline:
         # 2. The LoRAs, fetched and held to the model before any work, fused for this panorama.
         loras = self.loras(request)
         with self.fused_loras(loras):
-            if request["sphere"]:
+            if request.get("sphere"):
                 made = self._sphere(request, view_batch_size, recompute, callback)
             else:
                 made = self._panorama(request, view_batch_size, recompute, output_type, callback)
@@ -830,8 +830,8 @@ class SyncDiffusionPipeline:
         are saved by `Lora.record`, only where a request has one."""
         loras = {*LORA_INPUTS, *LORA_INPUTS.values()}
         request = {name: value for name, value in request.items() if name not in loras}
-        if not request["sphere"]:  # as a panorama saved before it was an input
-            del request["sphere"]
+        if not request.get("sphere"):  # as a panorama saved before it was an input
+            request.pop("sphere", None)
         if request["image"] is None:
             return {name: value for name, value in request.items() if name not in IMAGE_INPUTS}
         mask = request["mask"]

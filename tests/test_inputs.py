@@ -36,6 +36,7 @@ GOOD = dict(
     stride=16,
     seed=2,
     loop_closure=False,
+    sphere=False,
     scheduler="DDIM",
     image=None,
     mask=None,

@@ -221,7 +221,7 @@ def form_values(parameters: dict[str, Any]) -> dict[str, Any]:
     """The form's fields for a saved panorama's parameters (`files.read_parameters`): its
     inputs, the ControlNet's numbers among them, as text; what is not a field left out (model,
     version, the ControlNet's name, the condition image's record: a file input cannot be filled)."""
-    described = panorama_inputs(control=True)
+    described = {**panorama_inputs(), **panorama_inputs(control=True)}  # sphere: no ControlNet
     return {
         name: _number_text(value)
         for name, value in parameters.items()

@@ -450,6 +450,7 @@ def panorama_inputs(
         described[spec.name] = spec
     if not control:
         return described
+    del described["sphere"]  # a sphere is made from the prompt alone, not yet laid out
     for name in ("width", "height"):
         described[name] = dataclasses.replace(
             described[name],
@@ -501,8 +502,8 @@ def panorama_request(
             request[name] = os.fspath(request[name])
     _refuse([spec.problem(request[name]) for name, spec in described.items()])
     _refuse([steps_problem(request)])
-    _refuse([sphere_problem(request, geometry, control)])
-    if request["sphere"]:
+    _refuse([sphere_problem(request, geometry)])
+    if request.get("sphere"):
         if request["height"] != request["width"] // 2:
             logger.info(
                 "sphere: the height is half the width, %d, not the %d given",
@@ -553,14 +554,13 @@ def image_problems(request: Mapping[str, Any]) -> list[str]:
     return [problem for problem in problems if problem]
 
 
-def sphere_problem(request: Mapping[str, Any], geometry: Geometry, control: bool) -> str | None:
+def sphere_problem(request: Mapping[str, Any], geometry: Geometry) -> str | None:
     """Why a request cannot be a whole sphere, or None: its width must make cube faces (a
     quarter of it) of at least one window, and it starts from the prompt alone."""
-    if not request["sphere"]:
+    if not request.get("sphere"):
         return None
-    given = "control_image" if control else "image" if request["image"] is not None else None
-    if given:
-        return f"sphere makes the whole sphere from the prompt alone: it takes no {given} yet"
+    if request["image"] is not None:
+        return "sphere makes the whole sphere from the prompt alone: it takes no image yet"
     width, least = request["width"], 4 * geometry.window_pixels
     if width < least or width % 32:
         return (
