@@ -115,14 +115,16 @@ def test_cube_map_of_a_picture_is_six_quarter_width_faces():
 def test_the_cli_writes_the_cube_faces_beside_a_whole_sphere(family_weights, tmp_path, capsys):
     out = tmp_path / "sky.png"
     argv = ["--prompt", "a sky", "--weights", str(family_weights), "--model", "tiny-sd1"]
-    argv += ["--width", "512", "--height", "256", "--stride", "16", "--num-inference-steps", "1"]
-    assert main([*argv, "--loop-closure", "--cubemap", "--output", str(out)]) == 0
+    argv += ["--width", "1024", "--sphere", "--stride", "16", "--num-inference-steps", "1"]
+    assert main([*argv, "--cubemap", "--output", str(out)]) == 0
     faces = {name: tmp_path / f"sky-{name}.png" for name in FACES}
-    assert "wrote 6 cube faces (128x128)" in capsys.readouterr().out
-    expected = cube_map(Image.open(out))
+    assert "wrote 6 cube faces (256x256)" in capsys.readouterr().out
+    with Image.open(out) as sphere:
+        assert sphere.size == (1024, 512)
+        expected = cube_map(sphere)
     for name, path in faces.items():
         with Image.open(path) as face:
-            assert face.size == (128, 128)
+            assert face.size == (256, 256)
             assert np.array_equal(np.asarray(face), np.asarray(expected[name]))
 
 
