@@ -644,6 +644,15 @@ def test_in_a_browser_a_360_panorama_opens_in_the_viewer(page, real_app):
     page.wait_for_timeout(500)
     turned = Image.open(io.BytesIO(page.locator("#viewer canvas").screenshot())).convert("L")
     assert turned.tobytes() != view.tobytes()
+    # A 2:1 picture is the whole sphere (its XMP says so): looking straight up and straight
+    # down, the viewer shows the picture, no empty background (black) at the poles.
+    for pitch, where in ((90, "up"), (-90, "down")):
+        page.evaluate(f"viewer.setPitch({pitch}, false)")
+        page.wait_for_timeout(500)
+        assert abs(page.evaluate("viewer.getPitch()") - pitch) < 1, where
+        pole = Image.open(io.BytesIO(page.locator("#viewer canvas").screenshot())).convert("L")
+        black = pole.histogram()[0] / (pole.width * pole.height)
+        assert black < 0.01, f"looking {where}, {black:.0%} of the view is empty background"
     assert page.locator("#history li").count() == earlier + 1
     if out := os.environ.get(SCREENSHOT_ENV):
         page.locator("header").scroll_into_view_if_needed()
