@@ -6,6 +6,7 @@
     python scripts/benchmark.py --controlnet         # with a ControlNet and a condition image
     python scripts/benchmark.py --schedulers         # DDIM 50 steps against DPM++ 2M Karras 25
     python scripts/benchmark.py --lora               # no LoRA, one, two: a step's cost fused
+    python scripts/benchmark.py --sphere             # a whole sphere against its band alone
 
 Runs the oracle and the fast path (with each `recompute` mode: auto, always, never) on the same
 inputs and seed in one process, alternating, counts one synced step's tensor peak of each, then
@@ -19,7 +20,10 @@ With `--schedulers` the fast path alone runs with DDIM at 50 steps and DPM++ 2M 
 (`--steps` and `--sync-threshold` left out: 3 synced), and the table gives each one's seconds
 and the windows its UNet predicted for. With `--lora` the fast path alone runs without a LoRA,
 with one and with two (random, rank 16 on every attention projection), and the table splits
-each panorama's seconds into the LoRAs' fetching, fusing and restoring, and the steps.
+each panorama's seconds into the LoRAs' fetching, fusing and restoring, and the steps. With
+`--sphere` the fast path alone makes a whole sphere (`sphere`, at least four windows wide: 2048
+on the tiny model and SD2's architecture by default), its band alone and a 2:1 loop-closure
+panorama of the same width, pictures, and the table gives each one's seconds and windows.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from syncdiffusion.testing.bench import (
     loras,
     pipelines,
     schedulers,
+    spheres,
     sweep,
     table,
 )
@@ -99,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the fast path, without a LoRA, with one and with two (random, rank 16)",
     )
+    parser.add_argument(
+        "--sphere",
+        action="store_true",
+        help="only the fast path: a whole sphere against its band alone and a 2:1 loop-closure "
+        "panorama (default width: four windows)",
+    )
     parser.add_argument("--record", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-record", action="store_true")
     return parser
@@ -129,6 +140,8 @@ def main() -> None:
         return compare_schedulers(args, device, inputs)
     if args.lora:
         return compare_loras(args, device, inputs)
+    if args.sphere:
+        return compare_spheres(args, device, inputs)
     pipes = pipelines(args.arch, device, args.controlnet)
     if args.controlnet:
         inputs["control_image"] = edge_map(width, height, args.seed)
@@ -236,6 +249,36 @@ def compare_loras(args: argparse.Namespace, device: torch.device, inputs: dict) 
             *table(
                 "| LoRAs | seconds | of which fetch, fuse, restore | seconds per step "
                 "| per step against none | peak memory |",
+                rows,
+            ),
+            "",
+        ]
+    )
+    publish(report, None if args.no_record else args.record)
+
+
+def compare_spheres(args: argparse.Namespace, device: torch.device, inputs: dict) -> None:
+    """A whole sphere against its band alone and a 2:1 loop-closure panorama, recorded as its
+    own entry."""
+    pipes = pipelines(args.arch, device)
+    if args.width is None:  # four windows: the narrowest sphere
+        inputs = {**inputs, "width": 4 * pipes.fast.window_pixels}
+    rows = spheres(pipes.fast, inputs, device, args.repeats)
+    report = "\n".join(
+        [
+            f"### {datetime.date.today().isoformat()} · {args.arch} · {device.type} · sphere",
+            "",
+            f"- Machine: {machine(device)}",
+            f"- Settings: arch {args.arch}, {device.type} "
+            f"fp{torch.finfo(fast_dtype(device)).bits}, width {inputs['width']}, stride "
+            f"{inputs['stride']}, {inputs['num_inference_steps']} steps, sync_threshold "
+            f"{inputs['sync_threshold']}, sync_weight {args.sync_weight:g}, seed {args.seed}, "
+            f"pictures, best of {args.repeats}; syncdiffusion {__version__}",
+            "- Command: `python scripts/benchmark.py " + shlex.join(sys.argv[1:]) + "`",
+            "",
+            *table(
+                "| panorama | size | window evaluations | seconds | against the band "
+                "| peak memory |",
                 rows,
             ),
             "",

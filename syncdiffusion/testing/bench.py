@@ -24,6 +24,7 @@ from diffusers import ControlNetModel
 from PIL import Image
 
 from ..core.chunks import peak_live_bytes
+from ..core.sphere import band_height
 from ..models.tiny import make_tiny_controlnet, make_tiny_weights, random_controlnet
 from ..pipeline import SyncDiffusionPipeline
 from .lora import make_lora
@@ -339,3 +340,46 @@ def table(header: str, rows: list[str]) -> list[str]:
     """A markdown table: `header` is its columns, `|`-separated."""
     columns = header.count("|") - 1
     return [header, "|" + " --- |" * columns, *rows]
+
+
+# A whole sphere against the two panoramas it may be compared with: its band alone (the
+# loop-closure panorama it starts from) and a 2:1 loop-closure panorama (the other way to a
+# whole-sphere picture, its poles stretched).
+SPHERE_ROWS = ("band alone", "2:1 loop closure", "sphere: band and two caps")
+
+
+def spheres(
+    fast: SyncDiffusionPipeline, inputs: dict[str, Any], device: torch.device, repeats: int = 1
+) -> list[str]:
+    """Rows for each of `SPHERE_ROWS` at `inputs`' width, pictures (decodes included): seconds
+    (best of `repeats`, alternating), the windows the UNet predicted for (the sync step's
+    forwards included), the seconds against the band's, and the peak memory."""
+    width = inputs["width"]
+    requests = (
+        {**inputs, "height": band_height(width), "loop_closure": True},
+        {**inputs, "height": width // 2, "loop_closure": True},
+        {**inputs, "sphere": True},
+    )
+    runs = dict(zip(SPHERE_ROWS, requests, strict=True))
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    counts, peaks = {}, {}
+    # The first call's memory probes (UNet calls of their own), not timed or counted: one window.
+    side = fast.window_pixels
+    fast(**{**inputs, "width": side, "height": side}, output_type="latent")
+    for _ in range(repeats):  # alternating, so a busy spell of the machine hits all three
+        for label, request in runs.items():
+            with WindowEvaluations(fast.unet) as evaluations:
+                _, seconds, peak = timed(lambda r=request: fast(**r), device)
+            times[label].append(seconds)
+            counts[label], peaks[label] = evaluations.count, max(peak, peaks.get(label, 0))
+    band = min(times[SPHERE_ROWS[0]])
+    rows = []
+    for label, request in runs.items():
+        size = f"{width}x{width // 2}" if request.get("sphere") else f"{width}x{request['height']}"
+        seconds = min(times[label])
+        rows.append(
+            f"| {label} | {size} | {counts[label]} | {seconds:.2f} | {seconds / band:.2f}x "
+            f"| {gib(peaks[label])} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
