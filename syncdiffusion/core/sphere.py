@@ -120,15 +120,18 @@ def cube_to_equirect(faces: dict[str, torch.Tensor], width: int) -> torch.Tensor
     face, s, t = cube_coordinates(equirect_directions(width, width // 2))
     out = None
     for k, name in enumerate(FACES):
-        picture = faces[name]
-        grid = torch.stack([s * 2 - 1, t * 2 - 1], dim=-1).to(picture.dtype)
-        grid = grid.expand(picture.shape[0], *grid.shape)
-        sampled = F.grid_sample(
-            picture, grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
+        sampled = sample_face(faces[name], s, t)
         out = sampled.new_zeros(sampled.shape) if out is None else out
         out = torch.where((face == k).to(sampled.device), sampled, out)
     return out
+
+
+def sample_face(picture: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A face `picture` (n, c, S, S) sampled bilinearly at (s, t) (h, w each, in [0, 1] from
+    its top left, `cube_coordinates`): (n, c, h, w), the edge pixels beyond its edges."""
+    grid = torch.stack([s * 2 - 1, t * 2 - 1], dim=-1).to(picture.dtype)
+    grid = grid.expand(picture.shape[0], *grid.shape)
+    return F.grid_sample(picture, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def is_sphere(width: int, height: int) -> bool:
@@ -218,20 +221,16 @@ def sphere_picture(band: Image.Image, caps: dict[str, Image.Image]) -> Image.Ima
     face, s, t = cube_coordinates(directions)
     out = canvas.clone()
     for name in CAPS:
-        index = FACES.index(name)
-        grid = torch.stack([s * 2 - 1, t * 2 - 1], dim=-1).unsqueeze(0)
-        sampled = F.grid_sample(
-            to_tensor(caps[name]), grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
-        on_face = (face == index) & (weight > 0)
+        sampled = sample_face(to_tensor(caps[name]), s, t)
+        on_face = (face == FACES.index(name)) & (weight > 0)
         mixed = canvas + weight * (sampled - canvas)
         out = torch.where(on_face, mixed, out)
     # The top row lies within half a row of the zenith, the bottom row of the nadir: each is
     # that one point, the centre of its face.
-    centre = torch.zeros(1, 1, 1, 2, dtype=out.dtype)
+    centre = torch.full((1, 1), 0.5, dtype=out.dtype)
     for row, name in ((0, "py"), (-1, "ny")):
-        pole = F.grid_sample(to_tensor(caps[name]), centre, mode="bilinear", align_corners=False)
-        out[..., row, :] = pole[..., 0, :]  # (1, 3, 1) over every column
+        pole = sample_face(to_tensor(caps[name]), centre, centre)  # (1, 3, 1, 1)
+        out[..., row, :] = pole[..., 0, :]  # over every column
     return to_picture(out)
 
 
