@@ -24,6 +24,8 @@ import torch
 from cog import BaseRunner, Input, Path
 
 from syncdiffusion import SyncDiffusionPipeline, WeightsError
+from syncdiffusion.core.sphere import cube_map as cube_faces
+from syncdiffusion.core.sphere import cube_picture
 from syncdiffusion.models.folders import controlnet_folder_problem
 from syncdiffusion.models.weights import (
     CONTROLNET_ENV,
@@ -50,6 +52,7 @@ MASK_HELP = "Which part of image to make anew (white) and which to keep (black);
 STRENGTH_HELP = "How much of image is made anew: 1 makes it all from noise, lower keeps more of it."
 LORA_WEIGHTS_HELP = "A LoRA: a Hugging Face repo (owner/name, optionally /file.safetensors) or an https URL of a .safetensors file."  # noqa: E501
 SCALE_HELP = "How strongly lora_weights is applied: 0 leaves the model as it is, 1 is as trained."
+MAP_HELP = "With sphere, the file is its cube map instead: a 6:1 row or 4:3 cross of its faces."
 # --- end of input descriptions ---
 
 try:
@@ -197,6 +200,9 @@ class Predictor(BaseRunner):
         extra_lora_scale: float = Input(
             description="How strongly extra_lora is applied.", default=1.0, ge=-1, le=3
         ),
+        cube_map: str = Input(
+            description=MAP_HELP, default="none", choices=["none", "strip", "cross"]
+        ),
         output_format: str = Input(
             description="File format of the panorama. Every input is saved in the file.",
             default="png",
@@ -214,9 +220,12 @@ class Predictor(BaseRunner):
         # Every input by its name, as the schema above lists them.
         return self.make_panorama(**{k: v for k, v in locals().items() if k != "self"})
 
-    def make_panorama(self, output_format: str, output_quality: int, **inputs) -> Path:
-        """The panorama of the pipeline `inputs`, written as a file; `run` minus the schema."""
-        check_output(output_format, output_quality)
+    def make_panorama(
+        self, output_format: str, output_quality: int, cube_map: str = "none", **inputs
+    ) -> Path:
+        """The panorama of the pipeline `inputs`, written as a file; `run` minus the schema.
+        With `cube_map` ("strip" or "cross"), a whole sphere's file is its cube map instead."""
+        check_output(output_format, output_quality, cube_map, inputs.get("sphere", False))
         # Read in full and checked here, so a bad upload fails with its name, not a trace.
         for name in ("control_image", "image", "mask"):
             if inputs.get(name) is not None:
@@ -240,6 +249,14 @@ class Predictor(BaseRunner):
         # One output folder, emptied per prediction: a long-running server keeps one file at most.
         shutil.rmtree(self.outputs, ignore_errors=True)
         self.outputs.mkdir(parents=True)
+        parameters = image.info["parameters"]
+        if cube_map != "none":
+            # A game engine's skybox in one file: not equirectangular, so no photo-sphere XMP.
+            image = cube_picture(cube_faces(image), cube_map)
+            parameters = {**parameters, "cube_map": cube_map}
+            path = self.outputs / f"cube-{cube_map}.{output_format}"
+            save_image(image, path, parameters, output_format, output_quality, photo_sphere=False)
+            return Path(path)
         path = self.outputs / f"panorama.{output_format}"
-        save_image(image, path, image.info["parameters"], output_format, output_quality)
+        save_image(image, path, parameters, output_format, output_quality)
         return Path(path)

@@ -24,6 +24,7 @@ MASK_HELP = "Which part of image to make anew (white) and which to keep (black);
 STRENGTH_HELP = "How much of image is made anew: 1 makes it all from noise, lower keeps more of it."
 LORA_WEIGHTS_HELP = "A LoRA: a Hugging Face repo (owner/name, optionally /file.safetensors) or an https URL of a .safetensors file."  # noqa: E501
 SCALE_HELP = "How strongly lora_weights is applied: 0 leaves the model as it is, 1 is as trained."
+MAP_HELP = "With sphere, the file is its cube map instead: a 6:1 row or 4:3 cross of its faces."
 # --- end of input descriptions ---
 
 
@@ -119,6 +120,9 @@ class Predictor(predict.Predictor):
         ),
         extra_lora_scale: float = Input(
             description="How strongly extra_lora is applied.", default=1.0, ge=-1, le=3
+        ),
+        cube_map: str = Input(
+            description=MAP_HELP, default="none", choices=["none", "strip", "cross"]
         ),
         output_format: str = Input(
             description="File format of the panorama. Every input is saved in the file.",

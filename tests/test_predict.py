@@ -21,6 +21,7 @@ from syncdiffusion.replicate.schema import (
 )
 from syncdiffusion.request.image_file import read_parameters
 from syncdiffusion.request.inputs import (
+    CUBE_MAP_INPUT,
     IMAGE_INPUTS,
     LORA_INPUTS,
     OUTPUT_INPUTS,
@@ -36,7 +37,8 @@ PUBLISHED = {
     # library's, not published), the whole sphere (off by default), the scheduler (DDIM, the
     # published one, by default) and the inputs of a panorama from an image and the LoRAs, as
     # cog-flux's with its bounds (all optional, so a request without them is published as
-    # before) and the two output inputs at the end.
+    # before), the sphere's cube map in one file (none by default) and the two output inputs
+    # at the end.
     "prompt": ("str", REQUIRED, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),
@@ -59,6 +61,7 @@ PUBLISHED = {
     "lora_scale": ("float", 1.0, -1, 3),
     "extra_lora": ("str", None, None, None),
     "extra_lora_scale": ("float", 1.0, -1, 3),
+    "cube_map": ("str", "none", None, None),
     "output_format": ("str", "png", None, None),
     "output_quality": ("int", 80, 1, 100),
 }
@@ -96,7 +99,10 @@ def test_every_predictor_input_is_the_library_description(predictor, model):
     and help, as the library describes them for the predictor's model. An input where 0 means
     something (a side taken from the condition image) is published with the lower bound 0."""
     published = published_inputs(ROOT / predictor)
-    described = {**panorama_inputs(*model), **OUTPUT_INPUTS}
+    described = panorama_inputs(*model)
+    # A model that makes spheres also writes their cube maps.
+    sphere = {"cube_map": CUBE_MAP_INPUT} if "sphere" in described else {}
+    described = {**described, **sphere, **OUTPUT_INPUTS}
     assert list(published) == list(described)
     for name, spec in described.items():
         fields = dict(published[name])
@@ -183,7 +189,7 @@ def test_the_generator_refuses_a_literal_cog_would_publish_wrong(value):
 
 
 def test_the_library_describes_the_published_inputs():
-    described = {**panorama_inputs(), **OUTPUT_INPUTS}
+    described = {**panorama_inputs(), "cube_map": CUBE_MAP_INPUT, **OUTPUT_INPUTS}
     assert list(described) == list(PUBLISHED)
     for name, (kind, default, ge, le) in PUBLISHED.items():
         spec = described[name]
@@ -243,6 +249,7 @@ def test_predict_returns_a_png_of_the_asked_size(predictor, capsys):
             for k, v in DEFAULTS.items()
             if k
             not in (*OUTPUT_INPUTS, *IMAGE_INPUTS, *LORA_INPUTS, *LORA_INPUTS.values(), "sphere")
+            and k != "cube_map"
         },
         "prompt": "a mountain lake",
         "width": 768,

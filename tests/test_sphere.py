@@ -14,16 +14,20 @@ from PIL import Image
 from syncdiffusion import InputError, SyncDiffusionPipeline
 from syncdiffusion.cli.generate import main
 from syncdiffusion.core.sphere import (
+    CUBE_LAYOUTS,
     FACES,
     band_height,
     cube_coordinates,
     cube_map,
+    cube_picture,
     cube_to_equirect,
     equirect_coordinates,
     equirect_directions,
     equirect_to_cube,
     face_directions,
 )
+from syncdiffusion.replicate import predictors
+from syncdiffusion.request.image_file import read_parameters
 
 
 def colour(d: torch.Tensor) -> torch.Tensor:
@@ -51,14 +55,52 @@ def test_the_faces_look_along_their_axes_with_y_up():
     assert (face_directions("py", size)[0, :, 2] < 0).all()
 
 
-def test_the_middle_column_looks_along_x_and_longitude_grows_towards_z():
+def test_the_middle_column_looks_along_x_and_the_columns_turn_towards_minus_z():
     d = equirect_directions(8, 4)
-    u, v = equirect_coordinates(torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0], [0, -1, 0]]))
+    u, v = equirect_coordinates(torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0], [0, -1, 0]]))
     assert u[:2].tolist() == [0.5, 0.75] and v.tolist() == [0.5, 0.5, 0.0, 1.0]
     assert torch.allclose(d.norm(dim=-1), torch.ones(4, 8, dtype=d.dtype))
     # Rows and columns at +-22.5 degrees of the horizon and the middle: towards +x; right of
-    # the middle, towards +z.
-    assert (d[1:3, 3:5, 0] > 0.85).all() and (d[1:3, 5:7, 2] > 0).all()
+    # the middle, towards -z (Unity's panoramic skybox: u = 0.5 - atan2(z, x) / 2pi).
+    assert (d[1:3, 3:5, 0] > 0.85).all() and (d[1:3, 5:7, 2] < 0).all()
+    unity_u = 0.5 - torch.atan2(d[..., 2], d[..., 0]) / (2 * math.pi)
+    assert torch.allclose(unity_u, (torch.arange(8, dtype=d.dtype) + 0.5) / 8)
+
+
+def dot_picture(width: int, u: float, latitude: float = 0.0) -> torch.Tensor:
+    """A black 2:1 picture `width` wide with one white dot at column `u` (0 to 1 from the
+    left) and `latitude` degrees."""
+    picture = torch.zeros(1, 3, width // 2, width)
+    row = round((0.5 - latitude / 180) * (width // 2 - 1))
+    picture[..., row - 1 : row + 2, round(u * width) % width] = 255.0
+    return picture
+
+
+def dot_on(face: torch.Tensor) -> tuple[float, float]:
+    """Where a face's dot is: its (row, column) in [0, 1] from the face's top left."""
+    rows, cols = torch.nonzero(face[0, 0] > 10, as_tuple=True)
+    size = face.shape[-1]
+    return ((rows.float().mean() + 0.5) / size).item(), ((cols.float().mean() + 0.5) / size).item()
+
+
+@pytest.mark.parametrize(("face", "middle"), [("px", 0.5), ("nz", 0.75), ("nx", 0.0), ("pz", 0.25)])
+def test_each_side_face_is_the_view_along_its_axis_not_its_mirror_image(face, middle):
+    # A dot a little right of the face's middle column in the picture (the viewer turned a
+    # little to the right) is right of the face's middle too; up in the picture is up.
+    for turn, up in ((0.02, 0.0), (-0.02, 0.0), (0.0, 20.0)):
+        row, column = dot_on(equirect_to_cube(dot_picture(512, middle + turn, up))[face])
+        if turn:
+            assert np.sign(column - 0.5) == np.sign(turn) and abs(column - 0.5) > 0.03
+        assert (row < 0.45) == (up > 0)
+
+
+def test_the_up_face_adjoins_pz_and_the_down_face_too():
+    # A dot above pz's middle, near the up face's edge, lies on the up face's bottom middle;
+    # one below it, on the down face's top middle (the cross: py above pz, ny below).
+    row, column = dot_on(equirect_to_cube(dot_picture(512, 0.25, 50.0))["py"])
+    assert row > 0.8 and abs(column - 0.5) < 0.05
+    row, column = dot_on(equirect_to_cube(dot_picture(512, 0.25, -50.0))["ny"])
+    assert row < 0.2 and abs(column - 0.5) < 0.05
 
 
 def test_every_direction_meets_the_face_that_looks_at_it():
@@ -110,6 +152,36 @@ def test_cube_map_of_a_picture_is_six_quarter_width_faces():
     # The up face's centre is the zenith: the top row's colour.
     top = np.asarray(rgb, dtype=float)[0].mean(0)
     assert np.abs(np.asarray(faces["py"], dtype=float)[31:33, 31:33].mean((0, 1)) - top).max() < 3
+
+
+@pytest.mark.parametrize(("layout", "size"), [("strip", (384, 64)), ("cross", (256, 192))])
+def test_a_cube_picture_holds_the_faces_where_its_layout_says(layout, size):
+    picture = smooth_sphere(256)
+    rgb = Image.fromarray(((picture[0].permute(1, 2, 0) + 2) * 50).round().byte().numpy())
+    faces = cube_map(rgb)
+    laid_out = cube_picture(faces, layout)
+    assert laid_out.size == size and laid_out.mode == "RGB"
+    pixels = np.asarray(laid_out, dtype=int)
+    for face, (column, row) in CUBE_LAYOUTS[layout].items():
+        tile = pixels[row * 64 : (row + 1) * 64, column * 64 : (column + 1) * 64]
+        assert np.array_equal(tile, np.asarray(faces[face], dtype=int)), face
+
+
+def test_in_the_cross_neighbouring_faces_meet_as_neighbouring_pixels_do():
+    picture = smooth_sphere(512)
+    rgb = Image.fromarray(((picture[0].permute(1, 2, 0) + 2) * 50).round().byte().numpy())
+    cross = np.asarray(cube_picture(cube_map(rgb), "cross"), dtype=int)  # 128-px faces
+    steps = np.abs(np.diff(cross[128:256], axis=1))  # along the row of side faces
+    within = np.delete(steps, [127, 255, 383], axis=1).mean()
+    for edge in (127, 255, 383):  # nx|pz, pz|px, px|nz
+        assert steps[:, edge].mean() < 2.5 * within, edge
+    # The up face's bottom edge meets pz's top, the down face's top meets pz's bottom.
+    column = cross[:, 128:256]
+    within = np.abs(np.diff(column[128:256], axis=0)).mean()
+    assert np.abs(column[128] - column[127]).mean() < 2.5 * within
+    assert np.abs(column[256] - column[255]).mean() < 2.5 * within
+    # The row of side faces wraps round: nz's right edge meets nx's left.
+    assert np.abs(cross[128:256, 511] - cross[128:256, 0]).mean() < 2.5 * within
 
 
 def test_the_cli_writes_the_cube_faces_beside_a_whole_sphere(family_weights, tmp_path, capsys):
@@ -192,3 +264,51 @@ def test_a_sphere_is_its_band_near_the_horizon_and_its_caps_at_the_poles(sd1):
 def test_what_a_sphere_cannot_take_is_refused_by_name(sd1, inputs, message):
     with pytest.raises(InputError, match=re.escape(message)):
         sd1(**{**SPHERE, "sphere": True, **inputs})
+
+
+@pytest.fixture(scope="module")
+def sphere_predictor(family_weights):
+    """The SD2 Cog predictor in process, on the tiny SD 1.x model (256-px windows, so a
+    1024-wide sphere)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SYNCDIFFUSION_WEIGHTS", str(family_weights))
+        mp.setenv("SYNCDIFFUSION_MODEL", "tiny-sd1")
+        from predict import Predictor
+
+        predictor = Predictor()
+        predictor.setup()
+        yield predictor
+
+
+def cog_run(predictor, **inputs):
+    """Call the predictor as Cog would: every input given, defaults filled in."""
+    described = predictors.inputs_of(predictors.PREDICTORS["predict.py"])
+    return predictor.run(**{**{k: spec.default for k, spec in described.items()}, **inputs})
+
+
+def test_cog_writes_a_sphere_as_a_cross_of_its_cube_faces(sphere_predictor):
+    inputs = {**SPHERE, "num_inference_steps": 1, "sync_threshold": 0}
+    out = cog_run(sphere_predictor, **inputs, sphere=True, cube_map="cross")
+    assert out.name == "cube-cross.png"
+    with Image.open(out) as cross:
+        assert cross.size == (4 * 256, 3 * 256)
+        assert "xmp" not in cross.info and "XML:com.adobe.xmp" not in cross.info  # not 2:1
+        pixels = np.asarray(cross)
+    saved = read_parameters(out)
+    assert (saved["cube_map"], saved["sphere"], saved["width"]) == ("cross", True, 1024)
+    # The same request's sphere, laid out: the faces are where the cross puts them.
+    sphere = Image.open(cog_run(sphere_predictor, **inputs, sphere=True))
+    assert sphere.size == (1024, 512) and "cube_map" not in read_parameters(sphere.filename)
+    assert np.array_equal(pixels, np.asarray(cube_picture(cube_map(sphere), "cross")))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"cube_map": "strip"}, "cube_map 'strip' lays out the six cube faces of a whole sphere"),
+        ({"cube_map": "dice", "sphere": True}, "cube_map must be one of none, strip, cross"),
+    ],
+)
+def test_cog_refuses_a_cube_map_it_cannot_write_by_name(sphere_predictor, inputs, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        cog_run(sphere_predictor, **{**SPHERE, **inputs})

@@ -2,13 +2,19 @@
 
 An equirectangular picture `W` x `W/2` spans 360 degrees around (its columns, longitude) and
 180 degrees from the zenith (top row) to the nadir (bottom row). A cube map is six square
-90-degree perspective pictures, one per axis, in three.js's and OpenGL's order and orientation
-(`FACES`: +x, -x, +y, -y, +z, -z; +y is up): what a game engine's skybox takes.
+90-degree perspective pictures, one per axis, in three.js's and OpenGL's order (`FACES`: +x,
+-x, +y, -y, +z, -z; +y is up): what a game engine's skybox takes.
 
-Directions are unit vectors (x, y, z), +y up. The equirectangular picture's middle column
-looks towards +x and longitude grows towards +z, as three.js's `equirectUv` reads a picture
-(`u = atan2(z, x) / 2pi + 0.5`, `v = asin(y) / pi + 0.5`, v up). Each face's pixels follow
-OpenGL's cube-map table (the major axis `ma` and the face's `sc`, `tc`, row 0 at the top).
+Directions are unit vectors (x, y, z) in the frame cube maps are defined in (OpenGL's and
+Direct3D's cube-map tables, Unity): left-handed, +y up, and looking along +z, +x is on the
+right. Each face's pixels follow OpenGL's cube-map table (the major axis `ma` and the face's
+`sc`, `tc`, row 0 at the top), so each face is the view along its axis as a viewer at the
+centre sees it, not its mirror image. The equirectangular picture's middle column looks
+towards +x and its columns turn right, towards -z: `u = 0.5 - atan2(z, x) / 2pi`,
+`v = 0.5 - asin(y) / pi` from the top, as Unity's panoramic skybox reads a "LatLong" picture,
+so that the picture and its cube map show the same sky in Unity. three.js, whose world is
+right-handed, reads an equirectangular picture so too (its +z is this frame's -z) but flips x
+for a cube map, so it shows the faces turned half a turn about +y from the picture.
 
 Only the geometry is written here; the filtering is torch's `grid_sample` (bilinear), with
 the equirectangular picture's columns wrapped around the seam.
@@ -52,9 +58,10 @@ def face_directions(face: str, size: int) -> torch.Tensor:
 
 def equirect_coordinates(directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where `directions` (..., 3) fall in an equirectangular picture: (u, v) in [0, 1), u
-    from the left edge (longitude, the middle column towards +x), v from the top (the zenith)."""
+    from the left edge (longitude, the middle column towards +x, the columns turning towards
+    -z), v from the top (the zenith)."""
     x, y, z = directions.unbind(-1)
-    u = torch.atan2(z, x) / (2 * math.pi) + 0.5
+    u = 0.5 - torch.atan2(z, x) / (2 * math.pi)
     v = 0.5 - torch.atan2(y, torch.hypot(x, z)) / math.pi
     return u, v
 
@@ -67,7 +74,7 @@ def equirect_directions(width: int, height: int) -> torch.Tensor:
     longitude = (u - 0.5) * 2 * math.pi
     latitude = (0.5 - v) * math.pi
     lat, lon = torch.meshgrid(latitude, longitude, indexing="ij")
-    return torch.stack([lat.cos() * lon.cos(), lat.sin(), lat.cos() * lon.sin()], dim=-1)
+    return torch.stack([lat.cos() * lon.cos(), lat.sin(), -lat.cos() * lon.sin()], dim=-1)
 
 
 def equirect_to_face(picture: torch.Tensor, face: str, size: int) -> torch.Tensor:
@@ -144,6 +151,32 @@ def cube_map(picture: Image.Image, size: int | None = None) -> dict[str, Image.I
     each `size` square (default a quarter of its width), 8-bit RGB."""
     faces = equirect_to_cube(to_tensor(picture), size)
     return {name: to_picture(face) for name, face in faces.items()}
+
+
+# The one-file layouts of a cube map (`cube_picture`), each as (column, row) of every face in
+# a grid of faces: a row of six in `FACES`' order (6:1), and the horizontal cross (4:3), the
+# side faces in a row as a viewer turning right meets them (-x, +z, +x, -z), the up face
+# above +z and the down face below it. Unity's texture importer (Texture Shape: Cube) reads
+# both, telling them apart by their proportions.
+CUBE_LAYOUTS = {
+    "strip": {face: (k, 0) for k, face in enumerate(FACES)},
+    "cross": {"py": (1, 0), "nx": (0, 1), "pz": (1, 1), "px": (2, 1), "nz": (3, 1), "ny": (1, 2)},
+}
+
+
+def cube_picture(faces: Mapping[str, Image.Image], layout: str) -> Image.Image:
+    """The six `faces` (`FACES`, each S square) in one picture laid out as `layout` says
+    (`CUBE_LAYOUTS`: "strip", 6S x S, or "cross", 4S x 3S, black where no face is)."""
+    if layout not in CUBE_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(CUBE_LAYOUTS)}; got {layout!r}")
+    places = CUBE_LAYOUTS[layout]
+    size = faces[FACES[0]].width
+    columns = 1 + max(column for column, _ in places.values())
+    rows = 1 + max(row for _, row in places.values())
+    picture = Image.new("RGB", (columns * size, rows * size))
+    for face, (column, row) in places.items():
+        picture.paste(faces[face], (column * size, row * size))
+    return picture
 
 
 # A whole sphere is made in three parts: the band around the horizon, a loop-closure panorama

@@ -2,8 +2,8 @@
 
 `cog build` reads a predictor's inputs without running it (schema.py says how), so each
 predictor states its inputs as literals. They are not written by hand: this module writes them
-from `panorama_inputs` and `OUTPUT_INPUTS` (syncdiffusion/request/inputs.py), for each
-predictor's model geometry and ControlNet, into two marked regions of its file:
+from `panorama_inputs`, `CUBE_MAP_INPUT` and `OUTPUT_INPUTS` (syncdiffusion/request/inputs.py),
+for each predictor's model geometry and ControlNet, into two marked regions of its file:
 
 - the `run(...)` parameters, between `# --- inputs: ...` and `# --- end of inputs ---`;
 - at module level, between `# --- input descriptions: ...` and
@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from ..core.windows import SD2_BASE, Geometry
-from ..request.inputs import OUTPUT_INPUTS, Input, panorama_inputs
+from ..request.inputs import CUBE_MAP_INPUT, OUTPUT_INPUTS, Input, panorama_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = "python -m syncdiffusion.replicate.predictors"
@@ -76,8 +76,11 @@ class StaleError(ValueError):
 
 
 def inputs_of(predictor: Predictor) -> dict[str, Input]:
-    """A predictor's inputs by name, in the published order."""
-    return {**panorama_inputs(predictor.geometry, predictor.control), **OUTPUT_INPUTS}
+    """A predictor's inputs by name, in the published order: the panorama's, then the
+    file's (a model that makes spheres also lays out their cube maps: `cube_map`)."""
+    described = panorama_inputs(predictor.geometry, predictor.control)
+    sphere = {CUBE_MAP_INPUT.name: CUBE_MAP_INPUT} if "sphere" in described else {}
+    return {**described, **sphere, **OUTPUT_INPUTS}
 
 
 def cog_type(spec: Input) -> str:

@@ -134,12 +134,14 @@ def save_image(
     parameters: dict[str, Any],
     output_format: str = "png",
     quality: int = 80,
+    photo_sphere: bool | None = None,
 ) -> Path:
     """Write `image` as png, webp or jpg with `parameters` inside (PNG text chunks or EXIF).
 
-    With `parameters["loop_closure"]` the file also carries photo-sphere XMP, so 360-degree
-    viewers open it as one. Metadata never stops the save: what a format cannot hold is cut
-    or left out, and the logs say so.
+    With `photo_sphere` (default: `parameters["loop_closure"]`) the file also carries
+    photo-sphere XMP, so 360-degree viewers open it as one; a cube map laid out in one
+    picture is not equirectangular and is saved with `photo_sphere=False`. Metadata never
+    stops the save: what a format cannot hold is cut or left out, and the logs say so.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(
@@ -147,7 +149,7 @@ def save_image(
         )
     path = Path(path)
     xmp = None
-    if parameters.get("loop_closure"):
+    if parameters.get("loop_closure") if photo_sphere is None else photo_sphere:
         xmp = photo_sphere_xmp(image.width, image.height)
         if image.height > image.width // 2:
             logger.warning(

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.schedulers import MAX_STEPS, SCHEDULERS, network_calls
+from ..core.sphere import CUBE_LAYOUTS
 from ..core.sync_schedule import steps_run, synced_steps
 from ..core.windows import SD2_BASE, Geometry
 from ..errors import InputError, shown
@@ -376,6 +377,17 @@ OUTPUT_INPUTS = {
 """How the panorama is written to a file (the Cog model's last two inputs)."""
 OUTPUT_FORMATS = OUTPUT_INPUTS["output_format"].choices
 
+CUBE_MAP_INPUT = Input(
+    "cube_map",
+    str,
+    "With sphere, the file is its cube map instead: a 6:1 row or 4:3 cross of its faces.",
+    default="none",
+    choices=("none", *CUBE_LAYOUTS),
+)
+"""The Cog models' choice of what a whole sphere's file holds: the equirectangular picture
+("none"), or its cube map laid out in one picture (`core.sphere.cube_picture`), which a game
+engine imports as it is. Before the output inputs, on the models that take `sphere`."""
+
 CONTROL_INPUTS = {
     spec.name: spec
     for spec in (
@@ -630,14 +642,22 @@ def _size_from_condition(request: dict[str, Any], geometry: Geometry) -> None:
         logger.info(note)
 
 
-def check_output(output_format: Any, output_quality: Any) -> None:
-    """Raise `InputError` unless the file format and quality are ones we write."""
-    _refuse(
-        [
-            OUTPUT_INPUTS["output_format"].problem(output_format),
-            OUTPUT_INPUTS["output_quality"].problem(output_quality),
-        ]
-    )
+def check_output(
+    output_format: Any, output_quality: Any, cube_map: Any = "none", sphere: Any = False
+) -> None:
+    """Raise `InputError` unless the file format and quality are ones we write, and the cube
+    map layout (`CUBE_MAP_INPUT`) is one, asked for of a whole sphere (`sphere`) only."""
+    problems = [
+        OUTPUT_INPUTS["output_format"].problem(output_format),
+        OUTPUT_INPUTS["output_quality"].problem(output_quality),
+        CUBE_MAP_INPUT.problem(cube_map),
+    ]
+    if cube_map != "none" and CUBE_MAP_INPUT.accepts(cube_map) and sphere is not True:
+        problems.append(
+            f"cube_map {cube_map!r} lays out the six cube faces of a whole sphere: it needs "
+            f"sphere true (got sphere {sphere!r}); without it, cube_map must be 'none'"
+        )
+    _refuse(problems)
 
 
 def panorama_size(image: Image.Image, geometry: Geometry = SD2_BASE) -> tuple[int, int, str | None]:
