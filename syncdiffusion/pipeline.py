@@ -53,7 +53,14 @@ from .core.init_image import (
 )
 from .core.precision import PERCEPTUAL_DTYPE, initial_loss_scale, vae_dtype, vae_upcast
 from .core.recompute import Recomputation, recompute_layers
-from .core.sampling import Callback, guided_eps, sample_panorama, window_time_ids, x0_predictor
+from .core.sampling import (
+    AnchorImages,
+    Callback,
+    guided_eps,
+    sample_panorama,
+    window_time_ids,
+    x0_predictor,
+)
 from .core.schedulers import Scheduler, make_scheduler, per_view
 from .core.sphere import CAPS, cap_mask, cap_picture, sphere_parts, sphere_picture
 from .core.sync import lpips_features, sync_loss
@@ -625,8 +632,11 @@ class SyncDiffusionPipeline:
         recompute: str,
         output_type: str,
         callback: Callback | None,
+        lead: AnchorImages | None = None,
+        follow: AnchorImages | None = None,
     ) -> Image.Image | torch.Tensor:
-        """Steps 3 to 6 of `__call__`: the picture (or latent) of a checked request."""
+        """Steps 3 to 6 of `__call__`: the picture (or latent) of a checked request; its anchor's
+        images kept in `lead`, or its windows synced to those of `follow` (`sample_panorama`)."""
         # 3. Encode the prompt.
         text_embeddings, added_conditions = self._encode(
             request["prompt"], request["negative_prompt"]
@@ -741,6 +751,8 @@ class SyncDiffusionPipeline:
                     start=start,
                     kept=kept,
                     masked=masked,
+                    lead=lead,
+                    follow=follow,
                 )
                 if output_type == "latent":
                     image = None
@@ -771,29 +783,32 @@ class SyncDiffusionPipeline:
         callback: Callback | None,
     ) -> Image.Image:
         """A whole sphere (`core.sphere`): its band around the horizon, then its sky and ground
-        caps, each made from the band's projection onto its cube face, put together. The
-        callback counts the three parts' steps as one run, and says which part (`part`)."""
+        caps, each made from the band's projection onto its cube face and synced to the band's
+        anchor (its predicted clean image at each synced step), put together. The callback
+        counts the three parts' steps as one run, and says which part (`part`)."""
         band_request, cap_request = sphere_parts(request)
         steps, done = steps_run(band_request) + len(CAPS) * steps_run(cap_request), 0
+        anchor = AnchorImages()
 
-        def run(part: dict[str, Any], name: str) -> Image.Image:
+        def run(part: dict[str, Any], name: str, **anchors: AnchorImages) -> Image.Image:
             nonlocal done
 
             def report(state: dict[str, Any]) -> None:
                 callback({**state, "step": done + state["step"], "steps": steps, "part": name})
 
             made = self._panorama(
-                part, view_batch_size, recompute, "pil", report if callback else None
+                part, view_batch_size, recompute, "pil", report if callback else None, **anchors
             )
             done += steps_run(part)
             return made
 
-        band = run(band_request, "band")
+        band = run(band_request, "band", lead=anchor)
         size = cap_request["width"]
         caps = {
             face: run(
                 {**cap_request, "image": cap_picture(band, face), "mask": cap_mask(face, size)},
                 face,
+                follow=anchor,
             )
             for face in CAPS
         }

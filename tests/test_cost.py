@@ -112,6 +112,12 @@ def test_a_sphere_counts_its_band_and_its_two_caps():
     assert (sphere["width"], sphere["height"], sphere["loop_closure"]) == (2048, 1024, True)
     band = panorama_request({"prompt": "a sky", "height": 680, "loop_closure": True})
     cap = panorama_request({"prompt": "a sky", "width": 512, "height": 512})
-    faces = dataclasses.replace(work(cap), encodes=1.0)  # each encodes the band's projection
+    # Each cap encodes the band's projection, and is synced to the band's anchor: its one
+    # window takes the sync gradient at each of the 5 synced steps, and decodes no anchor.
+    alone = work(cap)
+    assert (alone.synced_window_steps, alone.decodes) == (0, 5 + 1)
+    faces = dataclasses.replace(alone, synced_window_steps=5, decodes=1.0, encodes=1.0)
+    assert work(cap, follows=True) == dataclasses.replace(faces, encodes=0.0)
     assert work(sphere) == work(band) + faces + faces
-    assert request_cost(sphere) == pytest.approx(request_cost(band) + 2 * request_cost(cap))
+    extra = 2 * 5 * LIMIT.synced_window_step  # the limit does not price decodes
+    assert request_cost(sphere) == pytest.approx(request_cost(band) + 2 * request_cost(cap) + extra)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,6 +14,10 @@ from PIL import Image
 
 from syncdiffusion import InputError, SyncDiffusionPipeline
 from syncdiffusion.cli.generate import main
+from syncdiffusion.core.decoding import decode
+from syncdiffusion.core.precision import LossScale
+from syncdiffusion.core.sampling import AnchorImages, denoise_views, guided_eps
+from syncdiffusion.core.schedulers import clean_latent
 from syncdiffusion.core.sphere import (
     CUBE_LAYOUTS,
     FACES,
@@ -26,6 +31,7 @@ from syncdiffusion.core.sphere import (
     equirect_to_cube,
     face_directions,
 )
+from syncdiffusion.core.sync import lpips_features, sync_loss
 from syncdiffusion.replicate import predictors
 from syncdiffusion.request.image_file import read_parameters
 
@@ -221,12 +227,54 @@ def sd1(family_weights) -> SyncDiffusionPipeline:
     return SyncDiffusionPipeline.from_pretrained(family_weights, device="cpu", model="tiny-sd1")
 
 
+def test_an_anchor_from_another_panorama_pulls_every_window_towards_it(sd1):
+    """A cap's windows are synced to the band's anchor image: none of its own is held, each
+    moves, and each is nearer the image under LPIPS after the step (the published weight)."""
+    eps = partial(guided_eps, sd1.unet, text_embeddings=sd1.encode_prompt("a sky"))
+    scheduler = sd1.new_scheduler()
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[0]
+
+    def output(x, _ids):
+        return eps(scheduler.scale_model_input(x, t), t, None, guidance_scale=7.5)
+
+    x0, to_image = clean_latent(scheduler, 0), partial(decode, sd1.vae)
+    generator = torch.Generator().manual_seed(0)
+    views, band_view = torch.randn(3, 4, 32, 32, generator=generator).split([2, 1])
+    kept = AnchorImages()
+    common = dict(
+        model_output=output, x0=x0, decode=to_image, perceptual=sd1.perceptual, weight=20.0,
+        loss_scale=LossScale(3, 1.0), view_batch_size=2,
+    )  # fmt: skip
+    # The band's own sync step keeps its anchor's predicted clean image, the anchor held.
+    moved, _, _, _ = denoise_views(
+        torch.cat([views[:1], band_view]), anchor=1, keep_anchor=partial(kept.keep, 0), **common
+    )
+    assert torch.equal(moved[1], band_view[0])
+    with torch.no_grad():
+        assert torch.equal(kept.at(0), to_image(x0(band_view, output(band_view, [0]))))
+    # A cap's: every window moves towards the kept image, anchor=0 notwithstanding.
+    moved, _, _, _ = denoise_views(views, anchor=0, anchor_image=kept.at(0), **common)
+    features = lpips_features(sd1.perceptual, kept.at(0) * 2 - 1)
+
+    def distances(x):
+        with torch.no_grad():
+            predict = lambda v, ids: x0(v, output(v, ids))  # noqa: E731
+            return sync_loss(x, range(len(x)), predict, to_image, sd1.perceptual, features)
+
+    assert (moved - views).flatten(1).abs().amax(1).min() > 0
+    assert (distances(moved) < distances(views)).all()
+
+
 SPHERE = dict(prompt="a sky over a lake", width=1024, num_inference_steps=2, sync_threshold=1)
 SPHERE |= dict(stride=16, seed=3)
 
 
-def test_a_sphere_is_its_band_near_the_horizon_and_its_caps_at_the_poles(sd1):
-    reported = []
+def test_a_sphere_is_its_band_near_the_horizon_and_its_caps_at_the_poles(sd1, monkeypatch):
+    reported, kept, followed = [], [], []
+    keep, at = AnchorImages.keep, AnchorImages.at
+    monkeypatch.setattr(AnchorImages, "keep", lambda a, k, x: kept.append(k) or keep(a, k, x))
+    monkeypatch.setattr(AnchorImages, "at", lambda a, k: followed.append(k) or at(a, k))
     sphere = sd1(sphere=True, height=256, callback=reported.append, **SPHERE)
     assert sphere.size == (1024, 512)
     saved = sphere.info["parameters"]
@@ -250,6 +298,15 @@ def test_a_sphere_is_its_band_near_the_horizon_and_its_caps_at_the_poles(sd1):
     seam = np.abs(pixels[:, 0] - pixels[:, -1]).mean()
     neighbours = np.abs(np.diff(pixels, axis=1)).mean()
     assert seam < 1.5 * neighbours
+    # The band kept its anchor's image at its synced step (the first), and each cap, at its
+    # own, was synced to it; a cap synced to none of the band's (so, one window, not synced)
+    # differs, the band not.
+    assert kept == [0] and followed == [0, 0]
+    monkeypatch.setattr(AnchorImages, "at", lambda a, k: None)
+    alone = np.asarray(sd1(sphere=True, **SPHERE), dtype=int)
+    assert np.array_equal(alone[128:384], pixels[128:384])
+    assert not np.array_equal(alone[:100], pixels[:100])
+    assert not np.array_equal(alone[-100:], pixels[-100:])
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import lpips
@@ -98,6 +99,21 @@ class _Rows:
         self.tensor[rows.start : rows.stop] = value
 
 
+class AnchorImages:
+    """A panorama's anchor window's predicted clean image (decoded, in [0, 1]) at each of its
+    synced steps, kept (`keep`) for other panoramas to be synced to at the same steps (`at`):
+    a whole sphere's caps are pulled towards its band's anchor, as the band's windows are."""
+
+    def __init__(self) -> None:
+        self.images: dict[int, torch.Tensor] = {}
+
+    def keep(self, step: int, image: torch.Tensor) -> None:
+        self.images[step] = image
+
+    def at(self, step: int) -> torch.Tensor | None:
+        return self.images.get(step)
+
+
 def denoise_views(
     views: torch.Tensor,
     *,
@@ -111,9 +127,15 @@ def denoise_views(
     view_batch_size: int,
     plain_batch_size: int | None = None,
     recompute: Recomputation | None = None,
+    anchor_image: torch.Tensor | None = None,
+    keep_anchor: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The model's output for every view (n, 4, s, s), after the sync gradient step moved them
     towards the anchor with `weight` (None: no sync step at this evaluation).
+
+    The anchor is view `anchor`, which stays where it is, and its predicted clean image, which
+    `keep_anchor` gets; or, where `anchor_image` is given (another panorama's, (1, 3, H, W) in
+    [0, 1]), that image, and then every view is moved towards it.
 
     `model_output(x, ids)` is the guided prediction for views of the windows numbered `ids`
     (the ControlNet's crops follow them), `x0(x, output)` the scheduler's clean latent.
@@ -143,22 +165,26 @@ def denoise_views(
         plain_batch, outputs = predict(views, range(len(views)))
         return views, outputs, view_batch_size, plain_batch
 
+    held = anchor_image is None  # the anchor is one of the views, held where it is
     with torch.no_grad():
-        x_anchor = views[anchor : anchor + 1]
-        # The anchor is never moved, so this output is also the one of its denoising.
-        anchor_output = model_output(x_anchor, [anchor])
-        anchor_image = decode(x0(x_anchor, anchor_output))
+        if held:
+            x_anchor = views[anchor : anchor + 1]
+            # The anchor is never moved, so this output is also the one of its denoising.
+            anchor_output = model_output(x_anchor, [anchor])
+            anchor_image = decode(x0(x_anchor, anchor_output))
+            if keep_anchor is not None:
+                keep_anchor(anchor_image)
         anchor_features = lpips_features(perceptual, anchor_image * 2 - 1)
 
-    if len(views) == 1:  # the anchor alone: nothing to pull towards it
+    if held and len(views) == 1:  # the anchor alone: nothing to pull towards it
         return views, anchor_output, view_batch_size, plain_batch_size
 
     def predict_x0(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
         return x0(x, model_output(x, ids))
 
-    # The other views side by side, so that each chunk is a slice of them.
-    others = torch.cat([views[:anchor], views[anchor + 1 :]])
-    numbers = [k for k in range(len(views)) if k != anchor]
+    # The views that move side by side, so that each chunk is a slice of them.
+    others = torch.cat([views[:anchor], views[anchor + 1 :]]) if held else views
+    numbers = [k for k in range(len(views)) if not (held and k == anchor)]
     synced = torch.empty_like(others)
 
     def sync(rows: range) -> None:
@@ -170,6 +196,8 @@ def denoise_views(
 
     batch = run_in_chunks(sync, range(len(others)), view_batch_size, recompute.fall_back)
     plain_batch, outputs = predict(synced, numbers)
+    if not held:
+        return synced, outputs, batch, plain_batch
     moved = torch.cat([synced[:anchor], x_anchor, synced[anchor:]])
     outputs = torch.cat([outputs[:anchor], anchor_output.to(outputs.dtype), outputs[anchor:]])
     return moved, outputs, batch, plain_batch
@@ -194,6 +222,8 @@ def sample_panorama(
     start: int = 0,
     kept: KeptRegion | None = None,
     masked: MaskedImage | None = None,
+    lead: AnchorImages | None = None,
+    follow: AnchorImages | None = None,
 ) -> torch.Tensor:
     """Denoise a panorama latent (1, 4, H', W') over `scheduler.timesteps` (SyncDiffusion, Alg. 1).
 
@@ -218,7 +248,9 @@ def sample_panorama(
     kept region is held to the image after every evaluation and its best-covered window is the
     anchor. With `masked` (an inpainting UNet's), every network call takes its windows' crops of
     the mask and the masked image's latent beside the views, and its best-covered window is the
-    anchor.
+    anchor. `lead` keeps the anchor's predicted clean image at each synced step (counted from
+    `start`); at a synced step where `follow` holds one, every window is pulled towards that
+    image instead of towards a window of its own.
     """
     recompute = recompute or Recomputation()
     region = kept or masked
@@ -247,6 +279,8 @@ def sample_panorama(
             view_batch_size=batch_sizes[True],
             plain_batch_size=batch_sizes[False],
             recompute=recompute,
+            anchor_image=follow.at(step) if synced and follow is not None else None,
+            keep_anchor=partial(lead.keep, step) if lead is not None else None,
         )
         if per_view(scheduler):
             denoised = scheduler.step(outputs, timesteps[k], moved).prev_sample

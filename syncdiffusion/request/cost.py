@@ -27,7 +27,8 @@ class Work:
     # published wrapper also runs the anchor's again at each synced step.
     window_steps: float = 0.0
     # Sync gradients of a window, beyond its UNet pass: LPIPS, the VAE decoder and the UNet
-    # backward, for every window but the anchor (the published wrapper: the anchor's too).
+    # backward, for every window but the anchor (the published wrapper: the anchor's too; a
+    # panorama synced to another's anchor: every window).
     synced_window_steps: float = 0.0
     # VAE decodes of 512x512 pixels: the anchor's at each synced step, then the panorama's.
     decodes: float = 0.0
@@ -71,20 +72,24 @@ def work(
     inpainting: bool = False,
     published: bool = False,
     decoded: bool = True,
+    follows: bool = False,
 ) -> Work:
     """The work of one panorama `request` (its size, stride, steps and sync schedule) on a model
     with `geometry`'s windows; with a ControlNet (`control`); on an inpainting UNet
     (`inpainting`: it encodes the masked image, and at full strength not the image); as the
     published wrapper does it (`published`: it also runs the anchor's UNet again and takes the
     anchor's gradient at each synced step); with the panorama's decode unless only the latent
-    is asked for (`decoded`). A whole sphere's is its band's and its caps' (`sphere`), each
-    cap's encode of the band's projection included."""
+    is asked for (`decoded`); synced to another panorama's anchor (`follows`: every window
+    takes the gradient, and no anchor of its own is decoded). A whole sphere's is its band's
+    and its caps' (`sphere`), each cap following the band's anchor and encoding the band's
+    projection."""
     options = dict(control=control, inpainting=inpainting, published=published, decoded=decoded)
     if request.get("sphere"):
         band, cap = sphere_parts(request)
         # A cap encodes one picture at full strength: the band's projection (a plain UNet's),
         # or its masked copy (an inpainting UNet's).
-        caps = [work(cap, geometry, **{**options, "inpainting": False}) for _ in CAPS]
+        cap_options = {**options, "inpainting": False, "follows": True}
+        caps = [work(cap, geometry, **cap_options) for _ in CAPS]
         encodes = len(CAPS) * cap["width"] * cap["height"] / 512**2
         return sum(caps, work(band, geometry, **options)) + Work(encodes=encodes)
     n_windows = len(geometry.windows(request))
@@ -93,7 +98,7 @@ def work(
     # Heun evaluates the network twice in most steps, PNDM twice in its first.
     calls = network_calls(request.get("scheduler", "DDIM"), steps_run(request))
     window_steps = n_windows * calls + (synced if published else 0)
-    synced_window_steps = synced * (n_windows if published else n_windows - 1)
+    synced_window_steps = synced * (n_windows if published or follows else n_windows - 1)
     pixels = request["width"] * request["height"] / 512**2
     image = request.get("image") is not None
     full_strength = not image or request.get("prompt_strength") == 1
@@ -101,7 +106,7 @@ def work(
     return Work(
         window_steps * share,
         synced_window_steps * share,
-        synced * share + (pixels if decoded else 0.0),
+        (0 if follows else synced) * share + (pixels if decoded else 0.0),
         (window_steps + 3 * synced_window_steps) * share if control else 0.0,
         encodes * pixels,
     )
