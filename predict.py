@@ -46,6 +46,7 @@ from syncdiffusion.request.inputs import check_output
 # The descriptions too long for their line inside Input(...):
 STRIDE_HELP = "Latent pixels between windows, a multiple of 8 under 64; smaller: smoother, slower."
 SPHERE_HELP = "The whole sphere, sky and ground too: height is half the width, loop_closure on."
+GROUND_PROMPT_HELP = "With sphere: what the ground shows, looking straight down; empty: the prompt."
 SCHEDULER_HELP = "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras."
 IMAGE_HELP = "A picture to start from: restyled, upscaled, or extended if its proportions differ."
 MASK_HELP = "Which part of image to make anew (white) and which to keep (black); needs image."
@@ -171,6 +172,12 @@ class Predictor(BaseRunner):
             default=False,
         ),
         sphere: bool = Input(description=SPHERE_HELP, default=False),
+        sky_prompt: str = Input(
+            description="With sphere: what the sky shows, looking straight up; empty: the prompt.",
+            default="",
+            max_length=10000,
+        ),
+        ground_prompt: str = Input(description=GROUND_PROMPT_HELP, default="", max_length=10000),
         scheduler: str = Input(
             description=SCHEDULER_HELP,
             default="DDIM",

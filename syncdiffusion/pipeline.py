@@ -62,7 +62,15 @@ from .core.sampling import (
     x0_predictor,
 )
 from .core.schedulers import Scheduler, make_scheduler, per_view
-from .core.sphere import CAPS, cap_mask, cap_picture, sphere_parts, sphere_picture
+from .core.sphere import (
+    CAP_PROMPTS,
+    CAPS,
+    cap_mask,
+    cap_picture,
+    cap_prompt,
+    sphere_parts,
+    sphere_picture,
+)
 from .core.sync import lpips_features, sync_loss
 from .core.sync_schedule import steps_run, sync_schedule
 from .core.windows import Geometry
@@ -806,7 +814,12 @@ class SyncDiffusionPipeline:
         size = cap_request["width"]
         caps = {
             face: run(
-                {**cap_request, "image": cap_picture(band, face), "mask": cap_mask(face, size)},
+                {
+                    **cap_request,
+                    "prompt": cap_prompt(request, face),
+                    "image": cap_picture(band, face),
+                    "mask": cap_mask(face, size),
+                },
                 face,
                 follow=anchor,
             )
@@ -847,6 +860,9 @@ class SyncDiffusionPipeline:
         request = {name: value for name, value in request.items() if name not in loras}
         if not request.get("sphere"):  # as a panorama saved before it was an input
             request.pop("sphere", None)
+        for name in CAP_PROMPTS.values():  # likewise, a cap's prompt left empty
+            if not request.get(name):
+                request.pop(name, None)
         if request["image"] is None:
             return {name: value for name, value in request.items() if name not in IMAGE_INPUTS}
         mask = request["mask"]

@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {
     # name: (type, default, ge, le) as the published wrapper has them (docs/ALGORITHM.md),
     # but for the sides, which go up to 4096 (any multiple of 8), the seed's top bound (the
-    # library's, not published), the whole sphere (off by default), the scheduler (DDIM, the
-    # published one, by default) and the inputs of a panorama from an image and the LoRAs, as
-    # cog-flux's with its bounds (all optional, so a request without them is published as
-    # before), the sphere's cube map in one file (none by default) and the two output inputs
-    # at the end.
+    # library's, not published), the whole sphere (off by default) and its caps' own prompts,
+    # the scheduler (DDIM, the published one, by default) and the inputs of a panorama from an
+    # image and the LoRAs, as cog-flux's with its bounds (all optional, so a request without
+    # them is published as before), the sphere's cube map in one file (none by default) and
+    # the two output inputs at the end.
     "prompt": ("str", REQUIRED, None, None),
     "negative_prompt": ("str", "", None, None),
     "width": ("int", 2048, 512, 4096),
@@ -53,6 +53,8 @@ PUBLISHED = {
     "seed": ("int", 2, 0, None),
     "loop_closure": ("bool", False, None, None),
     "sphere": ("bool", False, None, None),
+    "sky_prompt": ("str", "", None, None),
+    "ground_prompt": ("str", "", None, None),
     "scheduler": ("str", "DDIM", None, None),
     "image": ("Image", None, None, None),
     "mask": ("Image", None, None, None),
@@ -249,7 +251,7 @@ def test_predict_returns_a_png_of_the_asked_size(predictor, capsys):
             for k, v in DEFAULTS.items()
             if k
             not in (*OUTPUT_INPUTS, *IMAGE_INPUTS, *LORA_INPUTS, *LORA_INPUTS.values(), "sphere")
-            and k != "cube_map"
+            and k not in ("cube_map", "sky_prompt", "ground_prompt")
         },
         "prompt": "a mountain lake",
         "width": 768,

@@ -369,3 +369,18 @@ def test_cog_writes_a_sphere_as_a_cross_of_its_cube_faces(sphere_predictor):
 def test_cog_refuses_a_cube_map_it_cannot_write_by_name(sphere_predictor, inputs, message):
     with pytest.raises(InputError, match=re.escape(message)):
         cog_run(sphere_predictor, **{**SPHERE, **inputs})
+
+
+def test_a_sky_prompt_changes_the_sky_alone_and_is_refused_without_a_sphere(sd1):
+    quick = {**SPHERE, "num_inference_steps": 1, "sync_threshold": 0, "sphere": True}
+    plain = sd1(**quick)
+    sky = sd1(**quick, sky_prompt="a starry night sky")
+    assert sky.info["parameters"]["sky_prompt"] == "a starry night sky"
+    assert "sky_prompt" not in plain.info["parameters"]  # an empty one is not recorded
+    pixels, sky_pixels = np.asarray(plain, dtype=int), np.asarray(sky, dtype=int)
+    # Within 45 degrees of the horizon (rows 128 to 383 of 512) and below it, the same; above,
+    # the sky cap from its own prompt.
+    assert np.array_equal(sky_pixels[128:], pixels[128:])
+    assert not np.array_equal(sky_pixels[:100], pixels[:100])
+    with pytest.raises(InputError, match=re.escape("ground_prompt is what a whole sphere's cap")):
+        sd1(**{**quick, "sphere": False, "ground_prompt": "grass"})

@@ -189,6 +189,8 @@ BAND_LATITUDE = 60.0
 CAP_LATITUDE = 55.0
 BLEND_FROM = 45.0
 CAPS = ("py", "ny")  # the sky's face and the ground's
+# The input that says what each cap shows, where not the prompt (`cap_prompt`).
+CAP_PROMPTS = {"py": "sky_prompt", "ny": "ground_prompt"}
 
 
 def band_height(width: int) -> int:
@@ -276,3 +278,9 @@ def sphere_parts(request: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
     size = face_size(width)
     cap = {**band, "width": size, "height": size, "loop_closure": False, "prompt_strength": 1.0}
     return band, cap
+
+
+def cap_prompt(request: Mapping[str, Any], face: str) -> str:
+    """What the cap on `face` shows: its own prompt (`CAP_PROMPTS`), or the request's where
+    that is empty (or was not an input)."""
+    return request.get(CAP_PROMPTS[face]) or request["prompt"]

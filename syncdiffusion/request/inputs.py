@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.schedulers import MAX_STEPS, SCHEDULERS, network_calls
-from ..core.sphere import CUBE_LAYOUTS
+from ..core.sphere import CAP_PROMPTS, CUBE_LAYOUTS
 from ..core.sync_schedule import steps_run, synced_steps
 from ..core.windows import SD2_BASE, Geometry
 from ..errors import InputError, shown
@@ -287,6 +287,20 @@ _PANORAMA_INPUTS = (
         default=False,
     ),
     Input(
+        "sky_prompt",
+        str,
+        "With sphere: what the sky shows, looking straight up; empty: the prompt.",
+        default="",
+        max_length=MAX_TEXT_LENGTH,
+    ),
+    Input(
+        "ground_prompt",
+        str,
+        "With sphere: what the ground shows, looking straight down; empty: the prompt.",
+        default="",
+        max_length=MAX_TEXT_LENGTH,
+    ),
+    Input(
         "scheduler",
         str,
         "The sampler: DDIM, the published one, or another; KarrasDPM is DPM++ 2M Karras.",
@@ -462,7 +476,8 @@ def panorama_inputs(
         described[spec.name] = spec
     if not control:
         return described
-    del described["sphere"]  # a sphere is made from the prompt alone, not yet laid out
+    for name in ("sphere", *CAP_PROMPTS.values()):  # a sphere is not yet laid out
+        del described[name]
     for name in ("width", "height"):
         described[name] = dataclasses.replace(
             described[name],
@@ -568,8 +583,15 @@ def image_problems(request: Mapping[str, Any]) -> list[str]:
 
 def sphere_problem(request: Mapping[str, Any], geometry: Geometry) -> str | None:
     """Why a request cannot be a whole sphere, or None: its width must make cube faces (a
-    quarter of it) of at least one window, and it starts from the prompt alone."""
+    quarter of it) of at least one window, and it starts from the prompt alone. A cap's own
+    prompt (`CAP_PROMPTS`) is a sphere's only."""
     if not request.get("sphere"):
+        for name in CAP_PROMPTS.values():
+            if request.get(name):
+                return (
+                    f"{name} is what a whole sphere's cap shows: it needs sphere true, or "
+                    f"{name} empty; got {name} {shown(request[name])} without sphere"
+                )
         return None
     if request["image"] is not None:
         return "sphere makes the whole sphere from the prompt alone: it takes no image yet"
