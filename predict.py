@@ -256,14 +256,12 @@ class Predictor(BaseRunner):
         # One output folder, emptied per prediction: a long-running server keeps one file at most.
         shutil.rmtree(self.outputs, ignore_errors=True)
         self.outputs.mkdir(parents=True)
-        parameters = image.info["parameters"]
+        name, parameters, photo_sphere = "panorama", image.info["parameters"], None
         if cube_map != "none":
             # A game engine's skybox in one file: not equirectangular, so no photo-sphere XMP.
             image = cube_picture(cube_faces(image), cube_map)
-            parameters = {**parameters, "cube_map": cube_map}
-            path = self.outputs / f"cube-{cube_map}.{output_format}"
-            save_image(image, path, parameters, output_format, output_quality, photo_sphere=False)
-            return Path(path)
-        path = self.outputs / f"panorama.{output_format}"
-        save_image(image, path, parameters, output_format, output_quality)
+            name, parameters = f"cube-{cube_map}", {**parameters, "cube_map": cube_map}
+            photo_sphere = False
+        path = self.outputs / f"{name}.{output_format}"
+        save_image(image, path, parameters, output_format, output_quality, photo_sphere)
         return Path(path)

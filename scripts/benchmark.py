@@ -206,26 +206,14 @@ def compare_schedulers(args: argparse.Namespace, device: torch.device, inputs: d
     runs = [(name, args.steps // (50 // n)) for name, n in SCHEDULER_ROWS] if args.steps else None
     rows = schedulers(pipes.fast, inputs, device, runs or SCHEDULER_ROWS, args.repeats)
     size = f"{inputs['width']}x{inputs['height']}"
-    report = "\n".join(
-        [
-            f"### {datetime.date.today().isoformat()} · {args.arch} · {device.type} · schedulers",
-            "",
-            f"- Machine: {machine(device)}",
-            f"- Settings: arch {args.arch}, {device.type} "
-            f"fp{torch.finfo(fast_dtype(device)).bits}, {size}, stride {inputs['stride']}, "
-            f"sync_threshold {inputs['sync_threshold']}, sync_weight {args.sync_weight:g}, "
-            f"seed {args.seed}, best of {args.repeats}; syncdiffusion {__version__}",
-            "- Command: `python scripts/benchmark.py " + shlex.join(sys.argv[1:]) + "`",
-            "",
-            *table(
-                "| scheduler | steps | synced | window evaluations | seconds | speed-up "
-                "| peak memory |",
-                rows,
-            ),
-            "",
-        ]
+    settings = (
+        f"{size}, stride {inputs['stride']}, sync_threshold {inputs['sync_threshold']}, "
+        f"sync_weight {args.sync_weight:g}, seed {args.seed}"
     )
-    publish(report, None if args.no_record else args.record)
+    header = (
+        "| scheduler | steps | synced | window evaluations | seconds | speed-up | peak memory |"
+    )
+    record_entry(args, device, "schedulers", settings, header, rows)
 
 
 def compare_loras(args: argparse.Namespace, device: torch.device, inputs: dict) -> None:
@@ -234,27 +222,16 @@ def compare_loras(args: argparse.Namespace, device: torch.device, inputs: dict) 
     with tempfile.TemporaryDirectory() as folder:
         rows = loras(pipes.fast, inputs, device, Path(folder), args.repeats)
     size = f"{inputs['width']}x{inputs['height']}"
-    report = "\n".join(
-        [
-            f"### {datetime.date.today().isoformat()} · {args.arch} · {device.type} · LoRAs",
-            "",
-            f"- Machine: {machine(device)}",
-            f"- Settings: arch {args.arch}, {device.type} "
-            f"fp{torch.finfo(fast_dtype(device)).bits}, {size}, stride {inputs['stride']}, "
-            f"{inputs['num_inference_steps']} steps, sync_threshold {inputs['sync_threshold']}, "
-            f"sync_weight {args.sync_weight:g}, seed {args.seed}, random LoRAs of rank "
-            f"{LORA_RANK}, best of {args.repeats}; syncdiffusion {__version__}",
-            "- Command: `python scripts/benchmark.py " + shlex.join(sys.argv[1:]) + "`",
-            "",
-            *table(
-                "| LoRAs | seconds | of which fetch, fuse, restore | seconds per step "
-                "| per step against none | peak memory |",
-                rows,
-            ),
-            "",
-        ]
+    settings = (
+        f"{size}, stride {inputs['stride']}, {inputs['num_inference_steps']} steps, "
+        f"sync_threshold {inputs['sync_threshold']}, sync_weight {args.sync_weight:g}, "
+        f"seed {args.seed}, random LoRAs of rank {LORA_RANK}"
     )
-    publish(report, None if args.no_record else args.record)
+    header = (
+        "| LoRAs | seconds | of which fetch, fuse, restore | seconds per step "
+        "| per step against none | peak memory |"
+    )
+    record_entry(args, device, "LoRAs", settings, header, rows)
 
 
 def compare_spheres(args: argparse.Namespace, device: torch.device, inputs: dict) -> None:
@@ -264,23 +241,36 @@ def compare_spheres(args: argparse.Namespace, device: torch.device, inputs: dict
     if args.width is None:  # four windows: the narrowest sphere
         inputs = {**inputs, "width": 4 * pipes.fast.window_pixels}
     rows = spheres(pipes.fast, inputs, device, args.repeats)
+    settings = (
+        f"width {inputs['width']}, stride {inputs['stride']}, {inputs['num_inference_steps']} "
+        f"steps, sync_threshold {inputs['sync_threshold']}, sync_weight {args.sync_weight:g}, "
+        f"seed {args.seed}, pictures"
+    )
+    header = "| panorama | size | window evaluations | seconds | against the band | peak memory |"
+    record_entry(args, device, "sphere", settings, header, rows)
+
+
+def record_entry(
+    args: argparse.Namespace,
+    device: torch.device,
+    kind: str,
+    settings: str,
+    header: str,
+    rows: list[str],
+) -> None:
+    """Publish one entry of its own (`kind`): the machine, the arch and precision then
+    `settings`, the repeats and version, the command, and the table of `rows` under `header`."""
     report = "\n".join(
         [
-            f"### {datetime.date.today().isoformat()} · {args.arch} · {device.type} · sphere",
+            f"### {datetime.date.today().isoformat()} · {args.arch} · {device.type} · {kind}",
             "",
             f"- Machine: {machine(device)}",
             f"- Settings: arch {args.arch}, {device.type} "
-            f"fp{torch.finfo(fast_dtype(device)).bits}, width {inputs['width']}, stride "
-            f"{inputs['stride']}, {inputs['num_inference_steps']} steps, sync_threshold "
-            f"{inputs['sync_threshold']}, sync_weight {args.sync_weight:g}, seed {args.seed}, "
-            f"pictures, best of {args.repeats}; syncdiffusion {__version__}",
+            f"fp{torch.finfo(fast_dtype(device)).bits}, {settings}, best of {args.repeats}; "
+            f"syncdiffusion {__version__}",
             "- Command: `python scripts/benchmark.py " + shlex.join(sys.argv[1:]) + "`",
             "",
-            *table(
-                "| panorama | size | window evaluations | seconds | against the band "
-                "| peak memory |",
-                rows,
-            ),
+            *table(header, rows),
             "",
         ]
     )

@@ -254,9 +254,10 @@ def sphere_picture(band: Image.Image, caps: dict[str, Image.Image]) -> Image.Ima
     latitude = torch.rad2deg(torch.asin(directions[..., 1].clamp(-1, 1)))  # (H, W)
     weight = ((latitude.abs() - BLEND_FROM) / (CAP_LATITUDE - BLEND_FROM)).clamp(0, 1)
     face, s, t = cube_coordinates(directions)
+    faces = {name: to_tensor(caps[name]) for name in CAPS}
     out = canvas.clone()
     for name in CAPS:
-        sampled = sample_face(to_tensor(caps[name]), s, t)
+        sampled = sample_face(faces[name], s, t)
         on_face = (face == FACES.index(name)) & (weight > 0)
         mixed = canvas + weight * (sampled - canvas)
         out = torch.where(on_face, mixed, out)
@@ -264,7 +265,7 @@ def sphere_picture(band: Image.Image, caps: dict[str, Image.Image]) -> Image.Ima
     # that one point, the centre of its face.
     centre = torch.full((1, 1), 0.5, dtype=out.dtype)
     for row, name in ((0, "py"), (-1, "ny")):
-        pole = sample_face(to_tensor(caps[name]), centre, centre)  # (1, 3, 1, 1)
+        pole = sample_face(faces[name], centre, centre)  # (1, 3, 1, 1)
         out[..., row, :] = pole[..., 0, :]  # over every column
     return to_picture(out)
 
